@@ -1,0 +1,11 @@
+"""kdkernels: fused knowledge-distillation losses for large-vocabulary language models.
+
+    import kdkernels as kd
+    loss = kd.kd_loss(student_logits, teacher_logits, temperature=2.0)
+"""
+
+from .functional import kd_loss, kl_div, log_softmax, softmax
+from .modules import KDLoss, KLDivLoss
+
+__all__ = ["kd_loss", "kl_div", "softmax", "log_softmax", "KDLoss", "KLDivLoss"]
+__version__ = "0.1.0"

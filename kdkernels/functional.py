@@ -1,0 +1,319 @@
+"""Public functions: validate the arguments, normalize shapes to (rows, V), dispatch.
+
+Kernels never see user arguments; they receive (rows, V) contiguous logits and a LossSpec.
+Reductions are applied here, on the (rows,) vector of row losses the backend returns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import _reduction as _legacy_reduction
+
+from . import _dispatch
+from ._spec import DIVERGENCES, REDUCTIONS, Divergence, LossSpec
+
+__all__ = ["kd_loss", "kl_div", "softmax", "log_softmax"]
+
+_KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers: every error names the argument (and the shapes)
+# --------------------------------------------------------------------------------------
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(x.shape)}")
+
+
+def _check_unit(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_positive(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def _check_finite(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_labels_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels must lie in [0, V) or equal ignore_index. On CUDA (or when compiling) the
+    check is a device-side assert, so it costs no host synchronization."""
+    ok = ((labels >= 0) & (labels < vocab)) | (labels == ignore_index)
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            bad = labels[~ok][0].item()
+            raise ValueError(
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, "
+                f"found {bad}"
+            )
+    else:
+        torch._assert_async(ok.all(), "kdkernels: labels out of [0, V) and not ignore_index")
+
+
+# --------------------------------------------------------------------------------------
+# kd_loss
+# --------------------------------------------------------------------------------------
+
+
+def _reduce(rows: torch.Tensor, reduction: str, valid_rows, batch: int, numel: int, shape):
+    """Apply `reduction` to the (N,) row losses."""
+    if reduction == "none":
+        return rows.reshape(shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "token_mean":
+        # 0, not nan, when every row is ignored: sum is 0 and the count is clamped to 1.
+        return total / valid_rows.clamp(min=1)
+    if reduction == "batchmean":
+        return total / batch if batch else total
+    return total / numel if numel else total  # "mean"
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    temperature_scale: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "token_mean",
+    impl: str = "auto",
+    inplace_backward: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """Knowledge-distillation loss between student and teacher logits of shape (..., V).
+
+    loss = kd_weight * D(softmax(t / Tt) || softmax(s / Ts)) * (Ts**2 if temperature_scale)
+         + ce_weight * CE(s at T=1, labels)
+
+    with D chosen by `divergence` (forward_kl, reverse_kl, jsd(beta), skew_forward_kl(skew),
+    skew_reverse_kl(skew)). Rows whose label is `ignore_index` are skipped. The result is
+    float32 (float64 for float64 logits). Gradients reach `student_logits` and, when it
+    requires grad, `teacher_logits`.
+
+    inplace_backward=True computes the student gradient during the forward and stores it in
+    `student_logits`' memory (no extra N x V buffer): the logits are overwritten.
+    process_group: logits are this rank's contiguous vocabulary shard (see distributed.py).
+    """
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if process_group is None and student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            "student_logits and teacher_logits must be on the same device, got "
+            f"{student_logits.device} and {teacher_logits.device}"
+        )
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    beta = _check_unit("beta", beta)
+    skew = _check_unit("skew", skew)
+    temperature = _check_positive("temperature", temperature)
+    teacher_temperature = (
+        temperature
+        if teacher_temperature is None
+        else _check_positive("teacher_temperature", teacher_temperature)
+    )
+    kd_weight = _check_finite("kd_weight", kd_weight)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    lead = student_logits.shape[:-1]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(
+                f"labels must have shape student_logits.shape[:-1] = {tuple(lead)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.device != student_logits.device:
+            raise ValueError(
+                f"labels must be on the logits' device {student_logits.device}, "
+                f"got {labels.device}"
+            )
+    elif ce_weight != 0.0:
+        raise ValueError(f"ce_weight={ce_weight} needs labels; got labels=None")
+    if inplace_backward and process_group is not None:
+        raise ValueError("inplace_backward=True is not supported with a process_group")
+
+    spec = LossSpec(
+        div=Divergence.from_user(divergence, beta, skew),
+        inv_ts=1.0 / temperature,
+        inv_tt=1.0 / teacher_temperature,
+        kd_scale=kd_weight * (temperature * temperature if temperature_scale else 1.0),
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+    )
+    v = student_logits.shape[-1]
+    s = student_logits.reshape(-1, v)
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    if not s.is_contiguous():
+        s = s.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if inplace_backward and s.data_ptr() != student_logits.data_ptr():
+        raise ValueError(
+            "inplace_backward=True needs contiguous student_logits (its buffer receives "
+            "the gradient)"
+        )
+    flat_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1).to(torch.int64)
+
+    dtypes = (s.dtype, t.dtype)
+    backend = _dispatch.resolve(impl, s.device, dtypes)
+    if process_group is not None:
+        from . import distributed
+
+        rows = distributed.kd_rows(s, t, flat_labels, spec, process_group, backend)
+    else:
+        if flat_labels is not None:
+            _check_labels_range(flat_labels, v, ignore_index)
+        rows = backend.kd_rows(s, t, flat_labels, spec, inplace_backward)
+
+    valid = None
+    if reduction == "token_mean":
+        if flat_labels is None:
+            valid = torch.tensor(float(s.shape[0]), device=s.device, dtype=rows.dtype)
+        else:
+            valid = (flat_labels != ignore_index).sum().to(rows.dtype)
+    batch = student_logits.shape[0]  # F.kl_div's batchmean: the first dim, even for 1-D
+    return _reduce(rows, reduction, valid, batch, student_logits.numel(), lead)
+
+
+# --------------------------------------------------------------------------------------
+# kl_div: drop-in for torch.nn.functional.kl_div
+# --------------------------------------------------------------------------------------
+
+
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    log_target: bool = False,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.kl_div: same arguments, values and gradients.
+
+    `input` holds log-probabilities; `target` probabilities (log-probabilities when
+    log_target). For scalar reductions no elementwise tensor is built. One deliberate
+    difference: where target == 0 (log_target=False) the gradient w.r.t. target is -inf,
+    the derivative of target * log(target), where PyTorch returns nan.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
+    for name, x in (("input", input), ("target", target)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if reduction not in _KL_DIV_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_KL_DIV_REDUCTIONS}, got {reduction!r}")
+    if input.device != target.device:
+        raise ValueError(
+            f"input and target must be on the same device, got {input.device} and "
+            f"{target.device}"
+        )
+    if input.shape != target.shape:
+        try:
+            input, target = torch.broadcast_tensors(input, target)
+        except RuntimeError:
+            raise ValueError(
+                "input and target must have broadcastable shapes, got "
+                f"{tuple(input.shape)} and {tuple(target.shape)}"
+            ) from None
+    backend = _dispatch.resolve(impl, input.device, (input.dtype, target.dtype))
+    x = input.reshape(-1)
+    y = target.reshape(-1)
+    if reduction == "none":
+        return backend.kl_div(x, y, bool(log_target), False).reshape(input.shape)
+    total = backend.kl_div(x, y, bool(log_target), True)
+    out_dtype = torch.promote_types(input.dtype, target.dtype)
+    if reduction == "mean":
+        total = total / input.numel()
+    elif reduction == "batchmean" and input.dim() != 0:
+        total = total / input.shape[0]
+    return total.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------
+# softmax / log_softmax with a temperature
+# --------------------------------------------------------------------------------------
+
+
+def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
+    _check_logits(name, x)
+    temperature = _check_positive("temperature", temperature)
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    moved = dim not in (-1, x.dim() - 1)
+    if moved:
+        x = x.movedim(dim, -1)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    backend = _dispatch.resolve(impl, x2.device, (x2.dtype,))
+    if process_group is not None:
+        from . import distributed
+
+        y = distributed.softmax(x2, 1.0 / temperature, log, process_group, backend)
+    else:
+        y = backend.softmax(x2, 1.0 / temperature, log)
+    y = y.reshape(shape)
+    return y.movedim(-1, dim) if moved else y
+
+
+def softmax(x, temperature: float = 1.0, *, dim: int = -1, impl: str = "auto",
+            process_group=None):
+    """softmax(x / temperature) along `dim`, chunked, math in float32, result in x.dtype."""
+    return _temperature_softmax("x", x, temperature, dim, impl, False, process_group)
+
+
+def log_softmax(x, temperature: float = 1.0, *, dim: int = -1, impl: str = "auto",
+                process_group=None):
+    """log_softmax(x / temperature) along `dim`, chunked, math in float32, result in x.dtype."""
+    return _temperature_softmax("x", x, temperature, dim, impl, True, process_group)

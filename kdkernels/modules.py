@@ -1,0 +1,49 @@
+"""nn.Module forms of the public functions."""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import kd_loss, kl_div
+
+__all__ = ["KDLoss", "KLDivLoss"]
+
+
+class KDLoss(torch.nn.Module):
+    """`kd_loss` as a module: KDLoss(**kwargs)(student_logits, teacher_logits, labels=None).
+
+    Keyword arguments are those of `kd_loss` and are validated on the first call's checks;
+    unknown names fail here, at construction.
+    """
+
+    _KEYS = (
+        "divergence", "beta", "skew", "temperature", "teacher_temperature",
+        "temperature_scale", "kd_weight", "ce_weight", "ignore_index", "reduction", "impl",
+        "inplace_backward", "process_group",
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(self._KEYS))
+        if unknown:
+            raise TypeError(f"KDLoss got unknown arguments {unknown}; known: {self._KEYS}")
+        self.kwargs = kwargs
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return kd_loss(student_logits, teacher_logits, labels, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class KLDivLoss(torch.nn.KLDivLoss):
+    """Drop-in for torch.nn.KLDivLoss, computed by `kd.kl_div`."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean",
+                 log_target: bool = False, *, impl: str = "auto"):
+        super().__init__(size_average, reduce, reduction, log_target)
+        self.impl = impl
+
+    def forward(self, input, target):
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target,
+                      impl=self.impl)

@@ -1,0 +1,422 @@
+"""Pure-PyTorch implementation (`impl="torch"`): the CPU fallback and the test oracle.
+
+Rows are processed `chunk_rows` at a time, so besides the gradient the extra memory is
+O(chunk_rows x V). Forward saves the inputs and a few floats per row; backward recomputes
+each chunk's log-probabilities from the saved logsumexps. Math runs in float32 (float64 for
+float64 logits). No host synchronization: loops run over Python chunk offsets only.
+
+Math for one row (q = softmax(zs) student, p = softmax(zt) teacher; lq, lp their logs):
+
+  forward_kl  D = sum p (lp - lq)                  dD/dzs = q - p
+                                                   dD/dzt = p (lp - lq - D)
+  reverse_kl  D = sum q (lq - lp)                  dD/dzs = q (lq - lp - D)
+                                                   dD/dzt = p - q
+  mixture     m = a p + (1-a) q,  lm = logaddexp(log a + lp, log(1-a) + lq)
+              A = sum p (lp - lm),  B = sum q (lq - lm),  D = cp A + cq B
+              u = (cp p + cq q) / m,  Uq = sum q u,  Up = sum p u
+              dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq)
+              dD/dzt = cp p (lp - lm - A) -   a   p (u - Up)
+
+Derivation of the mixture gradient: with dq_i/dzs_k = q_i (d_ik - q_k) and
+dm_i/dzs_k = (1-a) q_i (d_ik - q_k),
+  dA/dzs_k = -sum_i (p_i/m_i) dm_i/dzs_k = -(1-a) (q_k p_k/m_k - q_k sum_i q_i p_i/m_i)
+  dB/dzs_k = q_k (lq_k - lm_k - B) - (1-a) (q_k q_k/m_k - q_k sum_i q_i q_i/m_i)
+and cp dA + cq dB gives the line above (symmetrically for zt with a in place of 1-a).
+For jsd (cp = a, cq = 1-a) u = 1 and the second term vanishes, leaving DESIGN.md's formula.
+q u and p u are formed as exp of log-space sums, so they never overflow or give 0 * inf.
+
+Entries that are -inf in both logits (vocab padding) have p = q = 0 and contribute 0.
+Chain rule: d/ds = dD/dzs / Ts, d/dt = dD/dzt / Tt.
+Cross-entropy (T = 1): CE = logsumexp(s) - s[label], dCE/ds = softmax(s) - onehot(label).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._spec import LossSpec
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Elements per chunk: 2**22 float32 = 16 MiB for each of the ~8 temporaries of a chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    return True, ""
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(n_rows: int, n_cols: int) -> int:
+    return max(1, min(n_rows, CHUNK_ELEMENTS // max(n_cols, 1)))
+
+
+def _xlogy_masked(w: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """w * diff where w > 0, else 0 (so 0 * inf and 0 * nan of padded entries vanish)."""
+    return torch.where(w > 0, w * diff, 0.0)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+# --------------------------------------------------------------------------------------
+# Divergence math on one chunk: lq, lp are (rows, V) log-probabilities in acc dtype.
+# --------------------------------------------------------------------------------------
+
+
+def _mixture_logs(lq, lp, div):
+    """log m = logaddexp(log a + lp, log(1-a) + lq), formed in log space (never m itself)."""
+    return torch.logaddexp(lp + _log(div.mix), lq + _log(1.0 - div.mix))
+
+
+def _mixture_u(lq, lp, lm, div):
+    """(q u, p u) with u = (cp p + cq q) / m, as exps of log-space sums."""
+    qu = torch.zeros_like(lq)
+    pu = torch.zeros_like(lp)
+    if div.coef_p:
+        qu += div.coef_p * torch.exp(lq + lp - lm)
+        pu += div.coef_p * torch.exp(2 * lp - lm)
+    if div.coef_q:
+        qu += div.coef_q * torch.exp(2 * lq - lm)
+        pu += div.coef_q * torch.exp(lp + lq - lm)
+    # padded entries (lm = -inf) give nan above; they carry no mass
+    qu = torch.where(lq > -math.inf, qu, 0.0)
+    pu = torch.where(lp > -math.inf, pu, 0.0)
+    return qu, pu
+
+
+def divergence_rows(lq, lp, div):
+    """Per-row divergence and the row scalars its gradient needs.
+
+    Returns (D, saved) where saved is a tuple of (rows,) tensors for `divergence_grads`.
+    # read 2 x rows x V, write rows
+    """
+    q, p = lq.exp(), lp.exp()
+    if div.kind == "forward_kl":
+        d = _xlogy_masked(p, lp - lq).sum(-1)
+        return d, (d,)
+    if div.kind == "reverse_kl":
+        d = _xlogy_masked(q, lq - lp).sum(-1)
+        return d, (d,)
+    lm = _mixture_logs(lq, lp, div)
+    a = _xlogy_masked(p, lp - lm).sum(-1)
+    b = _xlogy_masked(q, lq - lm).sum(-1)
+    qu, pu = _mixture_u(lq, lp, lm, div)
+    d = div.coef_p * a + div.coef_q * b
+    return d, (a, b, qu.sum(-1), pu.sum(-1))
+
+
+def divergence_grads(lq, lp, div, saved, need_teacher: bool):
+    """dD/dzs and dD/dzt (None unless need_teacher) of one chunk, from the saved scalars."""
+    q, p = lq.exp(), lp.exp()
+    dt = None
+    if div.kind == "forward_kl":
+        (d,) = saved
+        ds = q - p
+        if need_teacher:
+            dt = _xlogy_masked(p, lp - lq - d[:, None])
+        return ds, dt
+    if div.kind == "reverse_kl":
+        (d,) = saved
+        ds = _xlogy_masked(q, lq - lp - d[:, None])
+        if need_teacher:
+            dt = p - q
+        return ds, dt
+    a, b, uq, up = (x[:, None] for x in saved)
+    lm = _mixture_logs(lq, lp, div)
+    qu, pu = _mixture_u(lq, lp, lm, div)
+    ds = -(1.0 - div.mix) * (qu - q * uq)
+    if div.coef_q:
+        ds += div.coef_q * _xlogy_masked(q, lq - lm - b)
+    if need_teacher:
+        dt = -div.mix * (pu - p * up)
+        if div.coef_p:
+            dt += div.coef_p * _xlogy_masked(p, lp - lm - a)
+    return ds, dt
+
+
+# --------------------------------------------------------------------------------------
+# kd_rows: autograd function over (N, V) logits
+# --------------------------------------------------------------------------------------
+
+
+def _row_mask(labels, spec, n, device, dtype):
+    if labels is None:
+        return torch.ones(n, device=device, dtype=dtype)
+    return (labels != spec.ignore_index).to(dtype)
+
+
+def _chunk_logs(s, t, spec, lse_s, lse_t):
+    """Log-probabilities of one chunk; logsumexps are computed when not given."""
+    dt = acc_dtype(s.dtype)
+    zs = s.to(dt) * spec.inv_ts
+    zt = t.to(dt) * spec.inv_tt
+    if lse_s is None:
+        lse_s = torch.logsumexp(zs, -1)
+        lse_t = torch.logsumexp(zt, -1)
+    return zs - lse_s[:, None], zt - lse_t[:, None], lse_s, lse_t
+
+
+def _ce_chunk(s, labels, spec):
+    """Cross-entropy at T = 1 of one chunk: (loss (rows,), lse1 (rows,)). Ignored -> 0."""
+    s1 = s.to(acc_dtype(s.dtype))
+    lse1 = torch.logsumexp(s1, -1)
+    valid = labels != spec.ignore_index
+    target = s1.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return torch.where(valid, lse1 - target, 0.0), lse1
+
+
+def _ce_grad_chunk(s, labels, spec, lse1):
+    s1 = s.to(acc_dtype(s.dtype))
+    g = torch.exp(s1 - lse1[:, None])
+    valid = labels != spec.ignore_index
+    g.scatter_add_(1, torch.where(valid, labels, 0)[:, None], -valid.to(g.dtype)[:, None])
+    return g
+
+
+def _forward_chunk(s, t, labels, spec):
+    """Row losses of one chunk and the per-row tensors backward needs."""
+    lq, lp, lse_s, lse_t = _chunk_logs(s, t, spec, None, None)
+    d, saved = divergence_rows(lq, lp, spec.div)
+    loss = spec.kd_scale * d
+    lse1 = lse_s  # placeholder when CE is off; never read then
+    if spec.ce_weight:
+        ce, lse1 = _ce_chunk(s, labels, spec)
+        loss = loss + spec.ce_weight * ce
+    if labels is not None:
+        loss = torch.where(labels != spec.ignore_index, loss, 0.0)
+    return loss, (lse_s, lse_t, lse1, *saved)
+
+
+def _backward_chunk(s, t, labels, spec, stats, g, need_teacher):
+    """(d loss_rows / d s, d / d t) of one chunk, times the upstream row gradient g."""
+    lse_s, lse_t, lse1, *saved = stats
+    lq, lp, _, _ = _chunk_logs(s, t, spec, lse_s, lse_t)
+    ds, dt = divergence_grads(lq, lp, spec.div, saved, need_teacher)
+    gk = (g * spec.kd_scale)[:, None]
+    ds = ds * (gk * spec.inv_ts)
+    if spec.ce_weight:
+        ds += _ce_grad_chunk(s, labels, spec, lse1) * (g * spec.ce_weight)[:, None]
+    if dt is not None:
+        dt = dt * (gk * spec.inv_tt)
+    return ds, dt
+
+
+class KDRows(torch.autograd.Function):
+    """Row losses of (N, V) logits; saves inputs + O(N) stats, recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, s, t, labels, spec: LossSpec, inplace_backward: bool):
+        n, v = s.shape
+        dt = acc_dtype(s.dtype)
+        step = chunk_rows(n, v)
+        need_teacher = ctx.needs_input_grad[1]
+        loss = torch.empty(n, device=s.device, dtype=dt)
+        stats = None
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            lab = None if labels is None else labels[i:j]
+            loss[i:j], st = _forward_chunk(s[i:j], t[i:j], lab, spec)
+            if stats is None:
+                stats = [torch.empty(n, device=s.device, dtype=dt) for _ in st]
+            for buf, x in zip(stats, st, strict=True):
+                buf[i:j] = x
+        if stats is None:  # empty batch
+            stats = [torch.empty(0, device=s.device, dtype=dt)] * 3
+        if inplace_backward:
+            # Gradient for an upstream gradient of 1 per row, written over the logits (they
+            # are consumed); backward only rescales it by the row gradients. Writing under
+            # forward's no-grad mode bumps s's version counter, so any other autograd use of
+            # the logits fails loudly instead of reading gradients.
+            ones = _row_mask(labels, spec, n, s.device, dt)
+            grad_t = torch.empty_like(t) if need_teacher else None
+            for i in range(0, n, step):
+                j = min(i + step, n)
+                lab = None if labels is None else labels[i:j]
+                st = [x[i:j] for x in stats]
+                ds, dtc = _backward_chunk(s[i:j], t[i:j], lab, spec, st, ones[i:j], need_teacher)
+                s[i:j] = ds
+                if grad_t is not None:
+                    grad_t[i:j] = dtc
+            ctx.inplace = True
+            ctx.grads = (s, grad_t)
+            return loss
+        ctx.inplace = False
+        ctx.spec = spec
+        ctx.save_for_backward(s, t, labels, *stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.inplace:
+            grad_s, grad_t = ctx.grads
+            del ctx.grads
+            g = grad_loss[:, None]
+            grad_s.mul_(g.to(grad_s.dtype))
+            if grad_t is not None:
+                grad_t.mul_(g.to(grad_t.dtype))
+            return grad_s, grad_t, None, None, None
+        s, t, labels, *stats = ctx.saved_tensors
+        spec = ctx.spec
+        n, v = s.shape
+        need_teacher = ctx.needs_input_grad[1]
+        g = grad_loss * _row_mask(labels, spec, n, s.device, grad_loss.dtype)
+        grad_s = torch.empty_like(s)
+        grad_t = torch.empty_like(t) if need_teacher else None
+        step = chunk_rows(n, v)
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            lab = None if labels is None else labels[i:j]
+            st = [x[i:j] for x in stats]
+            ds, dt = _backward_chunk(s[i:j], t[i:j], lab, spec, st, g[i:j], need_teacher)
+            grad_s[i:j] = ds
+            if grad_t is not None:
+                grad_t[i:j] = dt
+        return grad_s, grad_t, None, None, None
+
+
+def kd_rows(s, t, labels, spec: LossSpec, inplace_backward: bool = False):
+    return KDRows.apply(s, t, labels, spec, inplace_backward)
+
+
+# --------------------------------------------------------------------------------------
+# kl_div: F.kl_div's elementwise terms, summed chunk by chunk for scalar reductions
+# --------------------------------------------------------------------------------------
+
+
+def kl_div_terms(x, y, log_target: bool):
+    """Elementwise y * (log y - x) (or exp(y) * (y - x) for log-space y) in acc dtype."""
+    if log_target:
+        return torch.exp(y) * (y - x)
+    return torch.xlogy(y, y) - y * x
+
+
+def kl_div_grads(x, y, log_target: bool):
+    """(d term/dx, d term/dy); at y = 0 (not log_target) d/dy is -inf, the true derivative."""
+    if log_target:
+        ey = torch.exp(y)
+        return -ey, ey * (y - x + 1)
+    return -y, torch.log(y) + 1 - x
+
+
+class KLDivSum(torch.autograd.Function):
+    """sum of F.kl_div terms over 1-D x, y without an elementwise tensor of the full size."""
+
+    @staticmethod
+    def forward(ctx, x, y, log_target: bool):
+        dt = acc_dtype(torch.promote_types(x.dtype, y.dtype))
+        total = torch.zeros((), device=x.device, dtype=dt)
+        for i in range(0, x.numel(), CHUNK_ELEMENTS):
+            j = i + CHUNK_ELEMENTS
+            total += kl_div_terms(x[i:j].to(dt), y[i:j].to(dt), log_target).sum()
+        ctx.log_target = log_target
+        ctx.save_for_backward(x, y)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        dt = g.dtype
+        need_x, need_y = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        gy = torch.empty_like(y) if need_y else None
+        for i in range(0, x.numel(), CHUNK_ELEMENTS):
+            j = i + CHUNK_ELEMENTS
+            dx, dy = kl_div_grads(x[i:j].to(dt), y[i:j].to(dt), ctx.log_target)
+            if gx is not None:
+                gx[i:j] = dx * g
+            if gy is not None:
+                gy[i:j] = dy * g
+        return gx, gy, None
+
+
+class KLDivTerms(torch.autograd.Function):
+    """Elementwise F.kl_div terms (reduction='none'), math in acc dtype."""
+
+    @staticmethod
+    def forward(ctx, x, y, log_target: bool):
+        out_dtype = torch.promote_types(x.dtype, y.dtype)
+        dt = acc_dtype(out_dtype)
+        out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+        for i in range(0, x.numel(), CHUNK_ELEMENTS):
+            j = i + CHUNK_ELEMENTS
+            out[i:j] = kl_div_terms(x[i:j].to(dt), y[i:j].to(dt), log_target)
+        ctx.log_target = log_target
+        ctx.save_for_backward(x, y)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        dt = acc_dtype(g.dtype)
+        need_x, need_y = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        gy = torch.empty_like(y) if need_y else None
+        for i in range(0, x.numel(), CHUNK_ELEMENTS):
+            j = i + CHUNK_ELEMENTS
+            dx, dy = kl_div_grads(x[i:j].to(dt), y[i:j].to(dt), ctx.log_target)
+            gi = g[i:j].to(dt)
+            if gx is not None:
+                gx[i:j] = dx * gi
+            if gy is not None:
+                gy[i:j] = dy * gi
+        return gx, gy, None
+
+
+def kl_div(x, y, log_target: bool, reduce_sum: bool):
+    if reduce_sum:
+        return KLDivSum.apply(x, y, log_target)
+    return KLDivTerms.apply(x, y, log_target)
+
+
+# --------------------------------------------------------------------------------------
+# softmax / log_softmax with a temperature, chunked over rows
+# --------------------------------------------------------------------------------------
+
+
+class TemperatureSoftmax(torch.autograd.Function):
+    """y = softmax(x / T) or log_softmax(x / T) over the last dim of (N, V) x.
+
+    Backward (z = x / T): softmax     dx = y (g - sum g y) / T
+                          log_softmax dx = (g - exp(y) sum g) / T
+    """
+
+    @staticmethod
+    def forward(ctx, x, inv_t: float, log: bool):
+        n, v = x.shape
+        dt = acc_dtype(x.dtype)
+        y = torch.empty_like(x)
+        fn = torch.log_softmax if log else torch.softmax
+        step = chunk_rows(n, v)
+        for i in range(0, n, step):
+            y[i : i + step] = fn(x[i : i + step].to(dt) * inv_t, -1)
+        ctx.inv_t, ctx.log = inv_t, log
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        n, v = y.shape
+        dt = acc_dtype(y.dtype)
+        gx = torch.empty_like(y)
+        step = chunk_rows(n, v)
+        for i in range(0, n, step):
+            yc, gc = y[i : i + step].to(dt), g[i : i + step].to(dt)
+            if ctx.log:
+                dx = gc - yc.exp() * gc.sum(-1, keepdim=True)
+            else:
+                dx = yc * (gc - (gc * yc).sum(-1, keepdim=True))
+            gx[i : i + step] = dx * ctx.inv_t
+        return gx, None, None
+
+
+def softmax(x, inv_temperature: float, log: bool):
+    return TemperatureSoftmax.apply(x, inv_temperature, log)
