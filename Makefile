@@ -1,0 +1,30 @@
+# Every target sets itself up on a fresh machine: it creates .venv and installs the package
+# with its test and bench extras when they are missing (or pyproject.toml changed).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdkernels-installed
+
+.PHONY: install test bench lint aot clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The test suite (CPU: Triton kernels under TRITON_INTERPRET=1, the extension's CPU kernel).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The main job: benchmark against PyTorch on whatever device is present.
+bench: $(STAMP)
+	$(PY) -m bench $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

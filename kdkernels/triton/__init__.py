@@ -1,0 +1,48 @@
+"""Triton backend (impl="triton"). See kdkernels/_dispatch.py for the backend interface.
+
+Kernel modules are imported lazily: Triton reads TRITON_INTERPRET when a kernel is
+decorated, so tests running on CPU set it before the first call reaches here.
+
+    kd.py       kd_loss: online-softmax forward / fused backward of every divergence (+ CE)
+    kl_div.py   F.kl_div's elementwise terms and their sum
+    softmax.py  softmax / log_softmax with a temperature
+    aot.py      ahead-of-time compilation for sm_80 / sm_90 and the register/spill report
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run on CPU)"
+
+
+def kd_rows(s, t, labels, spec, inplace_backward=False):
+    from .kd import kd_rows as run
+
+    return run(s, t, labels, spec, inplace_backward)
+
+
+def kl_div(x, y, log_target, reduce_sum):
+    from .kl_div import kl_div as run
+
+    return run(x, y, log_target, reduce_sum)
+
+
+def softmax(x, inv_temperature, log):
+    from .softmax import softmax as run
+
+    return run(x, inv_temperature, log)

@@ -1,0 +1,41 @@
+"""Shared fixtures. Without a GPU the Triton kernels run on CPU under TRITON_INTERPRET=1;
+Triton reads the variable when a kernel is decorated, so it is set before any kernel module
+is imported (kdkernels.triton imports its kernels lazily)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every implementation is tested through the public API. None is skipped on CPU: an impl
+# that cannot run here (e.g. the extension failed to build) fails its tests.
+IMPLS = ("torch", "triton", "ext")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
