@@ -57,8 +57,9 @@ def _kl_div_fwd_kernel(
         if LOG_TARGET:
             term = tl.exp(y) * (y - x)
         else:
-            # xlogy(y, y) - y x, exactly torch's formula (so y = 0, x = -inf is nan there too)
-            term = tl.where(y == 0.0, 0.0, y * tl.log(y)) - y * x
+            # xlogy(y, y) - y x, torch's formula (so y = 0, x = -inf is nan there too);
+            # xlogy(0, 0) = 0 is 0 * log(1), which also keeps log(0) out of masked lanes
+            term = y * tl.log(tl.where(y == 0.0, 1.0, y)) - y * x
         if REDUCE:
             acc += tl.where(mask, term, 0.0)
         else:
@@ -93,7 +94,7 @@ def _kl_div_bwd_kernel(
             g = g_all
         else:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=1.0).to(tl.float32)  # log(1): no -inf
         if LOG_TARGET:
             ey = tl.exp(y)
             if NEED_X:
