@@ -142,6 +142,19 @@ TOLERANCES = {
 }
 
 
+def logsumexp_rounding(max_abs_z: float, loss_scale: float, dtype=torch.float32) -> float:
+    """Error allowance for log-probabilities formed as z - logsumexp(z) in `dtype`.
+
+    Online-softmax kernels (and the reference) keep lse = logsumexp(z) and form log q as
+    z - lse; when the logits sit far from 0 (|z| ~ max_abs_z) lse is rounded to an ulp of
+    |z|, i.e. every log-probability of the row carries the same error ~ eps * |z|. A KL of a
+    row then moves by that much (it is sum p * constant), times the loss scale (T**2,
+    kd_weight). PyTorch's log_softmax subtracts the max first and does not pay this, so the
+    2x-baseline model alone cannot cover it; 4 eps = two roundings, each up to 2 ulps at
+    worst near a power of two."""
+    return 4.0 * torch.finfo(dtype).eps * max_abs_z * loss_scale
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| in float64, treating equal infinities as exact and nan as infinite error."""
     a, b = a.detach().double(), b.detach().double()
@@ -153,8 +166,13 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d.max())
 
 
-def assert_error_model(out, truth, baseline, dtype: torch.dtype, what: str = "value") -> None:
-    """out against the float64 truth, with the bound above; baseline is plain PyTorch."""
+def assert_error_model(
+    out, truth, baseline, dtype: torch.dtype, what: str = "value", extra: float = 0.0
+) -> None:
+    """out against the float64 truth, with the bound above; baseline is plain PyTorch.
+
+    extra: an additional absolute allowance for an error source the caller names (e.g. the
+    rounding of a large logsumexp, see logsumexp_rounding)."""
     assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
     tol = TOLERANCES[dtype]
     err = max_err(out, truth)
@@ -164,7 +182,7 @@ def assert_error_model(out, truth, baseline, dtype: torch.dtype, what: str = "va
     finite = truth.detach().double()
     finite = finite[torch.isfinite(finite)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
-    bound = 2.0 * base + tol["atol"] + tol["rtol"] * scale
+    bound = 2.0 * base + tol["atol"] + tol["rtol"] * scale + extra
     assert err <= bound, (
         f"{what} ({dtype}): max error {err:.3e} > bound {bound:.3e} "
         f"(plain PyTorch error {base:.3e}, scale {scale:.3e})"
