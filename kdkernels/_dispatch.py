@@ -19,56 +19,57 @@ An explicit impl that cannot run here is an error, never a silent fallback.
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
 import torch
 
+from . import ext, reference
+from . import triton as triton_backend
+
 IMPLS = ("auto", "torch", "triton", "ext")
 
-_MODULES = {
-    "torch": "kdkernels.reference",
-    "triton": "kdkernels.triton",
-    "ext": "kdkernels.ext",
-}
-
-
-def _load(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+# Imported eagerly (each is cheap: kernels load and the extension builds on first use) so
+# that torch.compile never has to trace an import.
+_BACKENDS: dict[str, ModuleType] = {"torch": reference, "triton": triton_backend, "ext": ext}
 
 
 def _usable(name: str, device: torch.device, dtypes) -> tuple[bool, str]:
-    try:
-        backend = _load(name)
-    except ImportError as e:  # a backend whose dependencies are missing
-        return False, f"impl={name!r} cannot be imported: {e}"
+    backend = _BACKENDS[name]
     ok, why = backend.is_available(device)
     if not ok:
         return False, why
     bad = [d for d in dtypes if d not in backend.SUPPORTED_DTYPES]
     if bad:
-        return False, (
-            f"impl={name!r} supports dtypes {backend.SUPPORTED_DTYPES}, got {bad[0]}"
-        )
+        return False, f"impl={name!r} supports dtypes {backend.SUPPORTED_DTYPES}, got {bad[0]}"
     return True, ""
 
 
-def resolve(impl: str, device: torch.device, dtypes=()) -> ModuleType:
-    """Return the backend module for `impl` on `device` for tensors of `dtypes`."""
+@torch._dynamo.assume_constant_result
+def _resolve_name(impl: str, device: str, dtypes: tuple) -> str:
+    # Runs once per compiled graph (dynamo treats the result as a constant): availability
+    # checks may build the extension or take locks, which must not be traced.
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = os.environ.get("KDKERNELS_IMPL", "auto") or "auto"
         if impl not in IMPLS:
             raise ValueError(f"KDKERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+    dev = torch.device(device)
     if impl != "auto":
-        ok, why = _usable(impl, device, dtypes)
+        ok, why = _usable(impl, dev, dtypes)
         if not ok:
-            raise RuntimeError(f"impl={impl!r} cannot run on {device}: {why}")
-        return _load(impl)
-    order = ("ext", "triton", "torch") if device.type == "cuda" else ("ext", "torch")
+            raise RuntimeError(f"impl={impl!r} cannot run on {dev}: {why}")
+        return impl
+    order = ("ext", "triton", "torch") if dev.type == "cuda" else ("ext", "torch")
     for name in order:
-        if _usable(name, device, dtypes)[0]:
-            return _load(name)
-    return _load("torch")
+        if _usable(name, dev, dtypes)[0]:
+            return name
+    return "torch"
+
+
+def resolve(impl: str, device: torch.device, dtypes=()) -> ModuleType:
+    """Return the backend module for `impl` on `device` for tensors of `dtypes`."""
+    if impl not in IMPLS:  # checked here too: the error must name the argument eagerly
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return _BACKENDS[_resolve_name(impl, str(device), tuple(dtypes))]
