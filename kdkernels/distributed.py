@@ -1,0 +1,651 @@
+"""Vocab-parallel losses: logits sharded over the vocabulary across the ranks of a group.
+
+Layout (Megatron tensor parallelism). Rank r of `process_group` (world size W) holds the
+contiguous columns [o_r, o_r + V_r) of every row, in rank order: o_0 = 0, o_{r+1} = o_r + V_r,
+V = sum_r V_r. Shards may be uneven (V not divisible by W) or empty. Student and teacher
+have the same width on each rank; labels hold GLOBAL vocabulary ids (the same on every rank,
+as in Megatron where the batch is replicated across the tensor-parallel group). Padding the
+last shard with -inf in both logits is exact: those entries have p = q = 0 and contribute 0.
+
+Math (one row; zs = s / Ts, zt = t / Tt; q = softmax(zs), p = softmax(zt) over all V).
+Local normalizers of shard r:  ls_r = logsumexp_{i in r} zs_i,  lt_r = logsumexp_{i in r} zt_i,
+global ones:                   lse_s = logsumexp_r ls_r,       lse_t = logsumexp_r lt_r.
+The shard weights v_r = exp(ls_r - lse_s) (student) and w_r = exp(lt_r - lse_t) (teacher) are
+the masses of shard r; q = v_r q^r and p = w_r p^r with q^r, p^r the shard's renormalized
+softmaxes. The chain rule of KL then splits the forward KL exactly into per-shard terms:
+
+    KL(p || q) = sum_r w_r [ KL(p^r || q^r) + log w_r - log v_r ]          (1)
+
+(expand sum_{i in r} p_i (log p_i - log q_i) with log p_i = log w_r + log p^r_i). Reverse KL is
+(1) with the roles of (p, w) and (q, v) swapped. So each rank computes (ls_r, lt_r,
+KL(p^r || q^r)) locally with reference.divergence_rows on its shard's LOCAL log-probs, ONE
+all_gather brings every rank the (W, N, c) table of these per-row values, and every rank
+evaluates the logsumexps and (1) itself, in the same order, so the result is bitwise identical
+on every rank. Terms with w_r = 0 (a shard the teacher gives no mass) are 0; w_r > 0 with
+v_r = 0 is +inf, the true value.
+
+The mixture kind (jsd, skew) has log m = logaddexp(log a + lp, log(1-a) + lq), not separable
+by shard, so it takes two rounds: the all_gather above yields lse_s, lse_t; then each rank runs
+reference.divergence_rows on its columns with the GLOBAL log-probs lq = zs - lse_s,
+lp = zt - lse_t, which returns exactly its partial sums of A = sum p (lp - lm),
+B = sum q (lq - lm), Uq = sum q u, Up = sum p u (see _spec.py); one all_reduce SUM of the
+(N, 4) partials gives the row values D = cp A + cq B and the scalars its gradient needs.
+
+Layout and label checks, every call, in band. The last row of the gathered table is a header
+holding each rank's (student width, teacher width); every rank reads the same header, so every
+rank derives the same offsets o_r and V (as device tensors: no host sync) and, when a rank's
+student and teacher widths differ or the shards do not add up to the same V, raises the same
+ValueError after the same collective. A rank whose widths are wrong still joins the all_gather
+(with an empty table) so that no rank is left waiting. Nothing is cached across calls, so a
+layout may change between calls freely. A table column carries each row's label (NaN where
+ignored): every rank checks every rank's labels against the global V, so even labels that
+differ across ranks (a bug) make every rank raise. On CUDA the checks after the first call of
+a group are device-side asserts (no host sync per step); on CPU they are ValueErrors always.
+Floats carry widths and labels exactly below 2**24 (float32 tables), far above real vocabularies.
+
+Cross-entropy at T = 1 (ce_weight != 0): CE = logsumexp(s) - s[label]. The local logsumexp of s
+rides in the gather (logsumexp over r). s[label] comes from the rank holding the label
+(o_r <= label < o_r + V_r), which is known only once the header has given o_r: it is summed by
+the second collective (the mixture's all_reduce, or an all_reduce of its own for KL kinds).
+
+Backward needs no collective: given the saved global (lse_s, lse_t, logsumexp(s)) and row
+scalars (D, or A, B, Uq, Up), reference.divergence_grads on the shard's global log-probs is
+exactly the shard's slice of the unsharded gradient (DESIGN.md §1: d/dzs = q - p etc. are
+elementwise given the row scalars). Each rank gets the gradient of its own shard (and of its
+teacher shard when the teacher requires grad), scaled by grad_output.
+
+Collectives (W = world size, N = rows, c <= 5 per-row columns, floats in the accumulation
+dtype: float32, or float64 for float64 logits):
+
+    kd_rows  forward_kl / reverse_kl        forward: 1 all_gather (N+1, c)            backward: 0
+    kd_rows  forward_kl / reverse_kl + CE   forward: 1 all_gather + 1 all_reduce (N,) backward: 0
+    kd_rows  jsd / skew_* (+ CE)            forward: 1 all_gather + 1 all_reduce (N, 4 | 5)
+                                                                                      backward: 0
+    softmax / log_softmax                   forward: 1 all_gather (N, 1)
+                                            backward: 1 all_reduce (N,)  (sum g y, or sum g)
+
+None is of N x V size and logits are never gathered. The all_gather moves W x (N+1) x c floats
+per rank instead of the 2 x N x c of a max-then-sum all_reduce pair; for tensor-parallel groups
+(W <= 8) one round trip is cheaper than two. Precondition: the same row count N on every rank
+(a mismatch is a collective size mismatch, which the backend reports or times out on: pass
+`timeout=` to init_process_group). An empty batch (N = 0 everywhere) skips the collectives.
+
+Backends. kd_rows/softmax receive the backend resolved for the logits (`impl=`), but in this
+revision the per-shard work is the chunked torch math of reference.py for every impl: the
+three functions under "Shard primitives" below (_shard_stats: pass 1; _shard_partials: the
+mixture's pass 2; _shard_grads: backward) are where a backend's fused shard kernels will plug
+in (they produce per-row (lse, partial) values from a column slice, which is what the fused
+kernels compute per vocabulary tile). Memory is O(chunk_rows x V_r), as in reference.py.
+
+DTensor. Logits that are DTensors placed Shard(-1) on a 1-D DeviceMesh take this path with
+the mesh's group: see unwrap_dtensor / unwrap_dtensor_input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ._spec import LossSpec
+from .reference import acc_dtype, chunk_rows, divergence_grads, divergence_rows
+
+__all__ = [
+    "CollectiveRecord",
+    "count_collectives",
+    "vocab_size",
+    "kd_rows",
+    "softmax",
+    "unwrap_dtensor",
+    "unwrap_dtensor_input",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Collectives: the only calls into torch.distributed, counted for the benchmark and tests
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectiveRecord:
+    op: str  # "all_gather" or "all_reduce"
+    payload_bytes: int  # bytes of this rank's input tensor
+    world: int
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes each rank sends with a ring algorithm: all_gather (W-1) x payload,
+        all_reduce 2 (W-1)/W x payload (reduce-scatter then all_gather)."""
+        if self.op == "all_gather":
+            return (self.world - 1) * self.payload_bytes
+        return 2 * (self.world - 1) * self.payload_bytes // self.world
+
+
+_RECORDERS: list[list[CollectiveRecord]] = []
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Record every collective kdkernels.distributed issues inside the block.
+
+        with count_collectives() as calls:
+            loss.backward()
+        sum(c.wire_bytes for c in calls)
+    """
+    calls: list[CollectiveRecord] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def _record(op: str, x: torch.Tensor, world: int) -> None:
+    for calls in _RECORDERS:
+        calls.append(CollectiveRecord(op, x.numel() * x.element_size(), world))
+
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """(W, *x.shape): every rank's x, in rank order."""
+    world = dist.get_world_size(group)
+    x = x.contiguous()
+    # the concatenated form (W * x.shape[0], ...) is the one every backend accepts
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("all_gather", x, world)
+    _all_gather_single(out, x, group=group)
+    return out.view(world, *x.shape)
+
+
+def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    _record("all_reduce", x, dist.get_world_size(group))
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# Group checks and the layout header
+# --------------------------------------------------------------------------------------
+
+# Groups whose first kd_rows call has run its checks on the host. Later CUDA calls check with
+# device-side asserts (no host sync per step); CPU calls always check on the host (free there).
+_HOST_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_group(group) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "process_group needs torch.distributed to be initialized (init_process_group)"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError("process_group: this process is not a member of the group")
+
+
+def _host_checks(t: torch.Tensor, group) -> bool:
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return True
+    if group in _HOST_CHECKED or torch.compiler.is_compiling():
+        return False
+    _HOST_CHECKED.add(group)
+    return True
+
+
+def _check_layout(ws, wt, host: bool) -> None:
+    """ws, wt: (W,) student / teacher widths of every rank (the gathered header)."""
+    if not host:
+        torch._assert_async(
+            (ws == wt).all(), "kdkernels: student/teacher shard widths differ on some rank"
+        )
+        return
+    student = [int(x) for x in ws.tolist()]
+    teacher = [int(x) for x in wt.tolist()]
+    if sum(student) != sum(teacher):
+        raise ValueError(
+            f"student_logits shards add up to V={sum(student)} but teacher_logits shards to "
+            f"V={sum(teacher)} over the process_group (widths per rank: student {student}, "
+            f"teacher {teacher})"
+        )
+    if student != teacher:
+        r = next(i for i, (a, b) in enumerate(zip(student, teacher, strict=True)) if a != b)
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shard width on every rank: "
+            f"rank {r} holds {student[r]} student and {teacher[r]} teacher columns (widths per "
+            f"rank: student {student}, teacher {teacher})"
+        )
+
+
+def _check_labels(lab, vocab, labels, spec: LossSpec, host: bool) -> None:
+    """lab: (W, N) every rank's labels as floats, NaN where ignored; the same on every rank."""
+    bad = ((lab < 0) | (lab >= vocab)).any(0)  # NaN compares False: ignored rows pass
+    if not host:
+        torch._assert_async(~bad.any(), "kdkernels: labels out of [0, V) and not ignore_index")
+        return
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    value = int(labels[row])
+    here = value == spec.ignore_index or 0 <= value < int(vocab)  # labels differ across ranks
+    raise ValueError(
+        f"labels must be in [0, {int(vocab)}) (the global vocabulary of the process_group) or "
+        f"equal ignore_index={spec.ignore_index}; row {row} holds "
+        + ("an out-of-range label on another rank" if here else str(value))
+    )
+
+
+def vocab_size(s: torch.Tensor, process_group) -> torch.Tensor:
+    """Global V of the (..., V_r) shards s: a 0-d int64 tensor (one all_reduce of one int)."""
+    _check_group(process_group)
+    v = torch.tensor(s.shape[-1], dtype=torch.int64, device=s.device)
+    return _all_reduce_sum(v, process_group)
+
+
+# --------------------------------------------------------------------------------------
+# Shard primitives: the per-shard work. Torch math of reference.py for every backend in this
+# revision; a backend's fused shard kernels replace these three functions.
+# --------------------------------------------------------------------------------------
+
+# Columns of the per-row table gathered in pass 1 (only those the spec needs are present).
+_LS, _LT = 0, 1  # local logsumexps of zs, zt (header row: student, teacher width)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    kl: int | None  # KL(p^r || q^r) (forward) or KL(q^r || p^r) (reverse): KL kinds only
+    lse1: int | None  # local logsumexp of s at T = 1 (CE)
+    label: int | None  # the row's label, NaN where ignored (label check)
+    count: int
+
+    @staticmethod
+    def of(spec: LossSpec, has_labels: bool) -> _Columns:
+        n = 2
+        kl = lse1 = label = None
+        if spec.div.kind != "mixture":
+            kl, n = n, n + 1
+        if spec.ce_weight:
+            lse1, n = n, n + 1
+        if has_labels:
+            label, n = n, n + 1
+        return _Columns(kl, lse1, label, n)
+
+
+def _local_labels(labels, spec: LossSpec, offset, width: int):
+    """(index into this shard, mask of rows whose label this shard holds); offset may be a
+    0-d tensor."""
+    local = labels - offset
+    held = (labels != spec.ignore_index) & (local >= 0) & (local < width)
+    return torch.where(held, local, 0), held
+
+
+def _shard_stats(s, t, labels, spec: LossSpec, cols: _Columns):
+    """Pass 1 on one row chunk of this shard: the (rows, cols.count) table of local values.
+    # read 2 x rows x V_r, write rows x c
+    """
+    dt = acc_dtype(s.dtype)
+    zs = s.to(dt) * spec.inv_ts
+    zt = t.to(dt) * spec.inv_tt
+    out = torch.empty(s.shape[0], cols.count, device=s.device, dtype=dt)
+    ls = torch.logsumexp(zs, -1)  # -inf for an empty or all -inf shard
+    lt = torch.logsumexp(zt, -1)
+    out[:, _LS] = ls
+    out[:, _LT] = lt
+    if cols.kl is not None:
+        # KL of the shard's renormalized softmaxes; rows where a normalizer is -inf give
+        # nan/0 here and are masked in the merge (their shard weight is 0 or the term +inf).
+        out[:, cols.kl] = divergence_rows(zs - ls[:, None], zt - lt[:, None], spec.div)[0]
+    if cols.lse1 is not None:
+        out[:, cols.lse1] = torch.logsumexp(s.to(dt), -1)
+    if cols.label is not None:
+        out[:, cols.label] = torch.where(labels != spec.ignore_index, labels.to(dt), math.nan)
+    return out
+
+
+def _shard_target(s, labels, spec: LossSpec, offset):
+    """s[label] for the rows whose label this shard holds, else 0 (CE). # read rows"""
+    dt = acc_dtype(s.dtype)
+    idx, held = _local_labels(labels, spec, offset, s.shape[1])
+    if s.shape[1] == 0:
+        return torch.zeros(s.shape[0], device=s.device, dtype=dt)
+    return torch.where(held, s.gather(1, idx[:, None])[:, 0].to(dt), 0.0)
+
+
+def _shard_partials(s, t, spec: LossSpec, lse_s, lse_t):
+    """Mixture pass 2 on one row chunk: this shard's (rows, 4) partial sums of A, B, Uq, Up,
+    from the GLOBAL log-probs. # read 2 x rows x V_r, write 4 x rows"""
+    dt = acc_dtype(s.dtype)
+    lq = s.to(dt) * spec.inv_ts - lse_s[:, None]
+    lp = t.to(dt) * spec.inv_tt - lse_t[:, None]
+    _, saved = divergence_rows(lq, lp, spec.div)
+    return torch.stack(saved, 1)
+
+
+def _shard_grads(s, t, labels, spec, offset, stats, g, need_teacher):
+    """Backward on one row chunk: (d loss / d s, d loss / d t) of this shard, times the
+    upstream row gradient g (already 0 on ignored rows). No collective: everything global is
+    in the saved row statistics. # read 2 x rows x V_r, write (1 or 2) x rows x V_r"""
+    lse_s, lse_t, lse1, *saved = stats
+    dt = acc_dtype(s.dtype)
+    lq = s.to(dt) * spec.inv_ts - lse_s[:, None]
+    lp = t.to(dt) * spec.inv_tt - lse_t[:, None]
+    ds, dtc = divergence_grads(lq, lp, spec.div, saved, need_teacher)
+    gk = (g * spec.kd_scale)[:, None]
+    ds = ds * (gk * spec.inv_ts)
+    if spec.ce_weight:
+        # dCE/ds = softmax(s) - onehot(label): the one-hot lands on the shard holding it
+        p1 = torch.exp(s.to(dt) - lse1[:, None])
+        idx, held = _local_labels(labels, spec, offset, s.shape[1])
+        if p1.shape[1]:
+            p1.scatter_add_(1, idx[:, None], -held.to(dt)[:, None])
+        ds = ds + p1 * (g * spec.ce_weight)[:, None]
+    if dtc is not None:
+        dtc = dtc * (gk * spec.inv_tt)
+    return ds, dtc
+
+
+# --------------------------------------------------------------------------------------
+# Merge of the gathered pass-1 table (identical arithmetic on every rank)
+# --------------------------------------------------------------------------------------
+
+
+def _kl_merge(kl_r, log_w, log_v):
+    """sum_r w_r [kl_r + log w_r - log v_r] (eq. (1)); (W, rows) inputs, (rows,) out.
+
+    w_r = 0: the shard holds none of the outer distribution's mass -> 0 (whatever kl_r is).
+    w_r > 0, v_r = 0: the inner distribution is 0 where the outer is not -> +inf."""
+    w = torch.exp(log_w)
+    term = torch.where(log_v > -math.inf, w * (kl_r + log_w - log_v), math.inf)
+    return torch.where(w > 0, term, 0.0).sum(0)
+
+
+# --------------------------------------------------------------------------------------
+# kd_rows
+# --------------------------------------------------------------------------------------
+
+
+class ShardedKDRows(torch.autograd.Function):
+    """Row losses of vocabulary-sharded (N, V_r) logits; collectives happen in forward only
+    (inside autograd.Function, so they are never differentiated)."""
+
+    @staticmethod
+    def forward(ctx, s, t, labels, spec: LossSpec, group):
+        n, v = s.shape
+        dt = acc_dtype(s.dtype)
+        cols = _Columns.of(spec, labels is not None)
+        step = chunk_rows(n, v)
+        rank = dist.get_rank(group)
+        ctx.spec, ctx.need_teacher = spec, ctx.needs_input_grad[1]
+        if n == 0:  # N is the same on every rank: all of them skip the collectives
+            ctx.offset = 0
+            ctx.save_for_backward(s, t, labels)
+            return torch.zeros(0, device=s.device, dtype=dt)
+
+        # pass 1: local table + header row -> one all_gather -> layout, checks, normalizers
+        local = torch.zeros(n + 1, cols.count, device=s.device, dtype=dt)
+        local_ok = v == t.shape[1]  # else only the header is sent and every rank raises
+        if local_ok:
+            for i in range(0, n, step):
+                lab = None if labels is None else labels[i : i + step]
+                local[i : i + step] = _shard_stats(s[i : i + step], t[i : i + step], lab, spec,
+                                                   cols)
+        local[n, _LS], local[n, _LT] = v, t.shape[1]
+        table = _all_gather(local, group)  # (W, n + 1, c)
+        host = _host_checks(s, group)
+        ws, wt = table[:, n, _LS], table[:, n, _LT]
+        _check_layout(ws, wt, host)
+        offset = (ws[:rank].sum() if rank else ws.new_zeros(())).to(torch.int64)
+        if cols.label is not None:
+            _check_labels(table[:, :n, cols.label], ws.sum(), labels, spec, host)
+        table = table[:, :n]
+        ls, lt = table[:, :, _LS], table[:, :, _LT]
+        lse_s = torch.logsumexp(ls, 0)
+        lse_t = torch.logsumexp(lt, 0)
+
+        # pass 2: what needs the global normalizers or the offsets -> one all_reduce
+        need_sum = spec.div.kind == "mixture" or spec.ce_weight
+        if need_sum:
+            width = 4 if spec.div.kind == "mixture" else 0
+            part = torch.zeros(n, width + bool(spec.ce_weight), device=s.device, dtype=dt)
+            for i in range(0, n if local_ok else 0, step):
+                j = i + step
+                if width:
+                    part[i:j, :4] = _shard_partials(s[i:j], t[i:j], spec, lse_s[i:j],
+                                                    lse_t[i:j])
+                if spec.ce_weight:
+                    part[i:j, width] = _shard_target(s[i:j], labels[i:j], spec, offset)
+            part = _all_reduce_sum(part, group)
+        if not local_ok:  # reached only where the checks are device asserts (CUDA, not the
+            # group's first call): this rank joined every collective, now it stops
+            raise ValueError(
+                "student_logits and teacher_logits must have the same shard width on every "
+                f"rank: this rank holds {v} student and {t.shape[1]} teacher columns"
+            )
+
+        if spec.div.kind == "forward_kl":
+            d = _kl_merge(table[:, :, cols.kl], lt - lse_t, ls - lse_s)
+            saved = (d,)
+        elif spec.div.kind == "reverse_kl":
+            d = _kl_merge(table[:, :, cols.kl], ls - lse_s, lt - lse_t)
+            saved = (d,)
+        else:
+            a, b, uq, up = part[:, :4].unbind(1)
+            d = spec.div.coef_p * a + spec.div.coef_q * b
+            saved = (a, b, uq, up)
+
+        loss = spec.kd_scale * d
+        lse1 = lse_s  # placeholder when CE is off; never read then
+        if spec.ce_weight:
+            lse1 = torch.logsumexp(table[:, :, cols.lse1], 0)
+            loss = loss + spec.ce_weight * (lse1 - part[:, -1])  # part[:, -1]: s[label]
+        if labels is not None:
+            loss = torch.where(labels != spec.ignore_index, loss, 0.0)
+        ctx.offset = offset
+        ctx.save_for_backward(s, t, labels, lse_s, lse_t, lse1, *saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        spec, need_teacher = ctx.spec, ctx.need_teacher
+        s, t, labels, *stats = ctx.saved_tensors
+        n, v = s.shape
+        g = grad_loss
+        if labels is not None:
+            g = torch.where(labels != spec.ignore_index, g, 0.0)
+        grad_s = torch.empty_like(s)
+        grad_t = torch.empty_like(t) if need_teacher else None
+        step = chunk_rows(n, v)
+        for i in range(0, n, step):
+            j = i + step
+            lab = None if labels is None else labels[i:j]
+            st = [x[i:j] for x in stats]
+            ds, dtc = _shard_grads(s[i:j], t[i:j], lab, spec, ctx.offset, st, g[i:j],
+                                   need_teacher)
+            grad_s[i:j] = ds
+            if grad_t is not None:
+                grad_t[i:j] = dtc
+        return grad_s, grad_t, None, None, None
+
+
+def kd_rows(s, t, labels, spec: LossSpec, process_group, backend=None):
+    """(N,) row losses of this rank's (N, V_r) shards s, t (see the module docstring).
+
+    labels: (N,) int64 GLOBAL vocabulary ids or None. Returns the unsharded row losses,
+    identical on every rank; autograd gives this rank's shard gradients. `backend` is the
+    resolved impl module; the shard math is reference.py's for every impl in this revision.
+    A student/teacher width mismatch is not checked here: the header of the first collective
+    carries it, so that every rank raises, not only the one that holds the bad shard.
+    """
+    _check_group(process_group)
+    if s.dim() != 2 or t.dim() != 2 or s.shape[0] != t.shape[0]:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same leading dimensions, got "
+            f"(rows, shard width) {tuple(s.shape)} and {tuple(t.shape)}"
+        )
+    if labels is not None and labels.shape != (s.shape[0],):
+        raise ValueError(f"labels must have {s.shape[0]} rows, got shape {tuple(labels.shape)}")
+    return ShardedKDRows.apply(s, t, labels, spec, process_group)
+
+
+# --------------------------------------------------------------------------------------
+# softmax / log_softmax over the sharded vocabulary
+# --------------------------------------------------------------------------------------
+
+
+class ShardedSoftmax(torch.autograd.Function):
+    """y = softmax(x / T) (or log_softmax) of (N, V_r) shards over the global vocabulary.
+
+    Forward: local logsumexps, one all_gather, global lse = logsumexp over ranks.
+    Backward (z = x / T): softmax     dx = y (g - S) / T,        S = sum_V g y
+                          log_softmax dx = (g - exp(y) S) / T,   S = sum_V g
+    S is a sum over the whole vocabulary: one all_reduce of the (N,) local sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x, inv_t: float, log: bool, group):
+        n, v = x.shape
+        dt = acc_dtype(x.dtype)
+        step = chunk_rows(n, v)
+        ctx.inv_t, ctx.log, ctx.group = inv_t, log, group
+        y = torch.empty_like(x)
+        if n:
+            local = torch.empty(n, device=x.device, dtype=dt)
+            for i in range(0, n, step):
+                local[i : i + step] = torch.logsumexp(x[i : i + step].to(dt) * inv_t, -1)
+            lse = torch.logsumexp(_all_gather(local, group), 0)
+            for i in range(0, n, step):
+                z = x[i : i + step].to(dt) * inv_t - lse[i : i + step, None]
+                y[i : i + step] = z if log else torch.exp(z)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        n, v = y.shape
+        dt = acc_dtype(y.dtype)
+        gx = torch.empty_like(y)
+        if n == 0:
+            return gx, None, None, None
+        step = chunk_rows(n, v)
+        sums = torch.empty(n, device=y.device, dtype=dt)
+        for i in range(0, n, step):
+            gc = g[i : i + step].to(dt)
+            sums[i : i + step] = gc.sum(-1) if ctx.log else (gc * y[i : i + step].to(dt)).sum(-1)
+        sums = _all_reduce_sum(sums, ctx.group)
+        for i in range(0, n, step):
+            yc, gc = y[i : i + step].to(dt), g[i : i + step].to(dt)
+            sc = sums[i : i + step, None]
+            dx = gc - yc.exp() * sc if ctx.log else yc * (gc - sc)
+            gx[i : i + step] = dx * ctx.inv_t
+        return gx, None, None, None
+
+
+def softmax(x, inv_temperature: float, log: bool, process_group, backend=None):
+    """softmax(x / T) (log_softmax when log) of this rank's (N, V_r) shard over the global
+    vocabulary of `process_group`; (N, V_r) in x.dtype with autograd."""
+    _check_group(process_group)
+    return ShardedSoftmax.apply(x, inv_temperature, log, process_group)
+
+
+# --------------------------------------------------------------------------------------
+# DTensor
+# --------------------------------------------------------------------------------------
+
+
+def _dtensor_type():
+    # Only look DTensor up when the user's program imported it: a DTensor argument implies
+    # torch.distributed.tensor is in sys.modules, and plain-tensor calls pay nothing.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def is_dtensor(x) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(x, cls)
+
+
+def _vocab_placement(name: str, x) -> str:
+    """'shard' (Shard on the last dim), 'replicate', or 'other:<dim>' for Shard(dim != -1)."""
+    mesh = x.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"{name} must be a DTensor on a 1-D DeviceMesh (the tensor-parallel group), got a "
+            f"{mesh.ndim}-D mesh; slice the mesh (mesh['tp']) first"
+        )
+    (p,) = x.placements
+    if p.is_replicate():
+        return "replicate"
+    if p.is_shard():
+        return "shard" if p.dim % x.dim() == x.dim() - 1 else f"other:{p.dim % x.dim()}"
+    raise ValueError(
+        f"{name} must be placed Shard(-1) (vocabulary-parallel) or Replicate, got {p}"
+    )
+
+
+def unwrap_dtensor(student, teacher, labels, process_group=None):
+    """The kd_loss hook for DTensor logits.
+
+    Returns None when neither logits argument is a DTensor (nothing to do). Otherwise returns
+    (student_local, teacher_local, labels_local, group): the local shards (differentiable:
+    DTensor.to_local passes gradients back as DTensors of the same placement) and the mesh's
+    process group, or group None when both are Replicate (then every rank holds full rows).
+    """
+    sd, td = is_dtensor(student), is_dtensor(teacher)
+    if not (sd or td):
+        return None
+    if process_group is not None:
+        raise ValueError("process_group must be None when the logits are DTensors (their "
+                         "DeviceMesh gives the group)")
+    if not (sd and td):
+        raise TypeError(
+            "student_logits and teacher_logits must both be DTensors or both plain tensors, "
+            f"got {type(student).__name__} and {type(teacher).__name__}"
+        )
+    if student.device_mesh != teacher.device_mesh:
+        raise ValueError("student_logits and teacher_logits must be on the same DeviceMesh")
+    ps = _vocab_placement("student_logits", student)
+    pt = _vocab_placement("teacher_logits", teacher)
+    if ps != pt or ps.startswith("other"):
+        raise ValueError(
+            "student_logits and teacher_logits must both be placed Shard(-1) (vocabulary-"
+            f"parallel) or both Replicate, got {student.placements} and {teacher.placements}"
+        )
+    if is_dtensor(labels):
+        if _vocab_placement("labels", labels) != "replicate":
+            raise ValueError(f"labels must be a Replicate DTensor, got {labels.placements}")
+        labels = labels.to_local()
+    group = student.device_mesh.get_group() if ps == "shard" else None
+    return student.to_local(), teacher.to_local(), labels, group
+
+
+def unwrap_dtensor_input(x, dim: int, process_group=None):
+    """The softmax/log_softmax hook for a DTensor x.
+
+    Returns None for a plain tensor; else (x_local, group, rewrap): the local tensor, the
+    mesh's group when x is sharded along `dim` (None when the softmax dim is not sharded:
+    rows are then local), and rewrap(y_local) -> DTensor with x's placement (differentiable).
+    """
+    if not is_dtensor(x):
+        return None
+    if process_group is not None:
+        raise ValueError("process_group must be None when x is a DTensor")
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    kind = _vocab_placement("x", x)
+    d = dim % x.dim()
+    # the softmax dim is the sharded one (functional.py moves it last, on the local tensor)
+    sharded = (kind == "shard" and d == x.dim() - 1) or kind == f"other:{d}"
+    group = x.device_mesh.get_group() if sharded else None
+    mesh, placements, shape, stride = x.device_mesh, x.placements, x.shape, x.stride()
+    cls = type(x)
+
+    def rewrap(y):
+        return cls.from_local(y, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+    return x.to_local(), group, rewrap
