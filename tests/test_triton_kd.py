@@ -1,0 +1,457 @@
+"""Triton kd_loss kernels (kdkernels/triton/kd.py), run on CPU under TRITON_INTERPRET=1 when
+there is no GPU.
+
+Error model (tests/_formulas.assert_error_model): the truth is the direct formula of
+DESIGN.md in float64 on the same (already rounded) inputs; the baseline is the reference
+implementation, impl="torch", on the same inputs. The Triton result may be off the truth by at
+most 2x the reference's error (a different but no worse order of operations) plus a floor of
+a few ulps of the output dtype (float32 results: 2e-6 absolute and relative; bfloat16
+gradients: 2e-3 absolute, 8e-3 relative, one rounding of an O(0.1) entry to 8 mantissa bits).
+Both backends accumulate in float32 from the same inputs, so for bfloat16 inputs the loss
+errors are float32-sized and the gradient errors are dominated by the final rounding.
+
+Shapes are small (the interpreter runs every program in Python). FORCE_BLOCK_V and
+FORCE_SPLIT shrink the vocab tile and split rows so that the tile loop, the masking of a
+ragged last tile, fully masked / fully -inf tiles and the merge kernels all run.
+"""
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+from _formulas import assert_error_model
+from _formulas import kd_loss as formula_kd_loss
+
+import kdkernels as kd
+from kdkernels.triton import kd as tkd
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+# (temperature, teacher_temperature): T = 1, T = 2, a teacher at its own temperature
+TEMPERATURES = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt1.5": (2.0, 1.5)}
+# no labels; labels with ignored rows (skipped); the same with a CE term
+LABELS = ("no-labels", "ignored", "ce0.5")
+DIV_KW = dict(beta=0.3, skew=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    # the interpreter evaluates masked lanes too (log 0, 0 / 0 on ignored rows) in numpy,
+    # which warns; the kernels discard those lanes with a where
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+@contextlib.contextmanager
+def forced(block_v=None, split=None):
+    old = tkd.FORCE_BLOCK_V, tkd.FORCE_SPLIT
+    tkd.FORCE_BLOCK_V, tkd.FORCE_SPLIT = block_v, split
+    try:
+        yield
+    finally:
+        tkd.FORCE_BLOCK_V, tkd.FORCE_SPLIT = old
+
+
+def make_labels(n, v, ignore_index=-100):
+    labels = torch.randint(0, v, (n,))
+    labels[1::3] = ignore_index  # ignored rows between valid ones
+    return labels.to(DEVICE)
+
+
+def run(impl, s, t, labels, g, teacher_grad, **kw):
+    """Row losses (reduction='none') and gradients for the upstream gradient g."""
+    s = s.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_(teacher_grad)
+    out = kd.kd_loss(s, t, labels, impl=impl, reduction="none", **kw)
+    out.backward(g)
+    return out.detach(), s.grad, t.grad
+
+
+def truth(s, t, labels, g, teacher_grad, **kw):
+    s = s.detach().double().requires_grad_()
+    t = t.detach().double().requires_grad_(teacher_grad)
+    out = formula_kd_loss(s, t, labels, reduction="none", **kw)
+    out.backward(g.double())
+    return out.detach(), s.grad, t.grad
+
+
+def check(s, t, labels=None, teacher_grad=True, truth_from="formula", **kw):
+    """Triton against the float64 truth, with impl='torch' as the error baseline.
+
+    truth_from="reference": the truth is impl='torch' on float64 copies of the inputs, for
+    inputs where the formula's probability-space mixture underflows even in float64
+    (logits of 1e4, -inf padding: its gradient is nan there); the reference forms mixtures
+    in log space."""
+    g = torch.randn(s.shape[:-1], device=s.device)
+    tri = run("triton", s, t, labels, g, teacher_grad, **kw)
+    ref = run("torch", s, t, labels, g, teacher_grad, **kw)
+    if truth_from == "formula":
+        tru = truth(s, t, labels, g, teacher_grad, **kw)
+    else:
+        tru = run("torch", s.double(), t.double(), labels, g.double(), teacher_grad, **kw)
+    assert tri[0].dtype == torch.float32
+    for what, a, b, c in zip(("loss", "student gradient", "teacher gradient"), tri, ref, tru,
+                             strict=True):
+        if what == "teacher gradient" and not teacher_grad:
+            assert a is None
+            continue
+        assert a.dtype == (s.dtype if what == "student gradient" else t.dtype
+                           if what == "teacher gradient" else torch.float32)
+        assert_error_model(a, c, b, s.dtype, what)
+    return tri
+
+
+def logits(n, v, dtype=torch.float32, scale=2.0):
+    return (torch.randn(n, v) * scale).to(dtype).to(DEVICE)
+
+
+# --------------------------------------------------------------------------------------
+# values and gradients: the matrix
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("labels_mode", LABELS)
+@pytest.mark.parametrize("temps", list(TEMPERATURES), ids=list(TEMPERATURES))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matrix(divergence, temps, labels_mode, dtype):
+    n, v = (7, 257) if dtype == torch.float32 else (3, 1000)
+    ts, tt = TEMPERATURES[temps]
+    labels = None if labels_mode == "no-labels" else make_labels(n, v)
+    kw = dict(ce_weight=0.5) if labels_mode == "ce0.5" else {}
+    check(logits(n, v, dtype), logits(n, v, dtype), labels, teacher_grad=labels_mode != "ignored",
+          divergence=divergence, temperature=ts, teacher_temperature=tt, **DIV_KW, **kw)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("weight", [0.5, 0.9, 1.0])
+def test_mixture_weights(divergence, weight):
+    # skew = 1 makes m = p (or q): u = 1 exactly and the HAS_U = False path runs
+    check(logits(3, 33), logits(3, 33), divergence=divergence, beta=weight, skew=weight)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16)], ids=["bf16-fp32", "fp32-fp16"])
+def test_mixed_dtypes(dtypes):
+    # the error model is taken at the lower precision of the two (the bound of its table)
+    s, t = logits(3, 100, dtypes[0]), logits(3, 100, dtypes[1])
+    g = torch.randn(3)
+    loss, gs, gt = run("triton", s, t, None, g, True, divergence="jsd", temperature=2.0)
+    ref = run("torch", s, t, None, g, True, divergence="jsd", temperature=2.0)
+    tru = truth(s, t, None, g, True, divergence="jsd", temperature=2.0)
+    assert gs.dtype == dtypes[0] and gt.dtype == dtypes[1]
+    assert_error_model(loss, tru[0], ref[0], torch.float32, "loss")
+    assert_error_model(gs, tru[1], ref[1], dtypes[0], "student gradient")
+    assert_error_model(gt, tru[2], ref[2], dtypes[1], "teacher gradient")
+
+
+def test_reduction_and_kd_weight():
+    s, t, labels = logits(7, 64), logits(7, 64), make_labels(7, 64)
+    for impl_out in ("token_mean", "sum", "batchmean"):
+        kw = dict(divergence="reverse_kl", temperature=3.0, kd_weight=0.3, ce_weight=2.0,
+                  temperature_scale=False, reduction=impl_out)
+        a = kd.kd_loss(s, t, labels, impl="triton", **kw)
+        b = formula_kd_loss(s.double(), t.double(), labels, **kw)
+        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------
+# tiles and the vocab split
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [None, 3, 1000], ids=["nosplit", "split3", "split-max"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["ce-shared", "ce-own"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_tiles_and_split(divergence, temperature, split):
+    # V = 257 with 32-wide tiles: 9 tiles, the last one 1 column wide. split=1000 is clamped
+    # to one tile per program.
+    n, v = 4, 257
+    with forced(block_v=32, split=split):
+        check(logits(n, v), logits(n, v), make_labels(n, v), divergence=divergence,
+              temperature=temperature, ce_weight=0.7, **DIV_KW)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_split_matches_unsplit(divergence):
+    # the exact merge: split and unsplit agree to float32 rounding of a different sum order
+    s, t, labels = logits(3, 300, scale=4.0), logits(3, 300, scale=4.0), make_labels(3, 300)
+    g = torch.randn(3)
+    kw = dict(divergence=divergence, temperature=1.5, ce_weight=0.3, **DIV_KW)
+    with forced(block_v=16):
+        a = run("triton", s, t, labels, g, True, **kw)
+    with forced(block_v=16, split=5):
+        b = run("triton", s, t, labels, g, True, **kw)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_launch_config():
+    # automatic split only with fewer than SPLIT_ROWS_PER_SM rows per SM, and never on CPU
+    assert tkd.launch_config(128256, 1, None).n_split == 1
+    assert tkd.launch_config(128256, 2 * 132, 132).n_split == 1
+    assert tkd.launch_config(128256, 4, 132).n_split > 1
+    for v in (1, 33, 4096, 4097, 32000, 128256, 152064, 262144):
+        for n in (1, 3, 64, 263, 100000):
+            for n_sm in (None, 108, 132):
+                c = tkd.launch_config(v, n, n_sm)
+                assert c.block_v & (c.block_v - 1) == 0 and c.block_v <= tkd.MAX_BLOCK_V
+                assert c.chunk % c.block_v == 0
+                # the chunks tile [0, V): none empty, none missing
+                assert (c.n_split - 1) * c.chunk < v <= c.n_split * c.chunk
+                assert c.n_split <= c.split_block
+                # aot_kernels lists this launch's tile width and warps
+                ak = tkd.aot_kernels(v, torch.bfloat16)
+                assert any(k.constexprs.get("BLOCK_V") == c.block_v
+                           and k.num_warps == c.num_warps for k in ak)
+                assert any(k.constexprs.get("SPLIT_BLOCK") == c.split_block for k in ak)
+
+
+def test_aot_kernels_cover_every_launch():
+    """Every (kernel, constexprs) the launchers use for each divergence / flag combination
+    appears in aot_kernels: record the launches of a real run and look each one up."""
+    v = 100
+    listed = {(k.fn, tuple(sorted(k.constexprs.items())), k.num_warps)
+              for k in tkd.aot_kernels(v, torch.float32)}
+    seen = []
+
+    class Rec:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, **constexprs):
+                seen.append((self.fn, tuple(sorted(constexprs.items())), num_warps))
+                return self.fn[grid](*args, num_warps=num_warps, **constexprs)
+            return launch
+
+    names = ("_kd_fwd_kernel", "_kd_merge_kernel", "_kd_mix_kernel", "_kd_mix_merge_kernel",
+             "_kd_bwd_kernel")
+    orig = {n: getattr(tkd, n) for n in names}
+    try:
+        for n in names:
+            setattr(tkd, n, Rec(orig[n]))
+        for divergence in DIVERGENCES:
+            for skew in (0.1, 1.0):
+                for temperature, labels, ce in ((1.0, None, 0.0), (1.0, True, 0.0),
+                                                (1.0, True, 1.0), (2.0, True, 1.0)):
+                    for split in (None, 2):
+                        lab = make_labels(2, v) if labels else None
+                        with forced(split=split):
+                            run("triton", logits(2, v), logits(2, v), lab, torch.ones(2),
+                                skew == 0.1, divergence=divergence, skew=skew,
+                                temperature=temperature, ce_weight=ce)
+    finally:
+        for n in names:
+            setattr(tkd, n, orig[n])
+    assert seen
+    missing = [x for x in seen if x not in listed]
+    assert not missing, f"launched but not in aot_kernels: {missing[:3]}"
+
+
+# --------------------------------------------------------------------------------------
+# extreme inputs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_huge_logits(divergence, dtype):
+    # logits of +-1e4: lse is ~1e4, the divergence comes from the shifted differences
+    n, v = 3, 70
+    s = (torch.randint(-1, 2, (n, v)) * 1e4 + torch.randn(n, v)).to(dtype)
+    t = (torch.randint(-1, 2, (n, v)) * 1e4 + torch.randn(n, v)).to(dtype)
+    t[0] = s[0]  # a row with D = 0 exactly
+    s[1] = t[1] + torch.randn(v).to(dtype) * 0  # and one with tiny shifts only
+    t[1, :5] += 1.0
+    with forced(block_v=16):
+        loss, gs, gt = check(s, t, make_labels(n, v), divergence=divergence, ce_weight=0.1,
+                             truth_from="reference", **DIV_KW)
+    assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_inf_padding(divergence, split):
+    # -inf at the same positions in both: a whole 16-wide tile (and with split=3 a whole
+    # chunk) and a ragged tail; they carry no mass, get zero gradients, give no nan
+    n, v = 3, 90
+    s, t = logits(n, v), logits(n, v)
+    pad = torch.zeros(v, dtype=torch.bool)
+    pad[:32] = True  # the first two tiles: the running maxima start at -inf
+    pad[80:] = True
+    s[:, pad] = -math.inf
+    t[:, pad] = -math.inf
+    with forced(block_v=16, split=split):
+        loss, gs, gt = check(s, t, make_labels(n, v) % 40 + 40, divergence=divergence,
+                             temperature=2.0, ce_weight=0.5, truth_from="reference", **DIV_KW)
+    assert torch.isfinite(loss).all()
+    assert (gs[:, pad] == 0).all() and (gt[:, pad] == 0).all()
+
+
+def test_student_zero_where_teacher_positive():
+    # q = 0 with p > 0: forward KL is +inf (the true value), not nan; reverse KL is finite
+    s, t = logits(2, 40), logits(2, 40)
+    s[0, 3] = -math.inf
+    with forced(block_v=16):
+        fwd = kd.kd_loss(s, t, impl="triton", reduction="none")
+        rev = kd.kd_loss(s, t, impl="triton", reduction="none", divergence="reverse_kl")
+        rev_ref = kd.kd_loss(s, t, impl="torch", reduction="none", divergence="reverse_kl")
+    assert fwd[0] == math.inf and torch.isfinite(fwd[1])
+    torch.testing.assert_close(rev, rev_ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_mixture_underflow(divergence):
+    # most log-probabilities below -104 in both inputs: p and q underflow to 0 in float32
+    # (exp(-104) < 2**-149); the log-space mixture keeps every term finite and correct
+    n, v = 3, 50
+    s = torch.randn(n, v) - 150.0
+    t = torch.randn(n, v) - 150.0
+    s[:, 7] = 0.0
+    t[:, 7] = 1.0
+    t[:, 9] = 0.5
+    with forced(block_v=16):
+        loss, gs, gt = check(s, t, divergence=divergence, beta=0.3, skew=0.25,
+                             truth_from="reference")
+    lq = torch.log_softmax(s, -1)
+    assert (lq < -104).float().mean() > 0.9
+    assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+def test_identical_inputs_give_zero():
+    s = logits(4, 100)
+    for divergence in DIVERGENCES:
+        out = kd.kd_loss(s, s.clone(), impl="triton", reduction="none", divergence=divergence)
+        assert (out.abs() < 1e-6).all(), divergence
+
+
+def test_empty_and_all_ignored():
+    s = logits(0, 10).requires_grad_()
+    out = kd.kd_loss(s, logits(0, 10), impl="triton", reduction="sum")
+    out.backward()
+    assert out.item() == 0 and s.grad.shape == (0, 10)
+    s = logits(3, 10).requires_grad_()
+    labels = torch.full((3,), -100)
+    out = kd.kd_loss(s, logits(3, 10), labels, impl="triton", ce_weight=1.0)
+    out.backward()
+    assert out.item() == 0 and (s.grad == 0).all()
+
+
+def test_bad_inputs():
+    s = logits(3, 10)
+    spec = kd.functional.LossSpec(kd.functional.Divergence("forward_kl"), 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        tkd.kd_rows(s.t().contiguous().t(), s, None, spec)
+    with pytest.raises(TypeError, match="dtype"):
+        tkd.kd_rows(s.double(), s.double(), None, spec)
+    with pytest.raises(ValueError, match="labels"):
+        tkd.kd_rows(s, s, torch.zeros(2, dtype=torch.int64), spec)
+    with pytest.raises(ValueError, match="kind"):
+        tkd.kd_fwd(s, s, None, "kl", 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, -100)
+
+
+# --------------------------------------------------------------------------------------
+# inplace_backward
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_inplace_backward(divergence, teacher_grad, dtype):
+    n, v = 5, 77
+    s0, t0, labels = logits(n, v, dtype), logits(n, v, dtype), make_labels(n, v)
+    kw = dict(divergence=divergence, temperature=2.0, ce_weight=0.5, reduction="sum", **DIV_KW)
+    with forced(block_v=32, split=2):
+        s = s0.clone().requires_grad_()
+        t = t0.clone().requires_grad_(teacher_grad)
+        ref = kd.kd_loss(s, t, labels, impl="triton", **kw)
+        (ref * 0.7).backward()
+        s2 = s0.clone().requires_grad_()
+        t2 = t0.clone().requires_grad_(teacher_grad)
+        ptr = s2.data_ptr()
+        out = kd.kd_loss(s2, t2, labels, impl="triton", inplace_backward=True, **kw)
+        assert not torch.equal(s2.detach(), s0)  # the logits were consumed
+        (out * 0.7).backward()
+    assert torch.equal(out, ref)
+    # the same kernel computes both; in place, the gradient is rounded to the input dtype
+    # before the upstream factor is applied: one extra rounding
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(s2.grad, s.grad, **tol)
+    assert s2.grad.data_ptr() == ptr  # the student logits' buffer holds the gradient
+    if teacher_grad:
+        torch.testing.assert_close(t2.grad, t.grad, **tol)
+    else:
+        assert t2.grad is None
+
+
+def test_inplace_backward_guards_other_uses():
+    # another autograd use of the consumed logits fails loudly instead of reading gradients
+    s = logits(3, 20).requires_grad_()
+    other = (s * s).sum()  # saves s for its backward
+    kd.kd_loss(s, logits(3, 20), impl="triton", inplace_backward=True).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops and torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def _spec_args(divergence, **kw):
+    spec = kd.functional.LossSpec(
+        kd.functional.Divergence.from_user(divergence, 0.3, 0.2),
+        inv_ts=kw.get("inv_ts", 0.5), inv_tt=1.0, kd_scale=4.0,
+        ce_weight=kw.get("ce_weight", 0.0), ignore_index=-100,
+    )
+    return tkd._spec_args(spec)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "skew_reverse_kl"])
+def test_opcheck(divergence, labels):
+    n, v = 3, 40
+    s = logits(n, v).requires_grad_()
+    t = logits(n, v).requires_grad_()
+    lab = make_labels(n, v) if labels else None
+    args = _spec_args(divergence, ce_weight=0.5 if labels else 0.0)
+    with forced(block_v=16):
+        torch.library.opcheck(tkd.kd_fwd, (s, t, lab, *args))
+        _, stats = tkd.kd_fwd(s.detach(), t.detach(), lab, *args)
+        g = torch.randn(n)
+        for teacher_grad in (False, True):
+            torch.library.opcheck(
+                tkd.kd_bwd, (g, s.detach(), t.detach(), lab, stats, teacher_grad, *args))
+        torch.library.opcheck(
+            tkd.kd_fwd_inplace, (s.detach().clone(), t.detach(), lab, True, *args),
+            test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    # the loss of a training step traced without graph breaks (fullgraph=True raises on
+    # one); AOTAutograd traces the registered backward op into the backward graph, which
+    # runs at .backward() (Tensor.backward itself is not traced by dynamo)
+    torch._dynamo.reset()
+
+    def loss_fn(s, t, labels):
+        return kd.kd_loss(s, t, labels, divergence="jsd", beta=0.3, temperature=2.0,
+                          ce_weight=0.5, impl="triton") * 1.5
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    n, v = 4, 50
+    s0, t0, labels = logits(n, v), logits(n, v), make_labels(n, v)
+    s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+    out = compiled(s, t, labels)
+    out.backward()
+    s_ref, t_ref = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+    ref = loss_fn(s_ref, t_ref, labels)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s.grad, s_ref.grad)
+    torch.testing.assert_close(t.grad, t_ref.grad)
