@@ -1,0 +1,914 @@
+// kd_cpu.cpp: the kdkernels op schemas (TORCH_LIBRARY) and their CPU kernels.
+//
+// Math: see kd_math.h (every formula lives there). Loss of one row:
+//   loss = kd_scale * D(p || q) + ce_weight * (lse1 - s[label]),  0 for ignored rows.
+//
+// Layout of a row's work. Rows run in parallel (at::parallel_for); a row is read in tiles of
+// TILE elements. Each tile is converted to the accumulation type (float; double for float64
+// logits), scaled by 1/T and copied into small stack buffers (L1-resident), so one kernel
+// serves every pair of input dtypes. The tile's maximum moves the row's references once per
+// tile (kl_rebase); then the tile's elements are accumulated with Vectorized lanes against
+// fixed references. The vocabulary tail is padded with -inf in both logits, which by the
+// padding rule contributes exactly 0 (no scalar tail loop).
+//
+// Passes over memory (N x V each):
+//   forward  forward/reverse KL: 1 read of s and t.  mixture: 2 (pass 2 needs lse_s, lse_t;
+//            a row is 1 MB in float32, so the second pass mostly hits L2).
+//   backward 1 read of s and t, 1 write of grad_s (and grad_t when asked), in the input
+//            dtype, already multiplied by the row's upstream gradient.
+//   fused    (kd_fused_, inplace_backward) forward then backward of each row while it is in
+//            cache; the gradient (upstream gradient 1) overwrites s.
+// Per-row statistics (the `stats` output, N x NSTAT in the accumulation type) hold what
+// backward needs: references and log-sums of both sides (never lse = m + log S rounded into
+// one number: lp = (zt - mt) - log St keeps precision for logits of +-1e4), the T = 1
+// statistics for CE, s[label], and the divergence scalars.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+namespace kd {
+// Vector overloads of kd_math.h's primitives, declared before the header so its templates
+// find them.
+using at::vec::Vectorized;
+template <class T>
+inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
+  // float32: ATen's 20-ulp exp (max relative error ~1.2e-6, several times faster than the
+  // 1-ulp Sleef one; the losses' float32 sums carry errors of that order anyway).
+  // float64: exp_u20 is the exact exp.
+  return x.exp_u20();
+}
+template <class T>
+inline Vectorized<T> kd_log(const Vectorized<T>& x) {
+  return x.log();
+}
+template <class W>
+inline W log1p_unit_poly(W x);  // kd_math.h
+inline Vectorized<float> kd_log1p_unit(const Vectorized<float>& x) {
+  return log1p_unit_poly(x);
+}
+inline Vectorized<double> kd_log1p_unit(const Vectorized<double>& x) {
+  return (x + Vectorized<double>(1.0)).log();  // x in [0, 1]: absolute error 1 ulp of 1
+}
+template <class T>
+inline Vectorized<T> kd_abs(const Vectorized<T>& x) {
+  return x.abs();
+}
+template <class T>
+inline Vectorized<T> kd_max(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return at::vec::maximum(a, b);
+}
+template <class T>
+inline Vectorized<T> kd_where(const Vectorized<T>& c, const Vectorized<T>& a,
+                              const Vectorized<T>& b) {
+  return Vectorized<T>::blendv(b, a, c);
+}
+}  // namespace kd
+
+#include "kd_math.h"
+
+namespace kd {
+namespace {
+
+constexpr int64_t TILE = 1024;
+
+// Columns of the per-row statistics tensor.
+enum Stat : int64_t {
+  ST_MS = 0,   // student reference (max of zs)
+  ST_LS,       // log sum exp(zs - ms)
+  ST_MT,       // teacher reference
+  ST_LT,       // log sum exp(zt - mt)
+  ST_M1,       // reference of s at T = 1 (CE)
+  ST_L1,       // log sum exp(s - m1)
+  ST_SLAB,     // s[label] (kept: the fused op overwrites s)
+  ST_D,        // forward/reverse KL: D; mixture: A = KL(p || m)
+  ST_B,        // mixture: B = KL(q || m)
+  ST_UQ,       // mixture: sum q u
+  ST_UP,       // mixture: sum p u
+  NSTAT
+};
+
+struct Params {
+  int kind;
+  double mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight;
+  int64_t ignore_index;
+};
+
+int parse_kind(const std::string& kind) {
+  if (kind == "forward_kl") return FORWARD_KL;
+  if (kind == "reverse_kl") return REVERSE_KL;
+  if (kind == "mixture") return MIXTURE;
+  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl or mixture, got '", kind,
+              "'");
+  return -1;
+}
+
+template <class A>
+A hsum(const Vectorized<A>& v) {
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A r = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) r += buf[i];
+  return r;
+}
+
+template <class A>
+constexpr int64_t round_up(int64_t n) {
+  constexpr int64_t w = Vectorized<A>::size();
+  return (n + w - 1) / w * w;
+}
+
+// ---- tile load / store: any input dtype <-> accumulation type A ---------------------------
+
+// dst[0:n] = src[off:off+n] * scale in A, dst[n:round_up(n)] = -inf; returns max(dst).
+template <class A>
+A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale, A* dst) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t np = round_up<A>(n);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    if (st == at::kFloat) {
+      const float* p = static_cast<const float*>(base) + off;
+      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
+    } else if (st == at::kBFloat16) {
+      const c10::BFloat16* p = static_cast<const c10::BFloat16*>(base) + off;
+      for (; i + W <= n; i += W) {
+        V v;
+        at::vec::load_to_float(p + i, v);
+        (v * V(scale)).store(dst + i);
+      }
+    } else if (st == at::kHalf) {
+      const c10::Half* p = static_cast<const c10::Half*>(base) + off;
+      for (; i + W <= n; i += W) {
+        V v;
+        at::vec::load_to_float(p + i, v);
+        (v * V(scale)).store(dst + i);
+      }
+    }
+  } else {
+    if (st == at::kDouble) {
+      const double* p = static_cast<const double*>(base) + off;
+      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
+    }
+  }
+  // tail (and uncommon dtype pairs, e.g. float64 teacher with a float32 student): scalar
+  switch (st) {
+    case at::kFloat:
+      for (; i < n; ++i) dst[i] = A(static_cast<const float*>(base)[off + i]) * scale;
+      break;
+    case at::kDouble:
+      for (; i < n; ++i) dst[i] = A(static_cast<const double*>(base)[off + i]) * scale;
+      break;
+    case at::kBFloat16:
+      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::BFloat16*>(base)[off + i])) * scale;
+      break;
+    case at::kHalf:
+      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::Half*>(base)[off + i])) * scale;
+      break;
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
+  }
+  for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
+  V m(kd_neg_inf<A>());
+  for (int64_t j = 0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
+  alignas(64) A buf[W];
+  m.store(buf);
+  A r = buf[0];
+  for (int64_t j = 1; j < W; ++j) r = r > buf[j] ? r : buf[j];
+  return r;
+}
+
+// dst[off:off+n] = src[0:n] converted to dtype st.
+template <class A>
+void store_tile(void* base, at::ScalarType st, int64_t off, int64_t n, const A* src) {
+  switch (st) {
+    case at::kFloat: {
+      float* p = static_cast<float*>(base) + off;
+      if constexpr (std::is_same_v<A, float>) {
+        std::memcpy(p, src, n * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] = float(src[i]);
+      }
+      break;
+    }
+    case at::kDouble: {
+      double* p = static_cast<double*>(base) + off;
+      for (int64_t i = 0; i < n; ++i) p[i] = double(src[i]);
+      break;
+    }
+    case at::kBFloat16: {
+      c10::BFloat16* p = static_cast<c10::BFloat16*>(base) + off;
+      if constexpr (std::is_same_v<A, float>) {
+        at::vec::convert(src, p, n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(float(src[i]));
+      }
+      break;
+    }
+    case at::kHalf: {
+      c10::Half* p = static_cast<c10::Half*>(base) + off;
+      if constexpr (std::is_same_v<A, float>) {
+        at::vec::convert(src, p, n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] = c10::Half(float(src[i]));
+      }
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
+  }
+}
+
+template <class A>
+A load_one(const void* base, at::ScalarType st, int64_t i) {
+  switch (st) {
+    case at::kFloat:
+      return A(static_cast<const float*>(base)[i]);
+    case at::kDouble:
+      return A(static_cast<const double*>(base)[i]);
+    case at::kBFloat16:
+      return A(float(static_cast<const c10::BFloat16*>(base)[i]));
+    case at::kHalf:
+      return A(float(static_cast<const c10::Half*>(base)[i]));
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
+  }
+  return A(0);
+}
+
+template <class A>
+void store_one(void* base, at::ScalarType st, int64_t i, A v) {
+  store_tile<A>(base, st, i, 1, &v);
+}
+
+// One row's inputs/outputs: base pointers already offset to the row.
+struct Row {
+  const void* s;  // (V,) student logits, dtype ss
+  const void* t;  // (V,) teacher logits, dtype tt
+  void* gs;       // (V,) grad of s (dtype ss) or nullptr
+  void* gt;       // (V,) grad of t (dtype tt) or nullptr
+  at::ScalarType ss, tt;
+  int64_t v;
+  int64_t label;  // -1 when the row has no CE term
+};
+
+// ---- forward of one row -------------------------------------------------------------------
+
+// Fills st[0:NSTAT] and returns the row loss (row must not be ignored).
+template <class A, int K>
+A forward_row(const Row& r, const Params& pr, A* st) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  constexpr bool REV = K == REVERSE_KL;
+  alignas(64) A zs[TILE];
+  alignas(64) A zt[TILE];
+  alignas(64) A z1[TILE];
+  const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
+  const bool ce = r.label >= 0;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;  // T = 1 statistics differ from the student's
+  const A ninf = kd_neg_inf<A>();
+  A ms = ninf, mt = ninf, m1 = ninf;
+  V ss(0), stt(0), acc(0), s1(0);
+  for (int64_t off = 0; off < r.v; off += TILE) {
+    const int64_t n = std::min(TILE, r.v - off);
+    const int64_t np = round_up<A>(n);
+    const A ts = load_tile<A>(r.s, r.ss, off, n, its, zs);
+    const A tt = load_tile<A>(r.t, r.tt, off, n, itt, zt);
+    const A nms = kd_max(ms, ts), nmt = kd_max(mt, tt);
+    if (K == MIXTURE) {
+      lse_rebase(ss, ref_move(ms, nms));
+      lse_rebase(stt, ref_move(mt, nmt));
+    } else {
+      kl_rebase<REV>(ss, stt, acc, ref_move(ms, nms), ref_move(mt, nmt));
+    }
+    ms = nms;
+    mt = nmt;
+    const V vms(safe_ref(ms)), vmt(safe_ref(mt));
+    if (K == MIXTURE) {
+      for (int64_t i = 0; i < np; i += W) {
+        lse_add(V::loadu(zs + i), vms, ss);
+        lse_add(V::loadu(zt + i), vmt, stt);
+      }
+    } else {
+      for (int64_t i = 0; i < np; i += W)
+        kl_add<REV>(V::loadu(zs + i), V::loadu(zt + i), vms, vmt, ss, stt, acc);
+    }
+    if (ce_sep) {
+      const A t1 = load_tile<A>(r.s, r.ss, off, n, A(1), z1);
+      const A nm1 = kd_max(m1, t1);
+      lse_rebase(s1, ref_move(m1, nm1));
+      m1 = nm1;
+      const V vm1(safe_ref(m1));
+      for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(z1 + i), vm1, s1);
+    }
+  }
+  const A ss_ = hsum(ss), st_ = hsum(stt);
+  st[ST_MS] = ms;
+  st[ST_LS] = kd_log(ss_);
+  st[ST_MT] = mt;
+  st[ST_LT] = kd_log(st_);
+  st[ST_M1] = ce_sep ? m1 : ms;
+  st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
+  st[ST_SLAB] = ce ? load_one<A>(r.s, r.ss, r.label) : A(0);
+  st[ST_B] = st[ST_UQ] = st[ST_UP] = A(0);
+  A d;
+  if (K == MIXTURE) {
+    // pass 2: the mixture sums need the final log-probabilities
+    const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+    const V ls(safe_ref(ms) + st[ST_LS]), lt(safe_ref(mt) + st[ST_LT]);
+    V sa(0), sb(0), suq(0), sup(0);
+    for (int64_t off = 0; off < r.v; off += TILE) {
+      const int64_t n = std::min(TILE, r.v - off);
+      const int64_t np = round_up<A>(n);
+      load_tile<A>(r.s, r.ss, off, n, its, zs);
+      load_tile<A>(r.t, r.tt, off, n, itt, zt);
+      for (int64_t i = 0; i < np; i += W)
+        mix_add(V::loadu(zs + i) - ls, V::loadu(zt + i) - lt, c, sa, sb, suq, sup);
+    }
+    st[ST_D] = hsum(sa);
+    st[ST_B] = hsum(sb);
+    st[ST_UQ] = hsum(suq);
+    st[ST_UP] = hsum(sup);
+    d = (c.cp != A(0) ? c.cp * st[ST_D] : A(0)) + (c.cq != A(0) ? c.cq * st[ST_B] : A(0));
+  } else {
+    d = kl_value<REV>(ss_, st_, hsum(acc));
+    st[ST_D] = d;
+  }
+  A loss = A(pr.kd_scale) * d;
+  if (ce) loss += A(pr.ce_weight) * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+  return loss;
+}
+
+// ---- backward of one row ------------------------------------------------------------------
+
+// Store of one gradient vector to its final place. float32 outputs are written directly with
+// non-temporal stores when 64-byte aligned: the gradient is not read again soon, and streaming
+// skips the read-for-ownership of every output cache line (1/3 less memory traffic).
+template <class A>
+inline void store_vec(const Vectorized<A>& v, A* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) return _mm512_stream_ps(dst, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0) return _mm256_stream_ps(dst, v);
+  }
+#endif
+  v.store(dst);
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // order the streaming stores before the op returns
+#endif
+}
+
+// Writes g * d loss / d s into r.gs (and / d t into r.gt when not null).
+template <class A, int K>
+void backward_row(const Row& r, const Params& pr, const A* st, A g) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  constexpr bool REV = K == REVERSE_KL;
+  alignas(64) A zs[TILE];
+  alignas(64) A zt[TILE];
+  alignas(64) A z1[TILE];
+  const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
+  const bool ce = r.label >= 0;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
+  const A cs = g * A(pr.kd_scale) * its;  // chain rule: dD/dzs / Ts
+  const A ct = g * A(pr.kd_scale) * itt;
+  const A cce = ce ? g * A(pr.ce_weight) : A(0);
+  const A D = st[ST_D], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
+  const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+  // lq = zs - (ms + log Ss) as (zs - ms) - log Ss; safe_ref keeps -inf rows NaN-free
+  const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
+  const A m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
+  // element gradient (lane type X): the same code for the vector body and the label fix-up
+  auto elem = [&](auto zsv, auto ztv, auto z1v, auto onehot, auto& gsv, auto& gtv) {
+    using X = std::decay_t<decltype(zsv)>;
+    X lq = (zsv - X(ms)) - X(ls);
+    X lp = (ztv - X(mt)) - X(lt);
+    if constexpr (K == MIXTURE) {
+      mix_grad(lq, lp, c, D, B, Uq, Up, gsv, gtv);
+    } else {
+      kl_grad<REV>(lq, lp, X(D), gsv, gtv);
+    }
+    gsv = gsv * X(cs);
+    gtv = gtv * X(ct);
+    if (ce) gsv = gsv + X(cce) * ce_grad(z1v, X(m1), X(l1), onehot);
+  };
+  // float32 outputs are stored in place from the vector loop; others go through a buffer
+  A* gs_direct = nullptr;
+  A* gt_direct = nullptr;
+  if constexpr (std::is_same_v<A, float>) {
+    if (r.ss == at::kFloat) gs_direct = static_cast<A*>(r.gs);
+    if (r.gt && r.tt == at::kFloat) gt_direct = static_cast<A*>(r.gt);
+  }
+  for (int64_t off = 0; off < r.v; off += TILE) {
+    const int64_t n = std::min(TILE, r.v - off);
+    const int64_t np = round_up<A>(n);
+    load_tile<A>(r.s, r.ss, off, n, its, zs);
+    load_tile<A>(r.t, r.tt, off, n, itt, zt);
+    const A* z1p = zs;
+    if (ce_sep) {
+      load_tile<A>(r.s, r.ss, off, n, A(1), z1);
+      z1p = z1;
+    }
+    for (int64_t i = 0; i < np; i += W) {
+      V gsv, gtv;
+      elem(V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0), gsv, gtv);
+      const bool full = i + W <= n;
+      // the tile buffers receive the gradient where it is not stored directly (already read)
+      if (gs_direct && full) {
+        store_vec(gsv, gs_direct + off + i);
+      } else if (gs_direct) {
+        gsv.store(gs_direct + off + i, n - i);
+      } else {
+        gsv.store(zs + i);
+      }
+      if (r.gt) {
+        if (gt_direct && full) {
+          store_vec(gtv, gt_direct + off + i);
+        } else if (gt_direct) {
+          gtv.store(gt_direct + off + i, n - i);
+        } else {
+          gtv.store(zt + i);
+        }
+      }
+    }
+    if (!gs_direct) store_tile<A>(r.gs, r.ss, off, n, zs);
+    if (r.gt && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
+  }
+  store_fence();
+  if (ce) {
+    // the label's element again, with its one-hot term (s[label] from stats: s may be gone)
+    const A sl = st[ST_SLAB];
+    const A tl = load_one<A>(r.t, r.tt, r.label);
+    A gsv, gtv;
+    elem(sl * its, tl * itt, sl, A(1), gsv, gtv);
+    store_one<A>(r.gs, r.ss, r.label, gsv);
+  }
+}
+
+// Ask the kernel for transparent huge pages on a fresh output (Linux, THP "madvise" mode):
+// first-touch page faults of a 1 GB gradient otherwise cost as much as writing it.
+void advise_huge_pages(const at::Tensor& x) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE = uintptr_t(2) << 20;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(x.data_ptr());
+  const uintptr_t e = b + x.nbytes();
+  const uintptr_t ab = (b + HUGE - 1) & ~(HUGE - 1);
+  const uintptr_t ae = e & ~(HUGE - 1);
+  if (ae > ab) madvise(reinterpret_cast<void*>(ab), ae - ab, MADV_HUGEPAGE);  // advice only
+#else
+  (void)x;
+#endif
+}
+
+template <class A>
+void zero_row(void* base, at::ScalarType st, int64_t v) {
+  if (base) std::memset(base, 0, v * c10::elementSize(st));
+}
+
+// ---- op plumbing --------------------------------------------------------------------------
+
+void check_inputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
+                  const Params& pr) {
+  TORCH_CHECK(s.dim() == 2, "kdkernels: s must be 2-D (rows, V), got ", s.sizes());
+  TORCH_CHECK(t.sizes() == s.sizes(), "kdkernels: t must have s's shape ", s.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(s.is_contiguous(), "kdkernels: s must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), "kdkernels: t must be contiguous");
+  for (const auto* x : {&s, &t}) {
+    auto d = x->scalar_type();
+    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf,
+                "kdkernels: ", x == &s ? "s" : "t",
+                " must be float32, float64, bfloat16 or float16, got ", d);
+  }
+  TORCH_CHECK(pr.inv_ts > 0 && pr.inv_tt > 0, "kdkernels: inv_ts and inv_tt must be > 0");
+  TORCH_CHECK(pr.mix >= 0 && pr.mix <= 1, "kdkernels: mix must be in [0, 1], got ", pr.mix);
+  if (labels.has_value()) {
+    const auto& l = *labels;
+    TORCH_CHECK(l.scalar_type() == at::kLong, "kdkernels: labels must be int64, got ",
+                l.scalar_type());
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == s.size(0), "kdkernels: labels must have shape (",
+                s.size(0), ",), got ", l.sizes());
+    TORCH_CHECK(l.is_contiguous(), "kdkernels: labels must be contiguous");
+  } else {
+    TORCH_CHECK(pr.ce_weight == 0, "kdkernels: ce_weight=", pr.ce_weight, " needs labels");
+  }
+}
+
+at::ScalarType acc_type(const at::Tensor& s) {
+  return s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Label of row i for the CE term (-1: none), validated; `ignored` set for ignore_index rows.
+int64_t row_label(const int64_t* lab, int64_t i, const Params& pr, int64_t v, bool& ignored) {
+  ignored = false;
+  if (!lab) return -1;
+  const int64_t l = lab[i];
+  if (l == pr.ignore_index) {
+    ignored = true;
+    return -1;
+  }
+  TORCH_CHECK(l >= 0 && l < v, "kdkernels: labels[", i, "] = ", l, " is outside [0, ", v,
+              ") and is not ignore_index=", pr.ignore_index);
+  return pr.ce_weight != 0 ? l : -1;
+}
+
+int64_t grain(int64_t v) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(v, 1)); }
+
+template <class A, int K>
+void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Params& pr,
+              A* loss, A* stats, const A* grad, void* gs, void* gt, bool fwd, bool bwd) {
+  const int64_t n = s.size(0), v = s.size(1);
+  const auto ss = s.scalar_type(), tt = t.scalar_type();
+  const size_t es = c10::elementSize(ss), et = c10::elementSize(tt);
+  const char* sp = static_cast<const char*>(s.data_ptr());
+  const char* tp = static_cast<const char*>(t.data_ptr());
+  at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      bool ignored;
+      Row r;
+      r.s = sp + i * v * es;
+      r.t = tp + i * v * et;
+      r.gs = gs ? static_cast<char*>(gs) + i * v * es : nullptr;
+      r.gt = gt ? static_cast<char*>(gt) + i * v * et : nullptr;
+      r.ss = ss;
+      r.tt = tt;
+      r.v = v;
+      r.label = row_label(lab, i, pr, v, ignored);
+      A* st = stats + i * NSTAT;
+      if (ignored) {
+        if (fwd) {
+          loss[i] = A(0);
+          std::fill(st, st + NSTAT, A(0));
+        }
+        if (bwd) {
+          zero_row<A>(r.gs, ss, v);
+          zero_row<A>(r.gt, tt, v);
+        }
+        continue;
+      }
+      if (fwd) loss[i] = forward_row<A, K>(r, pr, st);
+      if (bwd) backward_row<A, K>(r, pr, st, grad ? grad[i] : A(1));
+    }
+  });
+}
+
+template <class A>
+void dispatch_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab,
+                   const Params& pr, A* loss, A* stats, const A* grad, void* gs, void* gt,
+                   bool fwd, bool bwd) {
+  switch (pr.kind) {
+    case FORWARD_KL:
+      return run_rows<A, FORWARD_KL>(s, t, lab, pr, loss, stats, grad, gs, gt, fwd, bwd);
+    case REVERSE_KL:
+      return run_rows<A, REVERSE_KL>(s, t, lab, pr, loss, stats, grad, gs, gt, fwd, bwd);
+    default:
+      return run_rows<A, MIXTURE>(s, t, lab, pr, loss, stats, grad, gs, gt, fwd, bwd);
+  }
+}
+
+Params make_params(const std::string& kind, double mix, double coef_p, double coef_q,
+                   double inv_ts, double inv_tt, double kd_scale, double ce_weight,
+                   int64_t ignore_index) {
+  return Params{parse_kind(kind), mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight,
+                ignore_index};
+}
+
+#define KD_PARAMS_DECL                                                                   \
+  const std::string &kind, double mix, double coef_p, double coef_q, double inv_ts,      \
+      double inv_tt, double kd_scale, double ce_weight, int64_t ignore_index
+#define KD_PARAMS_ARGS kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& s, const at::Tensor& t,
+                                                  const c10::optional<at::Tensor>& labels,
+                                                  KD_PARAMS_DECL) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_inputs(s, t, labels, pr);
+  const auto acc = acc_type(s);
+  const int64_t n = s.size(0);
+  auto loss = at::empty({n}, s.options().dtype(acc));
+  auto stats = at::empty({n, NSTAT}, s.options().dtype(acc));
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  if (acc == at::kDouble) {
+    dispatch_rows<double>(s, t, lab, pr, loss.data_ptr<double>(), stats.data_ptr<double>(),
+                          nullptr, nullptr, nullptr, true, false);
+  } else {
+    dispatch_rows<float>(s, t, lab, pr, loss.data_ptr<float>(), stats.data_ptr<float>(),
+                         nullptr, nullptr, nullptr, true, false);
+  }
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad_loss,
+                                                   const at::Tensor& s, const at::Tensor& t,
+                                                   const c10::optional<at::Tensor>& labels,
+                                                   const at::Tensor& stats, KD_PARAMS_DECL,
+                                                   bool need_teacher) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_inputs(s, t, labels, pr);
+  const auto acc = acc_type(s);
+  const int64_t n = s.size(0);
+  TORCH_CHECK(stats.scalar_type() == acc && stats.dim() == 2 && stats.size(0) == n &&
+                  stats.size(1) == NSTAT && stats.is_contiguous(),
+              "kdkernels: stats must be the (", n, ", ", NSTAT, ") ", acc,
+              " tensor of kd_forward, got ", stats.sizes(), " ", stats.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
+              "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
+  auto g = grad_loss.to(acc).contiguous();
+  auto gs = at::empty_like(s);
+  auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t.options());
+  advise_huge_pages(gs);
+  if (need_teacher) advise_huge_pages(gt);
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  void* gtp = need_teacher ? gt.data_ptr() : nullptr;
+  if (acc == at::kDouble) {
+    dispatch_rows<double>(s, t, lab, pr, nullptr, const_cast<double*>(stats.data_ptr<double>()),
+                          g.data_ptr<double>(), gs.data_ptr(), gtp, false, true);
+  } else {
+    dispatch_rows<float>(s, t, lab, pr, nullptr, const_cast<float*>(stats.data_ptr<float>()),
+                         g.data_ptr<float>(), gs.data_ptr(), gtp, false, true);
+  }
+  return {gs, gt};
+}
+
+// Forward and backward (upstream gradient 1 per row) in one visit of each row; the gradient
+// of s overwrites s.
+std::tuple<at::Tensor, at::Tensor> kd_fused_cpu(at::Tensor& s, const at::Tensor& t,
+                                                const c10::optional<at::Tensor>& labels,
+                                                KD_PARAMS_DECL, bool need_teacher) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_inputs(s, t, labels, pr);
+  const auto acc = acc_type(s);
+  const int64_t n = s.size(0);
+  auto loss = at::empty({n}, s.options().dtype(acc));
+  auto stats = at::empty({n, NSTAT}, s.options().dtype(acc));
+  auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t.options());
+  if (need_teacher) advise_huge_pages(gt);
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  void* gtp = need_teacher ? gt.data_ptr() : nullptr;
+  if (acc == at::kDouble) {
+    dispatch_rows<double>(s, t, lab, pr, loss.data_ptr<double>(), stats.data_ptr<double>(),
+                          nullptr, s.data_ptr(), gtp, true, true);
+  } else {
+    dispatch_rows<float>(s, t, lab, pr, loss.data_ptr<float>(), stats.data_ptr<float>(),
+                         nullptr, s.data_ptr(), gtp, true, true);
+  }
+  return {loss, gt};
+}
+
+// ---- kl_div -------------------------------------------------------------------------------
+
+void check_pair(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 1 && y.dim() == 1 && x.size(0) == y.size(0),
+              "kdkernels: kl_div input and target must be 1-D of the same length, got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(),
+              "kdkernels: kl_div input and target must be contiguous");
+}
+
+template <class F>
+void for_chunks(int64_t n, const F& f) {
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) { f(b, e); });
+}
+
+at::Tensor kl_div_cpu(const at::Tensor& x, const at::Tensor& y, bool log_target) {
+  check_pair(x, y);
+  const auto out_t = c10::promoteTypes(x.scalar_type(), y.scalar_type());
+  auto out = at::empty(x.sizes(), x.options().dtype(out_t));
+  const auto xs = x.scalar_type(), ys = y.scalar_type();
+  const void* xp = x.data_ptr();
+  const void* yp = y.data_ptr();
+  void* op = out.data_ptr();
+  if (out_t == at::kDouble) {
+    for_chunks(x.numel(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        store_one<double>(op, out_t, i,
+                          kl_div_term(load_one<double>(xp, xs, i), load_one<double>(yp, ys, i),
+                                      log_target));
+    });
+  } else {
+    for_chunks(x.numel(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        store_one<float>(op, out_t, i,
+                         kl_div_term(load_one<float>(xp, xs, i), load_one<float>(yp, ys, i),
+                                     log_target));
+    });
+  }
+  return out;
+}
+
+template <class A>
+A kl_div_sum_impl(const at::Tensor& x, const at::Tensor& y, bool log_target) {
+  const auto xs = x.scalar_type(), ys = y.scalar_type();
+  const void* xp = x.data_ptr();
+  const void* yp = y.data_ptr();
+  return at::parallel_reduce(
+      0, x.numel(), 16384, A(0),
+      [&](int64_t b, int64_t e, A acc) {
+        for (int64_t i = b; i < e; ++i)
+          acc += kl_div_term(load_one<A>(xp, xs, i), load_one<A>(yp, ys, i), log_target);
+        return acc;
+      },
+      [](A a, A b) { return a + b; });
+}
+
+at::Tensor kl_div_sum_cpu(const at::Tensor& x, const at::Tensor& y, bool log_target) {
+  check_pair(x, y);
+  const auto out_t = c10::promoteTypes(x.scalar_type(), y.scalar_type());
+  const auto acc = out_t == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({}, x.options().dtype(acc));
+  if (acc == at::kDouble) {
+    *out.data_ptr<double>() = kl_div_sum_impl<double>(x, y, log_target);
+  } else {
+    *out.data_ptr<float>() = kl_div_sum_impl<float>(x, y, log_target);
+  }
+  return out;
+}
+
+// grad is 0-d (the sum's upstream gradient) or x's shape (elementwise terms).
+std::tuple<at::Tensor, at::Tensor> kl_div_backward_cpu(const at::Tensor& grad,
+                                                       const at::Tensor& x,
+                                                       const at::Tensor& y, bool log_target,
+                                                       bool need_x, bool need_y) {
+  check_pair(x, y);
+  TORCH_CHECK(grad.dim() == 0 || grad.sizes() == x.sizes(),
+              "kdkernels: kl_div grad must be 0-d or of input's shape ", x.sizes(), ", got ",
+              grad.sizes());
+  const auto acc_t =
+      c10::promoteTypes(x.scalar_type(), y.scalar_type()) == at::kDouble ? at::kDouble
+                                                                         : at::kFloat;
+  auto g = grad.to(acc_t).contiguous();
+  auto gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
+  auto gy = need_y ? at::empty_like(y) : at::empty({0}, y.options());
+  const auto xs = x.scalar_type(), ys = y.scalar_type();
+  const void* xp = x.data_ptr();
+  const void* yp = y.data_ptr();
+  void* gxp = need_x ? gx.data_ptr() : nullptr;
+  void* gyp = need_y ? gy.data_ptr() : nullptr;
+  const bool scalar = grad.dim() == 0;
+  auto run = [&](auto zero) {
+    using A = decltype(zero);
+    const A* gp = g.data_ptr<A>();
+    for_chunks(x.numel(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        A dx, dy;
+        kl_div_grad(load_one<A>(xp, xs, i), load_one<A>(yp, ys, i), log_target, dx, dy);
+        const A gi = scalar ? gp[0] : gp[i];
+        if (gxp) store_one<A>(gxp, xs, i, dx * gi);
+        if (gyp) store_one<A>(gyp, ys, i, dy * gi);
+      }
+    });
+  };
+  if (acc_t == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return {gx, gy};
+}
+
+// ---- softmax / log_softmax with a temperature --------------------------------------------
+
+at::Tensor softmax_cpu(const at::Tensor& x, double inv_t, bool log) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "kdkernels: softmax x must be 2-D contiguous");
+  TORCH_CHECK(inv_t > 0, "kdkernels: softmax inv_t must be > 0, got ", inv_t);
+  auto y = at::empty_like(x);
+  const int64_t n = x.size(0), v = x.size(1);
+  const auto xs = x.scalar_type();
+  const size_t es = c10::elementSize(xs);
+  auto run = [&](auto zero) {
+    using A = decltype(zero);
+    using V = Vectorized<A>;
+    constexpr int64_t W = V::size();
+    at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
+      alignas(64) A z[TILE];
+      for (int64_t i = b; i < e; ++i) {
+        const void* xr = static_cast<const char*>(x.data_ptr()) + i * v * es;
+        void* yr = static_cast<char*>(y.data_ptr()) + i * v * es;
+        A m = kd_neg_inf<A>();
+        V sum(0);
+        for (int64_t off = 0; off < v; off += TILE) {
+          const int64_t nn = std::min(TILE, v - off);
+          const A tm = load_tile<A>(xr, xs, off, nn, A(inv_t), z);
+          const A nm = kd_max(m, tm);
+          lse_rebase(sum, ref_move(m, nm));
+          m = nm;
+          const V vm(safe_ref(m));
+          for (int64_t j = 0; j < round_up<A>(nn); j += W) lse_add(V::loadu(z + j), vm, sum);
+        }
+        const V lse(safe_ref(m) + kd_log(hsum(sum)));
+        for (int64_t off = 0; off < v; off += TILE) {
+          const int64_t nn = std::min(TILE, v - off);
+          load_tile<A>(xr, xs, off, nn, A(inv_t), z);
+          for (int64_t j = 0; j < round_up<A>(nn); j += W) {
+            V l = V::loadu(z + j) - lse;
+            (log ? l : kd_exp(l)).store(z + j);
+          }
+          store_tile<A>(yr, xs, off, nn, z);
+        }
+      }
+    });
+  };
+  if (xs == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return y;
+}
+
+at::Tensor softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& y, double inv_t,
+                                bool log) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous(), "kdkernels: softmax y must be 2-D contiguous");
+  TORCH_CHECK(grad.sizes() == y.sizes(), "kdkernels: softmax grad must have y's shape ",
+              y.sizes(), ", got ", grad.sizes());
+  const int64_t n = y.size(0), v = y.size(1);
+  auto gin = grad.contiguous();
+  auto gx = at::empty_like(y);
+  const auto ys = y.scalar_type(), gst = gin.scalar_type();
+  auto run = [&](auto zero) {
+    using A = decltype(zero);
+    at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const void* yr = static_cast<const char*>(y.data_ptr()) + i * v * c10::elementSize(ys);
+        const void* gr =
+            static_cast<const char*>(gin.data_ptr()) + i * v * c10::elementSize(gst);
+        void* out = static_cast<char*>(gx.data_ptr()) + i * v * c10::elementSize(ys);
+        A r = 0;
+        for (int64_t j = 0; j < v; ++j) {
+          const A gj = load_one<A>(gr, gst, j);
+          r += log ? gj : gj * load_one<A>(yr, ys, j);
+        }
+        for (int64_t j = 0; j < v; ++j) {
+          const A d = softmax_grad(load_one<A>(yr, ys, j), load_one<A>(gr, gst, j), r, log);
+          store_one<A>(out, ys, j, d * A(inv_t));
+        }
+      }
+    });
+  };
+  if (ys == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return gx;
+}
+
+}  // namespace
+}  // namespace kd
+
+#define KD_SPEC_SCHEMA                                                                  \
+  "str kind, float mix, float coef_p, float coef_q, float inv_ts, float inv_tt, "        \
+  "float kd_scale, float ce_weight, int ignore_index"
+
+TORCH_LIBRARY(kdkernels, m) {
+  // row losses (N,) and per-row statistics (N, NSTAT) for kd_backward
+  m.def("kd_forward(Tensor s, Tensor t, Tensor? labels, " KD_SPEC_SCHEMA
+        ") -> (Tensor, Tensor)");
+  // (grad_s, grad_t); grad_t is empty (0,) unless need_teacher
+  m.def("kd_backward(Tensor grad_loss, Tensor s, Tensor t, Tensor? labels, Tensor stats, "
+        KD_SPEC_SCHEMA ", bool need_teacher) -> (Tensor, Tensor)");
+  // (loss, grad_t); s is overwritten by its gradient for an upstream gradient of 1 per row
+  m.def("kd_fused_(Tensor(a!) s, Tensor t, Tensor? labels, " KD_SPEC_SCHEMA
+        ", bool need_teacher) -> (Tensor, Tensor)");
+  m.def("kl_div(Tensor x, Tensor y, bool log_target) -> Tensor");
+  m.def("kl_div_sum(Tensor x, Tensor y, bool log_target) -> Tensor");
+  m.def("kl_div_backward(Tensor grad, Tensor x, Tensor y, bool log_target, bool need_x, "
+        "bool need_y) -> (Tensor, Tensor)");
+  m.def("softmax(Tensor x, float inv_t, bool log) -> Tensor");
+  m.def("softmax_backward(Tensor grad, Tensor y, float inv_t, bool log) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("kd_forward", &kd::kd_forward_cpu);
+  m.impl("kd_backward", &kd::kd_backward_cpu);
+  m.impl("kd_fused_", &kd::kd_fused_cpu);
+  m.impl("kl_div", &kd::kl_div_cpu);
+  m.impl("kl_div_sum", &kd::kl_div_sum_cpu);
+  m.impl("kl_div_backward", &kd::kl_div_backward_cpu);
+  m.impl("softmax", &kd::softmax_cpu);
+  m.impl("softmax_backward", &kd::softmax_backward_cpu);
+}

@@ -1,0 +1,335 @@
+// kd_math.h: the math of every kdkernels loss, shared by the CPU kernel (kd_cpu.cpp) and the
+// CUDA kernels (kd_cuda.cu). The formulas live here and nowhere else.
+//
+// One row (q = softmax(zs) student, p = softmax(zt) teacher, zs = s / Ts, zt = t / Tt):
+//
+//   Online statistics. A side x in {s, t} keeps a reference m_x (the largest logit seen so far)
+//   and S_x = sum exp(z_x - m_x), so lse_x = m_x + log S_x. When the reference moves from m to
+//   m' >= m, every exp(z - m) gets the factor c = exp(m - m') and every shifted logit (z - m)
+//   the additive change delta = m - m' (ref_move). A reference of -inf means "nothing finite
+//   seen": sums are 0 and are reset, never multiplied by exp(inf) or shifted by inf - inf.
+//
+//   forward_kl  D = sum p (lp - lq),  lp - lq = (zt - mt) - (zs - ms) - log St + log Ss
+//               so D = acc / St - log St + log Ss with acc = sum e_t ((zt - mt) - (zs - ms)),
+//               e_t = exp(zt - mt). acc sums SHIFTED differences (no cancellation against lse:
+//               logits of +-1e4 keep full precision). When refs move:
+//               acc' = c_t (acc + (delta_t - delta_s) St)                       (kl_rebase)
+//               dD/dzs = q - p,   dD/dzt = p (lp - lq - D)
+//   reverse_kl  the same with the roles of s and t swapped:
+//               dD/dzs = q (lq - lp - D),   dD/dzt = p - q
+//   mixture     m = a p + (1-a) q (a = mix), D = cp KL(p||m) + cq KL(q||m) = cp A + cq B.
+//               With d = lp - lq + log a - log(1-a) (the log-odds of the two parts of m):
+//                 lp - lm = -log a - softplus(-d),     lq - lm = -log(1-a) - softplus(d)
+//                 p / m = sigmoid(d) / a,              q / m = sigmoid(-d) / (1-a)
+//               so log m is formed in log space and u = (cp p + cq q) / m = kp sig(d) +
+//               kq sig(-d) (kp = cp/a, kq = cq/(1-a)) is bounded: q u, p u never overflow.
+//               Row scalars (pass 2, after lse_s, lse_t of pass 1):
+//                 A = sum p (lp - lm), B = sum q (lq - lm), Uq = sum q u, Up = sum p u
+//               Gradient (derived in kdkernels/reference.py):
+//                 dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq)
+//                 dD/dzt = cp p (lp - lm - A) -   a   p (u - Up)
+//   CE (T = 1)  CE = lse1 - s[label],  dCE/ds = softmax(s) - onehot(label)
+//   Chain rule  d/ds = dD/dzs / Ts, d/dt = dD/dzt / Tt (the callers scale).
+//
+// Masking: an entry whose weight (p, q) is 0 contributes 0 to every sum and gradient (selects,
+// never 0 * inf): vocabulary padding (-inf in both logits) vanishes, and q = 0 with p > 0
+// gives +inf for forward KL, the true value.
+//
+// The element functions are templates over the lane type W: float / double here and on the
+// GPU, at::vec::Vectorized<float|double> on the CPU. They call kd_exp, kd_log, kd_log1p_unit,
+// kd_abs, kd_max and kd_where unqualified; a vector backend declares overloads for its type in
+// namespace kd BEFORE including this header (kd_cpu.cpp does).
+#pragma once
+
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#define KD_HD inline
+#endif
+
+namespace kd {
+
+enum Kind : int { FORWARD_KL = 0, REVERSE_KL = 1, MIXTURE = 2 };
+
+// ---- scalar primitives -------------------------------------------------------------------
+
+KD_HD float kd_exp(float x) { return expf(x); }
+KD_HD double kd_exp(double x) { return exp(x); }
+KD_HD float kd_log(float x) { return logf(x); }
+KD_HD double kd_log(double x) { return log(x); }
+KD_HD float kd_abs(float x) { return fabsf(x); }
+KD_HD double kd_abs(double x) { return fabs(x); }
+KD_HD float kd_max(float a, float b) { return a > b ? a : b; }
+KD_HD double kd_max(double a, double b) { return a > b ? a : b; }
+KD_HD float kd_where(bool c, float a, float b) { return c ? a : b; }
+KD_HD double kd_where(bool c, double a, double b) { return c ? a : b; }
+
+// log(1 + x) for x in [0, 1] without a general log: log(1 + x) = 2 atanh(z), z = x / (2 + x)
+// in [0, 1/3]; the odd series to z^15 truncates at < 2 (1/3)^17 / 17 < 1e-9 (below float32's
+// rounding). Used by the mixture (x = exp(-|d|)), where a general log is the costliest step.
+template <class W>
+KD_HD W log1p_unit_poly(W x) {
+  W z = x / (W(2) + x);
+  W w = z * z;
+  W r = W(2.0f / 15.0f);
+  r = r * w + W(2.0f / 13.0f);
+  r = r * w + W(2.0f / 11.0f);
+  r = r * w + W(2.0f / 9.0f);
+  r = r * w + W(2.0f / 7.0f);
+  r = r * w + W(2.0f / 5.0f);
+  r = r * w + W(2.0f / 3.0f);
+  r = r * w + W(2.0f);
+  return z * r;
+}
+KD_HD float kd_log1p_unit(float x) { return log1p_unit_poly(x); }
+KD_HD double kd_log1p_unit(double x) { return log1p(x); }  // float64: full precision
+
+template <class S>
+KD_HD S kd_neg_inf() {
+  return S(-INFINITY);
+}
+
+// ---- online statistics -------------------------------------------------------------------
+
+// How sums taken against reference `from` change when it moves to `to` (to >= from).
+template <class S>
+struct RefMove {
+  S scale;  // exp(from - to): factor of every exp(z - from)
+  S delta;  // from - to: change of every shifted logit z - from
+};
+
+template <class S>
+KD_HD RefMove<S> ref_move(S from, S to) {
+  RefMove<S> r;
+  if (from == to || from == kd_neg_inf<S>()) {
+    // nothing moved, or nothing was accumulated: keep (or reset) without inf arithmetic
+    r.scale = from == to ? S(1) : S(0);
+    r.delta = S(0);
+  } else {
+    r.scale = kd_exp(from - to);
+    r.delta = from - to;
+  }
+  return r;
+}
+
+// The shift that element terms use: the reference, or 0 while nothing finite has been seen
+// (then every exp(z - 0) of that side is exp(-inf) = 0 and no -inf - -inf appears).
+template <class S>
+KD_HD S safe_ref(S m) {
+  return m == kd_neg_inf<S>() ? S(0) : m;
+}
+
+// Running (sum exp(z - m)) of one side after its reference moved.
+template <class W, class S>
+KD_HD void lse_rebase(W& sum, RefMove<S> r) {
+  sum = sum * W(r.scale);
+}
+
+template <class W>
+KD_HD void lse_add(W z, W m, W& sum) {
+  sum = sum + kd_exp(z - m);
+}
+
+// forward (REVERSE = false) / reverse KL running state after the references moved:
+// acc' = c_w (acc + (delta_w - delta_o) S_w), w the weighting side (t for forward KL).
+template <bool REVERSE, class W, class S>
+KD_HD void kl_rebase(W& ss, W& st, W& acc, RefMove<S> rs, RefMove<S> rt) {
+  if (REVERSE) {
+    acc = W(rs.scale) * (acc + W(rs.delta - rt.delta) * ss);
+  } else {
+    acc = W(rt.scale) * (acc + W(rt.delta - rs.delta) * st);
+  }
+  ss = ss * W(rs.scale);
+  st = st * W(rt.scale);
+}
+
+// One element (or lane) into the running KL state; ms, mt are safe references >= zs, zt.
+template <bool REVERSE, class W>
+KD_HD void kl_add(W zs, W zt, W ms, W mt, W& ss, W& st, W& acc) {
+  W ds = zs - ms;
+  W dt = zt - mt;
+  W es = kd_exp(ds);
+  W et = kd_exp(dt);
+  ss = ss + es;
+  st = st + et;
+  if (REVERSE) {
+    acc = acc + kd_where(es > W(0), es * (ds - dt), W(0));
+  } else {
+    acc = acc + kd_where(et > W(0), et * (dt - ds), W(0));
+  }
+}
+
+// A partial KL state (one shard of a row's vocabulary, or one thread's elements).
+template <class S>
+struct KLPart {
+  S ms, ss, mt, st, acc;
+};
+
+template <class S>
+KD_HD KLPart<S> kl_part_empty() {
+  KLPart<S> p;
+  p.ms = p.mt = kd_neg_inf<S>();
+  p.ss = p.st = p.acc = S(0);
+  return p;
+}
+
+// Exact merge of two partial states: move both to the larger references, then add.
+template <bool REVERSE, class S>
+KD_HD KLPart<S> kl_merge(KLPart<S> a, KLPart<S> b) {
+  S ms = kd_max(a.ms, b.ms);
+  S mt = kd_max(a.mt, b.mt);
+  kl_rebase<REVERSE>(a.ss, a.st, a.acc, ref_move(a.ms, ms), ref_move(a.mt, mt));
+  kl_rebase<REVERSE>(b.ss, b.st, b.acc, ref_move(b.ms, ms), ref_move(b.mt, mt));
+  KLPart<S> r;
+  r.ms = ms;
+  r.mt = mt;
+  r.ss = a.ss + b.ss;
+  r.st = a.st + b.st;
+  r.acc = a.acc + b.acc;
+  return r;
+}
+
+// Exact merge of two (m, sum) pairs of one side.
+template <class S>
+KD_HD void lse_merge(S& m, S& sum, S m2, S sum2) {
+  S mm = kd_max(m, m2);
+  sum = sum * ref_move(m, mm).scale + sum2 * ref_move(m2, mm).scale;
+  m = mm;
+}
+
+// D from the merged state: forward acc / St - log St + log Ss, reverse symmetric.
+template <bool REVERSE, class S>
+KD_HD S kl_value(S ss, S st, S acc) {
+  if (REVERSE) return acc / ss - kd_log(ss) + kd_log(st);
+  return acc / st - kd_log(st) + kd_log(ss);
+}
+
+// ---- gradients of forward / reverse KL ---------------------------------------------------
+// lq, lp: log-probabilities of the element, d: the row's divergence. Unscaled (no 1/T, no g).
+
+template <bool REVERSE, class W>
+KD_HD void kl_grad(W lq, W lp, W d, W& gs, W& gt) {
+  W q = kd_exp(lq);
+  W p = kd_exp(lp);
+  if (REVERSE) {
+    gs = kd_where(q > W(0), q * (lq - lp - d), W(0));
+    gt = p - q;
+  } else {
+    gs = q - p;
+    gt = kd_where(p > W(0), p * (lp - lq - d), W(0));
+  }
+}
+
+// ---- mixture -----------------------------------------------------------------------------
+
+// Row constants of a mixture (a = mix in [0, 1]). logit is clamped to +-1e30 so a = 0 or 1
+// (skew 1: KL of a distribution with itself) never forms inf - inf: finite + 1e30 = 1e30.
+template <class S>
+struct MixCoef {
+  S a, cp, cq, kp, kq, log_a, log_1ma, logit;
+};
+
+template <class S>
+KD_HD MixCoef<S> mix_coef(S a, S cp, S cq) {
+  MixCoef<S> c;
+  c.a = a;
+  c.cp = cp;
+  c.cq = cq;
+  c.kp = cp == S(0) ? S(0) : cp / a;
+  c.kq = cq == S(0) ? S(0) : cq / (S(1) - a);
+  c.log_a = kd_log(a);
+  c.log_1ma = kd_log(S(1) - a);
+  S l = c.log_a - c.log_1ma;
+  c.logit = l > S(1e30) ? S(1e30) : (l < S(-1e30) ? S(-1e30) : l);
+  return c;
+}
+
+// Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
+template <class W>
+struct MixElem {
+  W q, p, lp_lm, lq_lm, u;
+};
+
+template <class W, class S>
+KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
+  MixElem<W> e;
+  e.q = kd_exp(lq);
+  e.p = kd_exp(lp);
+  W d = lp - lq + W(c.logit);
+  W ex = kd_exp(W(0) - kd_abs(d));  // exp(-|d|) in (0, 1]: no overflow
+  W l1 = kd_log1p_unit(ex);
+  W pos = d >= W(0);
+  W dpos = kd_max(d, W(0));
+  W dneg = kd_max(W(0) - d, W(0));
+  W inv = W(1) / (W(1) + ex);
+  W sig_pos = kd_where(pos, inv, ex * inv);  // sigmoid(d)
+  W sig_neg = kd_where(pos, ex * inv, inv);  // sigmoid(-d)
+  e.lp_lm = W(-c.log_a) - (dneg + l1);
+  e.lq_lm = W(-c.log_1ma) - (dpos + l1);
+  e.u = W(c.kp) * sig_pos + W(c.kq) * sig_neg;
+  return e;
+}
+
+// Pass-2 sums of the mixture. Terms of a side whose coefficient is 0 are skipped: their
+// log-ratio may be inf (a = 0 or 1) and they are never used.
+template <class W, class S>
+KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup) {
+  MixElem<W> e = mix_elem(lq, lp, c);
+  W pm = e.p > W(0);
+  W qm = e.q > W(0);
+  if (c.cp != S(0)) sa = sa + kd_where(pm, e.p * e.lp_lm, W(0));
+  if (c.cq != S(0)) sb = sb + kd_where(qm, e.q * e.lq_lm, W(0));
+  suq = suq + kd_where(qm, e.q * e.u, W(0));
+  sup = sup + kd_where(pm, e.p * e.u, W(0));
+}
+
+template <class W, class S>
+KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt) {
+  MixElem<W> e = mix_elem(lq, lp, c);
+  W pm = e.p > W(0);
+  W qm = e.q > W(0);
+  gs = kd_where(qm, W(S(0) - (S(1) - c.a)) * e.q * (e.u - W(Uq)), W(0));
+  gt = kd_where(pm, W(S(0) - c.a) * e.p * (e.u - W(Up)), W(0));
+  if (c.cq != S(0)) gs = gs + kd_where(qm, W(c.cq) * e.q * (e.lq_lm - W(B)), W(0));
+  if (c.cp != S(0)) gt = gt + kd_where(pm, W(c.cp) * e.p * (e.lp_lm - W(A)), W(0));
+}
+
+// ---- cross-entropy, kl_div, softmax ------------------------------------------------------
+
+// d CE / d s_k = softmax(s)_k - onehot_k, softmax from the T = 1 statistics (m1, log S1).
+template <class W>
+KD_HD W ce_grad(W s, W m1, W log_s1, W onehot) {
+  return kd_exp((s - m1) - log_s1) - onehot;
+}
+
+// F.kl_div's term: y (log y - x), or exp(y) (y - x) for log-space targets; 0 log 0 = 0.
+template <class S>
+KD_HD S kl_div_term(S x, S y, bool log_target) {
+  if (log_target) return kd_exp(y) * (y - x);
+  S ylogy = y == S(0) ? S(0) : y * kd_log(y);
+  return ylogy - y * x;
+}
+
+// (d term / dx, d term / dy); at y = 0 (probability target) d/dy = -inf, the true derivative.
+template <class S>
+KD_HD void kl_div_grad(S x, S y, bool log_target, S& gx, S& gy) {
+  if (log_target) {
+    S ey = kd_exp(y);
+    gx = S(0) - ey;
+    gy = ey * (y - x + S(1));
+  } else {
+    gx = S(0) - y;
+    gy = kd_log(y) + S(1) - x;
+  }
+}
+
+// softmax / log_softmax backward per element from the output y and the row sum
+// r = sum g y (softmax) or sum g (log_softmax): dz = y (g - r) or g - exp(y) r.
+template <class S>
+KD_HD S softmax_grad(S y, S g, S r, bool log) {
+  return log ? g - kd_exp(y) * r : y * (g - r);
+}
+
+}  // namespace kd
