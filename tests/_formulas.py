@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 # --------------------------------------------------------------------------------------
@@ -142,17 +143,21 @@ TOLERANCES = {
 }
 
 
-def logsumexp_rounding(max_abs_z: float, loss_scale: float, dtype=torch.float32) -> float:
+def logsumexp_rounding(
+    max_abs_z: float, loss_scale: float, max_loss: float = 0.0, dtype=torch.float32
+) -> float:
     """Error allowance for log-probabilities formed as z - logsumexp(z) in `dtype`.
 
-    Online-softmax kernels (and the reference) keep lse = logsumexp(z) and form log q as
-    z - lse; when the logits sit far from 0 (|z| ~ max_abs_z) lse is rounded to an ulp of
-    |z|, i.e. every log-probability of the row carries the same error ~ eps * |z|. A KL of a
-    row then moves by that much (it is sum p * constant), times the loss scale (T**2,
-    kd_weight). PyTorch's log_softmax subtracts the max first and does not pay this, so the
-    2x-baseline model alone cannot cover it; 4 eps = two roundings, each up to 2 ulps at
-    worst near a power of two."""
-    return 4.0 * torch.finfo(dtype).eps * max_abs_z * loss_scale
+    Online-softmax kernels (and the reference) keep lse = logsumexp(z) and form log p as
+    z - lse. When the logits sit far from 0 (|z| ~ max_abs_z), lse is rounded to an ulp of
+    |z|: every log-probability of the row carries the same error d ~ eps |z|, and p = exp(lp)
+    the relative error d. A row's KL = sum p (lp - lr) then moves by d (1 + KL): d from the
+    shifted logs (sum p = 1), d KL from the rescaled p. In loss units that is
+    d (loss_scale + max_loss), with loss_scale = T**2 kd_weight (plus the CE weight) and
+    max_loss the largest row loss; gradients (p - q, ...) move by at most 2 d loss_scale.
+    PyTorch's log_softmax subtracts the max first and does not pay this, so the 2x-baseline
+    model alone cannot cover it; 4 eps = two roundings of up to 2 ulps."""
+    return 4.0 * torch.finfo(dtype).eps * max_abs_z * (loss_scale + max_loss)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -190,8 +195,18 @@ def assert_error_model(
 
 
 # --------------------------------------------------------------------------------------
-# harness: one kd.kd_loss call checked against the truth, values and gradients
+# harness: backends' dtypes, one kd.kd_loss call checked against the truth, values and gradients
 # --------------------------------------------------------------------------------------
+
+
+def skip_unsupported(impl: str, *dtypes: torch.dtype) -> None:
+    """pytest.skip (with the reason) when the backend does not declare one of `dtypes`."""
+    from kdkernels import _dispatch
+
+    supported = _dispatch._BACKENDS[impl].SUPPORTED_DTYPES
+    for dtype in dtypes:
+        if dtype not in supported:
+            pytest.skip(f"impl={impl!r} does not support {dtype} (SUPPORTED_DTYPES)")
 
 
 def upstream_grad(out: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,10 @@ compiled loss and gradients equal eager ones. Backward runs outside the compiled
 (through the AOTAutograd graph), which is how a training loop compiles its loss.
 """
 
-import importlib
-import sys
-
 import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels import _dispatch
 
 
 def _step_and_check(impl):
@@ -37,21 +33,5 @@ def _step_and_check(impl):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph(impl, request):
-    if impl == "torch":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="BUG: _dispatch._load calls importlib.import_module on every call, which "
-            "dynamo refuses to trace (graph break under fullgraph=True)",
-        ))
-    _step_and_check(impl)
-
-
-@pytest.mark.slow
-def test_compile_fullgraph_with_cached_backends(impl, monkeypatch):
-    """The same step once backend modules are looked up in a dict (the proposed fix for the
-    bug above): shows that everything else in the call is traceable."""
-    modules = {name: importlib.import_module(path) for name, path in _dispatch._MODULES.items()}
-    monkeypatch.setattr(_dispatch, "_load", modules.__getitem__)
-    assert sys.modules["kdkernels.reference"] is modules["torch"]
+def test_compile_fullgraph(impl):
     _step_and_check(impl)

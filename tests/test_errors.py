@@ -25,7 +25,8 @@ def no_work(monkeypatch):
         is_available=lambda device: (True, ""),
         kd_rows=forbidden, kl_div=forbidden, softmax=forbidden,
     )
-    monkeypatch.setattr(_dispatch, "_load", lambda name: fake)
+    for name in _dispatch._BACKENDS:
+        monkeypatch.setitem(_dispatch._BACKENDS, name, fake)
     monkeypatch.delenv("KDKERNELS_IMPL", raising=False)
 
 
@@ -116,7 +117,7 @@ def test_bad_environment_impl(no_work, monkeypatch):
 
 
 def test_impl_without_the_dtype():
-    backend = _dispatch._load("triton")
+    backend = _dispatch._BACKENDS["triton"]
     assert torch.float64 not in backend.SUPPORTED_DTYPES
     with pytest.raises(RuntimeError, match=r"impl='triton'.*float64"):
         kd.kd_loss(S.double(), T.double(), impl="triton")

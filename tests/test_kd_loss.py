@@ -8,10 +8,15 @@ the inputs' dtype, i.e. what plain PyTorch gives.
 
 import pytest
 import torch
-from _formulas import TOLERANCES, assert_error_model, check_kd_loss, log_softmax
+from _formulas import (
+    TOLERANCES,
+    assert_error_model,
+    check_kd_loss,
+    log_softmax,
+    skip_unsupported,
+)
 
 import kdkernels as kd
-from kdkernels import _dispatch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
@@ -40,12 +45,6 @@ def labels_kwargs(mode, lead, vocab):
         return None, {}
     labels = make_labels(lead, vocab)
     return labels, ({"ce_weight": 0.5} if mode == "ce0.5" else {})
-
-
-def skip_unsupported(impl, dtype):
-    backend = _dispatch._load(impl)
-    if dtype not in backend.SUPPORTED_DTYPES:
-        pytest.skip(f"impl={impl!r} does not support {dtype} (SUPPORTED_DTYPES)")
 
 
 # --------------------------------------------------------------------------------------

@@ -10,20 +10,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _formulas import assert_error_model, upstream_grad
+from _formulas import assert_error_model, skip_unsupported, upstream_grad
 
 import kdkernels as kd
-from kdkernels import _dispatch
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 SHAPES = [(), (7,), (3, 11), (2, 3, 5), (2, 2, 3, 4)]
-
-
-def skip_unsupported(impl, *dtypes):
-    backend = _dispatch._load(impl)
-    for dtype in dtypes:
-        if dtype not in backend.SUPPORTED_DTYPES:
-            pytest.skip(f"impl={impl!r} does not support {dtype} (SUPPORTED_DTYPES)")
 
 
 def make_pair(shape, log_target, dtype=torch.float32, target_dtype=None):
