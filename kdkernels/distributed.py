@@ -202,11 +202,14 @@ def _check_layout(ws, wt, host: bool) -> None:
     """ws, wt: (W,) student / teacher widths of every rank (the gathered header)."""
     if not host:
         torch._assert_async(
-            (ws == wt).all(), "kdkernels: student/teacher shard widths differ on some rank"
+            (ws == wt).all() & (ws.sum() > 0),
+            "kdkernels: student/teacher shard widths differ on some rank, or V = 0",
         )
         return
     student = [int(x) for x in ws.tolist()]
     teacher = [int(x) for x in wt.tolist()]
+    if sum(student) == 0 and sum(teacher) == 0:
+        raise ValueError("the vocabulary is empty: every rank holds 0 columns")
     if sum(student) != sum(teacher):
         raise ValueError(
             f"student_logits shards add up to V={sum(student)} but teacher_logits shards to "

@@ -602,6 +602,14 @@ def _worker(rank, world, init, outdir, names):
 
 _RESULTS: dict[int, dict] = {}
 
+# A fresh interpreter per worker ("spawn") pays torch's import in every process (seconds each
+# on a busy 2-core machine). A forkserver imports torch, kdkernels and this module once and
+# forks the workers from that single-threaded process: fast, and no fork of the threaded test
+# process itself (OpenMP pools are not fork-safe).
+_START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+if _START_METHOD == "forkserver":
+    mp.set_forkserver_preload(["torch", "torch.distributed", "kdkernels", __name__])
+
 
 def _results(world):
     if world in _RESULTS:
@@ -612,7 +620,7 @@ def _results(world):
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "rendezvous")
         ctx = mp.start_processes(_worker, args=(world, init, tmp, names), nprocs=world,
-                                 join=False, start_method="spawn")
+                                 join=False, start_method=_START_METHOD)
         deadline = time.monotonic() + DEADLINE_S
         crash = None
         try:
