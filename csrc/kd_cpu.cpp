@@ -333,7 +333,8 @@ A forward_row(const Row& r, const Params& pr, A* st) {
   if (K == MIXTURE) {
     // pass 2: the mixture sums need the final log-probabilities
     const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
-    const V ls(safe_ref(ms) + st[ST_LS]), lt(safe_ref(mt) + st[ST_LT]);
+    // lq = (zs - ms) - log Ss: never through a rounded lse (cancellation at |z| ~ 1e4)
+    const V vms(safe_ref(ms)), vls(st[ST_LS]), vmt(safe_ref(mt)), vlt(st[ST_LT]);
     V sa(0), sb(0), suq(0), sup(0);
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
@@ -341,7 +342,8 @@ A forward_row(const Row& r, const Params& pr, A* st) {
       load_tile<A>(r.s, r.ss, off, n, its, zs);
       load_tile<A>(r.t, r.tt, off, n, itt, zt);
       for (int64_t i = 0; i < np; i += W)
-        mix_add(V::loadu(zs + i) - ls, V::loadu(zt + i) - lt, c, sa, sb, suq, sup);
+        mix_add((V::loadu(zs + i) - vms) - vls, (V::loadu(zt + i) - vmt) - vlt, c, sa, sb, suq,
+                sup);
     }
     st[ST_D] = hsum(sa);
     st[ST_B] = hsum(sb);

@@ -124,6 +124,12 @@ def find_cuda_home() -> str | None:
 
 def _build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path:
     """Build (or reuse) and load library `kind` ("cpu" or "cuda"); returns its build dir."""
+    if torch.version.cuda is not None and "CUDA_HOME" not in os.environ:
+        # torch.utils.cpp_extension guesses CUDA_HOME when imported (and warns when the
+        # guess has no runtime); give it the toolkit nvcc reports instead
+        home = find_cuda_home()
+        if home is not None:
+            os.environ["CUDA_HOME"] = home
     from torch.utils import cpp_extension
 
     if kind == "cpu":
@@ -197,9 +203,17 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 
 
 def _require(device: torch.device) -> None:
+    if torch.compiler.is_compiling():  # availability was settled when the impl was resolved
+        return
     ok, why = is_available(device)
     if not ok:
         raise RuntimeError(why)
+
+
+def _cuda_f64(x: torch.Tensor) -> bool:
+    """The CUDA kernels compute in float32; float64 CUDA logits take the PyTorch path (the
+    same float64 math, chunked), so impl="ext" never rounds float64 inputs to float32."""
+    return x.is_cuda and x.dtype == torch.float64
 
 
 # --------------------------------------------------------------------------------------
@@ -344,6 +358,10 @@ class _FusedRows(torch.autograd.Function):
 
 def kd_rows(s, t, labels, spec: LossSpec, inplace_backward: bool = False):
     _require(s.device)
+    if _cuda_f64(s) or _cuda_f64(t):
+        from . import reference
+
+        return reference.kd_rows(s, t, labels, spec, inplace_backward)
     args = spec_args(spec)
     if inplace_backward:
         return _FusedRows.apply(s, t, labels, args)
@@ -361,6 +379,10 @@ def kl_div(x, y, log_target: bool, reduce_sum: bool):
 
 def softmax(x, inv_temperature: float, log: bool):
     _require(x.device)
+    if _cuda_f64(x):
+        from . import reference
+
+        return reference.softmax(x, inv_temperature, log)
     return torch.ops.kdkernels.softmax(x.contiguous(), float(inv_temperature), bool(log))
 
 
@@ -480,4 +502,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's module (kdkernels imports it), not a second copy of its state
+    from kdkernels import ext as _ext
+
+    sys.exit(_ext.main())

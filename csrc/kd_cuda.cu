@@ -1,0 +1,882 @@
+// kd_cuda.cu: CUDA kernels of the kdkernels ops (schemas in kd_cpu.cpp).
+//
+// Math: kd_math.h (shared with the CPU kernel, which executes and tests it on every machine).
+//   loss = kd_scale * D(p || q) + ce_weight * (lse1 - s[label]),  0 for ignored rows,
+//   D from online (reference, sum, acc) triples; gradients dD/dzs, dD/dzt scaled by g / T.
+//
+// Work layout. Grid (rows, splits): a block of THREADS threads handles one vocabulary chunk
+// of one row; splits > 1 only when there are too few rows to fill the GPU (the vocab split).
+// Each thread walks its elements in packs of PACK = 8 (128-bit loads: 2 x float4 for float32,
+// 1 x uint4 for 16-bit types, when the row is 16-byte aligned), moves its references once per
+// pack and accumulates with kd_math.h's element functions. Threads merge their partial
+// triples exactly (kl_merge) through warp shuffles and shared memory; a block writes one
+// partial state per (row, split) and a finalize kernel (a thread per row) merges the splits
+// and writes the row's statistics (same layout as the CPU op) and loss.
+//   forward/reverse KL   stats kernel -> finalize                      (1 read of s, t)
+//   mixture              stats -> finalize -> mixture sums -> finalize (2 reads)
+//   backward             one elementwise kernel: read s, t, write grad_s (, grad_t)
+// float64 logits are served by the PyTorch path (kdkernels/ext.py); a teacher whose dtype
+// differs from the student's is converted to it first.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "kd_math.h"
+
+namespace kd {
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int PACK = 8;
+constexpr int NPART = 8;   // floats per partial state: ms, ss, mt, st, acc, m1, s1, (pad)
+constexpr int NSTAT = 11;  // columns of the stats tensor (kd_cpu.cpp: enum Stat)
+enum : int { ST_MS = 0, ST_LS, ST_MT, ST_LT, ST_M1, ST_L1, ST_SLAB, ST_D, ST_B, ST_UQ, ST_UP };
+
+#define KD_CUDA_CHECK(expr)                                                               \
+  do {                                                                                    \
+    cudaError_t err_ = (expr);                                                            \
+    TORCH_CHECK(err_ == cudaSuccess, "kdkernels CUDA error: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+// ---- 128-bit packs -------------------------------------------------------------------------
+
+template <class T>
+__device__ __forceinline__ float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// Element in the accumulation type A (float64 stays float64; the rest go through float).
+template <class A, class T>
+__device__ __forceinline__ A to_a(T x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return A(x);
+  } else {
+    return A(static_cast<float>(x));
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void load_pack(const T* p, float* out) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+    out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  } else {
+    const uint4 u = reinterpret_cast<const uint4*>(p)[0];
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k) out[k] = to_f(e[k]);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store_pack(T* p, const float* v) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k) e[k] = T(v[k]);
+    reinterpret_cast<uint4*>(p)[0] = u;
+  }
+}
+
+// ---- block reductions ------------------------------------------------------------------------
+
+__device__ __forceinline__ KLPart<float> shfl_part(const KLPart<float>& p, int off) {
+  KLPart<float> o;
+  o.ms = __shfl_xor_sync(0xffffffffu, p.ms, off);
+  o.ss = __shfl_xor_sync(0xffffffffu, p.ss, off);
+  o.mt = __shfl_xor_sync(0xffffffffu, p.mt, off);
+  o.st = __shfl_xor_sync(0xffffffffu, p.st, off);
+  o.acc = __shfl_xor_sync(0xffffffffu, p.acc, off);
+  return o;
+}
+
+// Exact merge of every thread's partial KL state; the result is valid in thread 0.
+template <bool REV>
+__device__ KLPart<float> block_merge_kl(KLPart<float> p) {
+  __shared__ KLPart<float> sh[WARPS];
+  for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sh[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < WARPS ? sh[lane] : kl_part_empty<float>();
+    for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off));
+  }
+  return p;
+}
+
+// Exact merge of (m, sum) pairs; valid in thread 0.
+__device__ void block_merge_lse(float& m, float& s) {
+  __shared__ float shm[WARPS], shs[WARPS];
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    lse_merge(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shm[warp] = m, shs[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < WARPS ? shm[lane] : kd_neg_inf<float>();
+    s = lane < WARPS ? shs[lane] : 0.f;
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+      const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+      lse_merge(m, s, m2, s2);
+    }
+  }
+}
+
+template <class A>
+__device__ A block_sum(A x) {
+  __shared__ A sh[WARPS];
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // sh may still be read by a previous call
+  if (lane == 0) sh[warp] = x;
+  __syncthreads();
+  x = threadIdx.x < WARPS ? sh[threadIdx.x] : A(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Elements [b, e) of a row: packs of PACK (when `vec`) then single elements, thread-strided.
+// f(offset, count) is called with count == PACK or 1.
+template <class F>
+__device__ __forceinline__ void for_elements(int64_t b, int64_t e, bool vec, F&& f) {
+  int64_t i = b;
+  if (vec) {
+    const int64_t npk = (e - b) / PACK;
+    for (int64_t k = threadIdx.x; k < npk; k += THREADS) f(b + k * PACK, PACK);
+    i = b + npk * PACK;
+  }
+  for (int64_t j = i + threadIdx.x; j < e; j += THREADS) f(j, 1);
+}
+
+template <class T>
+__device__ __forceinline__ void load_any(const T* p, int cnt, float scale, float* out) {
+  if (cnt == PACK) {
+    load_pack(p, out);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k) out[k] *= scale;
+  } else {
+    out[0] = to_f(p[0]) * scale;
+  }
+}
+
+__device__ __forceinline__ float pack_max(const float* x, int cnt) {
+  float m = x[0];
+#pragma unroll
+  for (int k = 1; k < PACK; ++k)
+    if (k < cnt) m = kd_max(m, x[k]);
+  return m;
+}
+
+// ---- forward: statistics pass ----------------------------------------------------------------
+
+template <int K, class T>
+__global__ void __launch_bounds__(THREADS) kd_stats_kernel(
+    const T* __restrict__ s,              // (N, V) student logits
+    const T* __restrict__ t,              // (N, V) teacher logits
+    const int64_t* __restrict__ labels,   // (N,) labels or nullptr
+    float* __restrict__ part,             // (N, splits, NPART) partial states out
+    int64_t v, int64_t chunk, float its, float itt, bool ce_sep, int64_t ignore_index,
+    bool vec) {
+  constexpr bool REV = K == REVERSE_KL;
+  const int64_t row = blockIdx.x;
+  const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
+  float* out = part + (row * gridDim.y + blockIdx.y) * NPART;
+  if (labels && labels[row] == ignore_index) return;  // finalize writes 0 for ignored rows
+  const T* sr = s + row * v;
+  const T* tr = t + row * v;
+  KLPart<float> p = kl_part_empty<float>();
+  float m1 = kd_neg_inf<float>(), s1 = 0.f;
+  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+    float zs[PACK], zt[PACK];
+    load_any(sr + i, cnt, its, zs);
+    load_any(tr + i, cnt, itt, zt);
+    const float nms = kd_max(p.ms, pack_max(zs, cnt)), nmt = kd_max(p.mt, pack_max(zt, cnt));
+    kl_rebase<REV>(p.ss, p.st, p.acc, ref_move(p.ms, nms), ref_move(p.mt, nmt));
+    p.ms = nms;
+    p.mt = nmt;
+    const float rs = safe_ref(p.ms), rt = safe_ref(p.mt);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k) {
+      if (k < cnt) {
+        if (K == MIXTURE) {
+          lse_add(zs[k], rs, p.ss);
+          lse_add(zt[k], rt, p.st);
+        } else {
+          kl_add<REV>(zs[k], zt[k], rs, rt, p.ss, p.st, p.acc);
+        }
+      }
+    }
+    if (ce_sep) {  // T = 1 statistics of s for the CE term
+      float z1[PACK];
+      load_any(sr + i, cnt, 1.f, z1);
+      const float nm1 = kd_max(m1, pack_max(z1, cnt));
+      lse_rebase(s1, ref_move(m1, nm1));
+      m1 = nm1;
+      const float r1 = safe_ref(m1);
+#pragma unroll
+      for (int k = 0; k < PACK; ++k)
+        if (k < cnt) lse_add(z1[k], r1, s1);
+    }
+  });
+  p = block_merge_kl<REV>(p);
+  if (ce_sep) block_merge_lse(m1, s1);
+  if (threadIdx.x == 0) {
+    out[0] = p.ms, out[1] = p.ss, out[2] = p.mt, out[3] = p.st, out[4] = p.acc;
+    out[5] = m1, out[6] = s1;
+  }
+}
+
+// A thread per row: merge the splits, write the statistics and (except mixture) the loss.
+template <int K, class T>
+__global__ void kd_finalize_kernel(
+    const T* __restrict__ s,              // (N, V) student logits (for s[label])
+    const int64_t* __restrict__ labels,   // (N,) or nullptr
+    const float* __restrict__ part,       // (N, splits, NPART)
+    float* __restrict__ stats,            // (N, NSTAT) out
+    float* __restrict__ loss,             // (N,) out
+    int64_t n, int64_t v, int splits, bool ce, bool ce_sep, int64_t ignore_index,
+    float kd_scale, float ce_weight) {
+  constexpr bool REV = K == REVERSE_KL;
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  float* st = stats + row * NSTAT;
+  const int64_t lab = labels ? labels[row] : -1;
+  if (labels && lab == ignore_index) {
+    for (int c = 0; c < NSTAT; ++c) st[c] = 0.f;
+    loss[row] = 0.f;
+    return;
+  }
+  KLPart<float> p = kl_part_empty<float>();
+  float m1 = kd_neg_inf<float>(), s1 = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    const float* q = part + (row * splits + k) * NPART;
+    KLPart<float> o;
+    o.ms = q[0], o.ss = q[1], o.mt = q[2], o.st = q[3], o.acc = q[4];
+    p = kl_merge<REV>(p, o);
+    if (ce_sep) lse_merge(m1, s1, q[5], q[6]);
+  }
+  st[ST_MS] = p.ms;
+  st[ST_LS] = kd_log(p.ss);
+  st[ST_MT] = p.mt;
+  st[ST_LT] = kd_log(p.st);
+  st[ST_M1] = ce_sep ? m1 : p.ms;
+  st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
+  st[ST_SLAB] = ce ? to_f(s[row * v + lab]) : 0.f;
+  st[ST_B] = st[ST_UQ] = st[ST_UP] = 0.f;
+  if (K != MIXTURE) {
+    const float d = kl_value<REV>(p.ss, p.st, p.acc);
+    st[ST_D] = d;
+    float l = kd_scale * d;
+    if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+    loss[row] = l;
+  }
+}
+
+// ---- forward: mixture pass 2 -------------------------------------------------------------------
+
+template <class T>
+__global__ void __launch_bounds__(THREADS) kd_mix_kernel(
+    const T* __restrict__ s,              // (N, V) student logits
+    const T* __restrict__ t,              // (N, V) teacher logits
+    const int64_t* __restrict__ labels,   // (N,) or nullptr
+    const float* __restrict__ stats,      // (N, NSTAT) from kd_finalize_kernel
+    float* __restrict__ part,             // (N, splits, 4) partial A, B, Uq, Up out
+    int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, bool vec,
+    float mix, float coef_p, float coef_q) {
+  const int64_t row = blockIdx.x;
+  const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
+  if (labels && labels[row] == ignore_index) return;
+  const float* st = stats + row * NSTAT;
+  // lq = (zs - ms) - log Ss: never through a rounded lse (cancellation at |z| ~ 1e4)
+  const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
+  const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
+  const T* sr = s + row * v;
+  const T* tr = t + row * v;
+  float sa = 0.f, sb = 0.f, suq = 0.f, sup = 0.f;
+  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+    float zs[PACK], zt[PACK];
+    load_any(sr + i, cnt, its, zs);
+    load_any(tr + i, cnt, itt, zt);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k)
+      if (k < cnt) mix_add((zs[k] - ms) - ls, (zt[k] - mt) - lt, c, sa, sb, suq, sup);
+  });
+  sa = block_sum(sa);
+  sb = block_sum(sb);
+  suq = block_sum(suq);
+  sup = block_sum(sup);
+  if (threadIdx.x == 0) {
+    float* out = part + (row * gridDim.y + blockIdx.y) * 4;
+    out[0] = sa, out[1] = sb, out[2] = suq, out[3] = sup;
+  }
+}
+
+__global__ void kd_mix_finalize_kernel(
+    const int64_t* __restrict__ labels,   // (N,) or nullptr
+    const float* __restrict__ part,       // (N, splits, 4)
+    float* __restrict__ stats,            // (N, NSTAT) in/out
+    float* __restrict__ loss,             // (N,) out
+    int64_t n, int splits, bool ce, int64_t ignore_index, float kd_scale, float ce_weight,
+    float coef_p, float coef_q) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  if (labels && labels[row] == ignore_index) return;  // zeroed by kd_finalize_kernel
+  float a = 0.f, bb = 0.f, uq = 0.f, up = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    const float* q = part + (row * splits + k) * 4;
+    a += q[0], bb += q[1], uq += q[2], up += q[3];
+  }
+  float* st = stats + row * NSTAT;
+  st[ST_D] = a, st[ST_B] = bb, st[ST_UQ] = uq, st[ST_UP] = up;
+  const float d = (coef_p != 0.f ? coef_p * a : 0.f) + (coef_q != 0.f ? coef_q * bb : 0.f);
+  float l = kd_scale * d;
+  if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+  loss[row] = l;
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+template <int K, class T>
+__global__ void __launch_bounds__(THREADS) kd_grad_kernel(
+    const float* __restrict__ grad,       // (N,) upstream row gradients, nullptr = 1
+    const T* s,                           // (N, V) student logits (may alias gs: fused op)
+    const T* __restrict__ t,              // (N, V) teacher logits
+    const int64_t* __restrict__ labels,   // (N,) or nullptr
+    const float* __restrict__ stats,      // (N, NSTAT)
+    T* gs,                                // (N, V) grad of s out
+    T* __restrict__ gt,                   // (N, V) grad of t out, or nullptr
+    int64_t v, int64_t chunk, float its, float itt, bool ce, bool ce_sep, int64_t ignore_index,
+    bool vec, float kd_scale, float ce_weight, float mix, float coef_p, float coef_q) {
+  constexpr bool REV = K == REVERSE_KL;
+  const int64_t row = blockIdx.x;
+  const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
+  const T* sr = s + row * v;
+  const T* tr = t + row * v;
+  T* gsr = gs + row * v;
+  T* gtr = gt ? gt + row * v : nullptr;
+  const int64_t lab = labels ? labels[row] : -1;
+  if (labels && lab == ignore_index) {
+    const float zero[PACK] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for_elements(b, e, vec, [&](int64_t i, int cnt) {
+      if (cnt == PACK) {
+        store_pack(gsr + i, zero);
+        if (gtr) store_pack(gtr + i, zero);
+      } else {
+        gsr[i] = T(0.f);
+        if (gtr) gtr[i] = T(0.f);
+      }
+    });
+    return;
+  }
+  const float* st = stats + row * NSTAT;
+  const float g = grad ? grad[row] : 1.f;
+  const float cs = g * kd_scale * its, ct = g * kd_scale * itt, cce = ce ? g * ce_weight : 0.f;
+  const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
+  const float m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
+  const float D = st[ST_D], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
+  const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
+  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+    float zs[PACK], zt[PACK], z1[PACK], os[PACK], ot[PACK];
+    load_any(sr + i, cnt, its, zs);
+    load_any(tr + i, cnt, itt, zt);
+    if (ce_sep) load_any(sr + i, cnt, 1.f, z1);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k) {
+      if (k < cnt) {
+        const float lq = (zs[k] - ms) - ls, lp = (zt[k] - mt) - lt;
+        float a, bt;
+        if (K == MIXTURE) {
+          mix_grad(lq, lp, c, D, B, Uq, Up, a, bt);
+        } else {
+          kl_grad<REV>(lq, lp, D, a, bt);
+        }
+        a *= cs;
+        if (ce) {
+          const float x1 = ce_sep ? z1[k] : zs[k];
+          a += cce * ce_grad(x1, m1, l1, (i + k == lab) ? 1.f : 0.f);
+        }
+        os[k] = a;
+        ot[k] = bt * ct;
+      }
+    }
+    if (cnt == PACK) {
+      store_pack(gsr + i, os);
+      if (gtr) store_pack(gtr + i, ot);
+    } else {
+      gsr[i] = T(os[0]);
+      if (gtr) gtr[i] = T(ot[0]);
+    }
+  });
+}
+
+// ---- kl_div --------------------------------------------------------------------------------------
+
+template <class T, class A>
+__global__ void kl_div_kernel(const T* __restrict__ x,  // (n,) log-probabilities
+                              const T* __restrict__ y,  // (n,) targets
+                              T* __restrict__ out,      // (n,) terms out
+                              int64_t n, bool log_target) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = T(kl_div_term(to_a<A>(x[i]), to_a<A>(y[i]), log_target));
+}
+
+template <class T, class A>
+__global__ void __launch_bounds__(THREADS) kl_div_sum_kernel(
+    const T* __restrict__ x,  // (n,) log-probabilities
+    const T* __restrict__ y,  // (n,) targets
+    A* __restrict__ out,      // () sum out (zeroed before the launch)
+    int64_t n, bool log_target) {
+  A acc = 0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    acc += kl_div_term(to_a<A>(x[i]), to_a<A>(y[i]), log_target);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+
+template <class T, class A>
+__global__ void kl_div_backward_kernel(const A* __restrict__ grad,  // () or (n,) upstream
+                                       const T* __restrict__ x,     // (n,) log-probabilities
+                                       const T* __restrict__ y,     // (n,) targets
+                                       T* __restrict__ gx,          // (n,) or nullptr
+                                       T* __restrict__ gy,          // (n,) or nullptr
+                                       int64_t n, bool scalar, bool log_target) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    A dx, dy;
+    kl_div_grad(to_a<A>(x[i]), to_a<A>(y[i]), log_target, dx, dy);
+    const A g = scalar ? grad[0] : grad[i];
+    if (gx) gx[i] = T(dx * g);
+    if (gy) gy[i] = T(dy * g);
+  }
+}
+
+// ---- softmax ---------------------------------------------------------------------------------
+
+template <class T>
+__global__ void __launch_bounds__(THREADS) softmax_kernel(const T* __restrict__ x,  // (N, V)
+                                                          T* __restrict__ y,        // (N, V) out
+                                                          int64_t v, float inv_t, bool log) {
+  const T* xr = x + int64_t(blockIdx.x) * v;
+  T* yr = y + int64_t(blockIdx.x) * v;
+  float m = kd_neg_inf<float>(), sum = 0.f;
+  for (int64_t i = threadIdx.x; i < v; i += THREADS) {
+    const float z = to_f(xr[i]) * inv_t;
+    const float nm = kd_max(m, z);
+    lse_rebase(sum, ref_move(m, nm));
+    m = nm;
+    lse_add(z, safe_ref(m), sum);
+  }
+  block_merge_lse(m, sum);
+  __shared__ float lse;
+  if (threadIdx.x == 0) lse = safe_ref(m) + kd_log(sum);
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < v; i += THREADS) {
+    const float l = to_f(xr[i]) * inv_t - lse;
+    yr[i] = T(log ? l : kd_exp(l));
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(THREADS) softmax_backward_kernel(
+    const T* __restrict__ g,  // (N, V) upstream gradient
+    const T* __restrict__ y,  // (N, V) forward output
+    T* __restrict__ gx,       // (N, V) out
+    int64_t v, float inv_t, bool log) {
+  const int64_t off = int64_t(blockIdx.x) * v;
+  float r = 0.f;
+  for (int64_t i = threadIdx.x; i < v; i += THREADS)
+    r += log ? to_f(g[off + i]) : to_f(g[off + i]) * to_f(y[off + i]);
+  r = block_sum(r);
+  __shared__ float rs;
+  if (threadIdx.x == 0) rs = r;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < v; i += THREADS)
+    gx[off + i] = T(softmax_grad(to_f(y[off + i]), to_f(g[off + i]), rs, log) * inv_t);
+}
+
+// ---- host ------------------------------------------------------------------------------------
+
+template <class F>
+void dispatch_half_types(at::ScalarType st, const char* what, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "kdkernels CUDA: ", what, " must be float32, bfloat16 or float16, got ",
+                  st);
+  }
+}
+
+template <class F>
+void dispatch_all_types(at::ScalarType st, const char* what, F&& f) {
+  if (st == at::kDouble) return f(double{});
+  dispatch_half_types(st, what, f);
+}
+
+template <class F>
+void dispatch_kind(const std::string& kind, F&& f) {
+  if (kind == "forward_kl") return f(std::integral_constant<int, FORWARD_KL>{});
+  if (kind == "reverse_kl") return f(std::integral_constant<int, REVERSE_KL>{});
+  if (kind == "mixture") return f(std::integral_constant<int, MIXTURE>{});
+  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl or mixture, got '", kind,
+              "'");
+}
+
+int sm_count(int device) {
+  int n = 0;
+  KD_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+struct Split {
+  int splits;
+  int64_t chunk;
+};
+
+// One block per row when rows fill the GPU; otherwise split each row's vocabulary into
+// chunks (multiples of PACK, at least 4096 elements) so ~2 blocks per SM are busy.
+Split choose_split(int64_t n, int64_t v, int device) {
+  const int64_t want = 2 * int64_t(sm_count(device));
+  int64_t splits = 1;
+  if (n < want) splits = std::min<int64_t>((want + n - 1) / std::max<int64_t>(n, 1),
+                                           std::max<int64_t>(1, v / 4096));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
+  int64_t chunk = (v + splits - 1) / splits;
+  chunk = (chunk + PACK - 1) / PACK * PACK;
+  splits = (v + chunk - 1) / chunk;
+  return {int(std::max<int64_t>(splits, 1)), std::max<int64_t>(chunk, PACK)};
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+struct Spec {
+  std::string kind;
+  double mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight;
+  int64_t ignore_index;
+};
+
+#define KD_PARAMS_DECL                                                                   \
+  const std::string &kind, double mix, double coef_p, double coef_q, double inv_ts,      \
+      double inv_tt, double kd_scale, double ce_weight, int64_t ignore_index
+#define KD_SPEC {kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index}
+
+void check_cuda_inputs(const at::Tensor& s, const at::Tensor& t,
+                       const c10::optional<at::Tensor>& labels, const Spec& sp) {
+  TORCH_CHECK(s.is_cuda() && t.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
+  TORCH_CHECK(s.device() == t.device(), "kdkernels: s and t must be on the same device");
+  TORCH_CHECK(s.dim() == 2, "kdkernels: s must be 2-D (rows, V), got ", s.sizes());
+  TORCH_CHECK(t.sizes() == s.sizes(), "kdkernels: t must have s's shape ", s.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(s.is_contiguous() && t.is_contiguous(), "kdkernels: s and t must be contiguous");
+  TORCH_CHECK(sp.inv_ts > 0 && sp.inv_tt > 0, "kdkernels: inv_ts and inv_tt must be > 0");
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 &&
+                    labels->size(0) == s.size(0) && labels->is_contiguous() &&
+                    labels->device() == s.device(),
+                "kdkernels: labels must be a contiguous int64 (", s.size(0),
+                ",) tensor on s's device, got ", labels->sizes(), " ", labels->scalar_type());
+  } else {
+    TORCH_CHECK(sp.ce_weight == 0, "kdkernels: ce_weight=", sp.ce_weight, " needs labels");
+  }
+}
+
+// Forward kernels; fills loss (N,) and stats (N, NSTAT).
+void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Spec& sp,
+                 at::Tensor& loss, at::Tensor& stats) {
+  const int64_t n = s.size(0), v = s.size(1);
+  if (n == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Split sp_ = choose_split(n, v, s.get_device());
+  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && v % PACK == 0;
+  const bool ce = sp.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && sp.inv_ts != 1.0;
+  auto part = at::empty({n, sp_.splits, NPART}, s.options().dtype(at::kFloat));
+  const dim3 grid(unsigned(n), unsigned(sp_.splits));
+  const int fin_blocks = int((n + 127) / 128);
+  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
+    using T = decltype(tz);
+    const T* sp_s = static_cast<const T*>(s.data_ptr());
+    const T* sp_t = static_cast<const T*>(t.data_ptr());
+    dispatch_kind(sp.kind, [&](auto kz) {
+      constexpr int K = decltype(kz)::value;
+      kd_stats_kernel<K, T><<<grid, THREADS, 0, stream>>>(
+          sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(sp.inv_ts),
+          float(sp.inv_tt), ce_sep, sp.ignore_index, vec);
+      KD_CUDA_CHECK(cudaGetLastError());
+      kd_finalize_kernel<K, T><<<fin_blocks, 128, 0, stream>>>(
+          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(),
+          n, v, sp_.splits, ce, ce_sep, sp.ignore_index, float(sp.kd_scale),
+          float(sp.ce_weight));
+      KD_CUDA_CHECK(cudaGetLastError());
+      if constexpr (K == MIXTURE) {
+        auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
+        kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
+            sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
+            float(sp.inv_ts), float(sp.inv_tt), sp.ignore_index, vec, float(sp.mix),
+            float(sp.coef_p), float(sp.coef_q));
+        KD_CUDA_CHECK(cudaGetLastError());
+        kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
+            lab, part2.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(), n,
+            sp_.splits, ce, sp.ignore_index, float(sp.kd_scale), float(sp.ce_weight),
+            float(sp.coef_p), float(sp.coef_q));
+        KD_CUDA_CHECK(cudaGetLastError());
+      }
+    });
+  });
+}
+
+void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
+                  const int64_t* lab, const at::Tensor& stats, const Spec& sp, void* gs,
+                  void* gt) {
+  const int64_t n = s.size(0), v = s.size(1);
+  if (n == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Split sp_ = choose_split(n, v, s.get_device());
+  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && aligned16(gs) &&
+                   (gt == nullptr || aligned16(gt)) && v % PACK == 0;
+  const bool ce = sp.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && sp.inv_ts != 1.0;
+  const dim3 grid(unsigned(n), unsigned(sp_.splits));
+  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
+    using T = decltype(tz);
+    dispatch_kind(sp.kind, [&](auto kz) {
+      constexpr int K = decltype(kz)::value;
+      kd_grad_kernel<K, T><<<grid, THREADS, 0, stream>>>(
+          grad, static_cast<const T*>(s.data_ptr()), static_cast<const T*>(t.data_ptr()), lab,
+          stats.data_ptr<float>(), static_cast<T*>(gs), static_cast<T*>(gt), v, sp_.chunk,
+          float(sp.inv_ts), float(sp.inv_tt), ce, ce_sep, sp.ignore_index, vec,
+          float(sp.kd_scale), float(sp.ce_weight), float(sp.mix), float(sp.coef_p),
+          float(sp.coef_q));
+      KD_CUDA_CHECK(cudaGetLastError());
+    });
+  });
+}
+
+at::Tensor same_dtype(const at::Tensor& t, const at::Tensor& s) {
+  return t.scalar_type() == s.scalar_type() ? t : t.to(s.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& s, const at::Tensor& t_in,
+                                                   const c10::optional<at::Tensor>& labels,
+                                                   KD_PARAMS_DECL) {
+  const Spec sp KD_SPEC;
+  check_cuda_inputs(s, t_in, labels, sp);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = same_dtype(t_in, s);
+  const int64_t n = s.size(0);
+  auto loss = at::empty({n}, s.options().dtype(at::kFloat));
+  auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  run_forward(s, t, lab, sp, loss, stats);
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
+                                                    const at::Tensor& s, const at::Tensor& t_in,
+                                                    const c10::optional<at::Tensor>& labels,
+                                                    const at::Tensor& stats, KD_PARAMS_DECL,
+                                                    bool need_teacher) {
+  const Spec sp KD_SPEC;
+  check_cuda_inputs(s, t_in, labels, sp);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const int64_t n = s.size(0);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == n &&
+                  stats.size(1) == NSTAT && stats.is_contiguous(),
+              "kdkernels: stats must be kd_forward's (", n, ", ", NSTAT, ") float32 tensor");
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
+              "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
+  const at::Tensor t = same_dtype(t_in, s);
+  auto g = grad_loss.to(at::kFloat).contiguous();
+  auto gs = at::empty_like(s);
+  // the kernel writes grad_t in s's dtype; converted back to t's below when they differ
+  auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  run_backward(g.data_ptr<float>(), s, t, lab, stats, sp, gs.data_ptr(),
+               need_teacher ? gt.data_ptr() : nullptr);
+  if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
+  return {gs, gt};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_fused_cuda(at::Tensor& s, const at::Tensor& t_in,
+                                                 const c10::optional<at::Tensor>& labels,
+                                                 KD_PARAMS_DECL, bool need_teacher) {
+  const Spec sp KD_SPEC;
+  check_cuda_inputs(s, t_in, labels, sp);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = same_dtype(t_in, s);
+  const int64_t n = s.size(0);
+  auto loss = at::empty({n}, s.options().dtype(at::kFloat));
+  auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
+  auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  run_forward(s, t, lab, sp, loss, stats);
+  // each element is read before it is overwritten, by the same thread
+  run_backward(nullptr, s, t, lab, stats, sp, s.data_ptr(),
+               need_teacher ? gt.data_ptr() : nullptr);
+  if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
+  return {loss, gt};
+}
+
+int blocks_for(int64_t n) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((n + THREADS - 1) / THREADS, 65535)));
+}
+
+at::Tensor common(const at::Tensor& x, at::ScalarType st) {
+  return (x.scalar_type() == st ? x : x.to(st)).contiguous();
+}
+
+at::Tensor kl_div_cuda(const at::Tensor& x_in, const at::Tensor& y_in, bool log_target) {
+  TORCH_CHECK(x_in.dim() == 1 && y_in.sizes() == x_in.sizes(),
+              "kdkernels: kl_div input and target must be 1-D of the same length");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto st = c10::promoteTypes(x_in.scalar_type(), y_in.scalar_type());
+  const at::Tensor x = common(x_in, st), y = common(y_in, st);
+  auto out = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  dispatch_all_types(st, "kl_div input", [&](auto tz) {
+    using T = decltype(tz);
+    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    kl_div_kernel<T, A><<<blocks_for(n), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
+        static_cast<T*>(out.data_ptr()), n, log_target);
+    KD_CUDA_CHECK(cudaGetLastError());
+  });
+  return out;
+}
+
+at::Tensor kl_div_sum_cuda(const at::Tensor& x_in, const at::Tensor& y_in, bool log_target) {
+  TORCH_CHECK(x_in.dim() == 1 && y_in.sizes() == x_in.sizes(),
+              "kdkernels: kl_div input and target must be 1-D of the same length");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto st = c10::promoteTypes(x_in.scalar_type(), y_in.scalar_type());
+  const at::Tensor x = common(x_in, st), y = common(y_in, st);
+  const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::zeros({}, x.options().dtype(acc));
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  dispatch_all_types(st, "kl_div input", [&](auto tz) {
+    using T = decltype(tz);
+    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const int blocks = int(std::min<int64_t>(blocks_for(n), 4096));
+    kl_div_sum_kernel<T, A><<<blocks, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
+        static_cast<A*>(out.data_ptr()), n, log_target);
+    KD_CUDA_CHECK(cudaGetLastError());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_div_backward_cuda(const at::Tensor& grad,
+                                                        const at::Tensor& x_in,
+                                                        const at::Tensor& y_in, bool log_target,
+                                                        bool need_x, bool need_y) {
+  TORCH_CHECK(x_in.dim() == 1 && y_in.sizes() == x_in.sizes(),
+              "kdkernels: kl_div input and target must be 1-D of the same length");
+  TORCH_CHECK(grad.dim() == 0 || grad.sizes() == x_in.sizes(),
+              "kdkernels: kl_div grad must be 0-d or of input's shape");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto st = c10::promoteTypes(x_in.scalar_type(), y_in.scalar_type());
+  const at::Tensor x = common(x_in, st), y = common(y_in, st);
+  const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  auto g = grad.to(acc).contiguous();
+  auto gx = need_x ? at::empty_like(x) : at::empty({0}, x_in.options());
+  auto gy = need_y ? at::empty_like(y) : at::empty({0}, y_in.options());
+  const int64_t n = x.numel();
+  if (n > 0) {
+    dispatch_all_types(st, "kl_div input", [&](auto tz) {
+      using T = decltype(tz);
+      using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+      kl_div_backward_kernel<T, A>
+          <<<blocks_for(n), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              static_cast<const A*>(g.data_ptr()), static_cast<const T*>(x.data_ptr()),
+              static_cast<const T*>(y.data_ptr()),
+              need_x ? static_cast<T*>(gx.data_ptr()) : nullptr,
+              need_y ? static_cast<T*>(gy.data_ptr()) : nullptr, n, grad.dim() == 0,
+              log_target);
+      KD_CUDA_CHECK(cudaGetLastError());
+    });
+  }
+  if (need_x && gx.scalar_type() != x_in.scalar_type()) gx = gx.to(x_in.scalar_type());
+  if (need_y && gy.scalar_type() != y_in.scalar_type()) gy = gy.to(y_in.scalar_type());
+  return {gx, gy};
+}
+
+at::Tensor softmax_cuda(const at::Tensor& x, double inv_t, bool log) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "kdkernels: softmax x must be 2-D contiguous");
+  TORCH_CHECK(inv_t > 0, "kdkernels: softmax inv_t must be > 0, got ", inv_t);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  dispatch_half_types(x.scalar_type(), "x", [&](auto tz) {
+    using T = decltype(tz);
+    softmax_kernel<T><<<unsigned(x.size(0)), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const T*>(x.data_ptr()), static_cast<T*>(y.data_ptr()), x.size(1),
+        float(inv_t), log);
+    KD_CUDA_CHECK(cudaGetLastError());
+  });
+  return y;
+}
+
+at::Tensor softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, double inv_t,
+                                 bool log) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && grad.sizes() == y.sizes(),
+              "kdkernels: softmax backward needs 2-D contiguous y and grad of its shape");
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto g = grad.to(y.scalar_type()).contiguous();
+  auto gx = at::empty_like(y);
+  if (y.numel() == 0) return gx;
+  dispatch_half_types(y.scalar_type(), "y", [&](auto tz) {
+    using T = decltype(tz);
+    softmax_backward_kernel<T>
+        <<<unsigned(y.size(0)), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            static_cast<const T*>(g.data_ptr()), static_cast<const T*>(y.data_ptr()),
+            static_cast<T*>(gx.data_ptr()), y.size(1), float(inv_t), log);
+    KD_CUDA_CHECK(cudaGetLastError());
+  });
+  return gx;
+}
+
+}  // namespace
+}  // namespace kd
+
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("kd_forward", &kd::kd_forward_cuda);
+  m.impl("kd_backward", &kd::kd_backward_cuda);
+  m.impl("kd_fused_", &kd::kd_fused_cuda);
+  m.impl("kl_div", &kd::kl_div_cuda);
+  m.impl("kl_div_sum", &kd::kl_div_sum_cuda);
+  m.impl("kl_div_backward", &kd::kl_div_backward_cuda);
+  m.impl("softmax", &kd::softmax_cuda);
+  m.impl("softmax_backward", &kd::softmax_backward_cuda);
+}

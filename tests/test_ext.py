@@ -1,0 +1,333 @@
+"""The C++ extension (impl="ext") on CPU: its ops through torch.library.opcheck, and values and
+gradients through the public API against the float64 formulas of tests/_formulas.py under the
+shared error model (an impl may err at most ~2x plain PyTorch at the same dtype, plus a floor
+of a few ulps; see _formulas.TOLERANCES), plus float64 gradcheck through the CPU kernel.
+
+The CPU kernel runs the math of csrc/kd_math.h, the header the CUDA kernels compile too, so
+these tests are also the executed check of the CUDA kernels' formulas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _formulas import check_kd_loss
+
+import kdkernels as kd
+from kdkernels import ext
+from kdkernels._spec import Divergence, LossSpec
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+TEMPS = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt0.7": (2.0, 0.7)}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    ok, why = ext.is_available(torch.device("cpu"))
+    assert ok, why  # a failed build fails these tests: CI has a compiler
+
+
+def logits(shape, dtype=torch.float32, scale=2.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def labels_for(n, v, mode):
+    if mode == "none":
+        return {}
+    lab = torch.randint(0, v, (n,))
+    lab[::3] = -100  # every third row ignored
+    if mode == "ignored":
+        return {"labels": lab}
+    return {"labels": lab, "ce_weight": 0.5}
+
+
+# --------------------------------------------------------------------------------------
+# ops: schema, fake kernels, autograd registration
+# --------------------------------------------------------------------------------------
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
+
+
+def spec_args(kind="forward_kl", mix=0.0, cp=0.0, cq=0.0, ts=2.0, tt=2.0, ce=0.0):
+    div = Divergence(kind, mix=mix, coef_p=cp, coef_q=cq)
+    return ext.spec_args(LossSpec(div, 1 / ts, 1 / tt, ts * ts, ce_weight=ce))
+
+
+OP_SPECS = {
+    "forward_kl": spec_args(),
+    "reverse_kl-ce": spec_args("reverse_kl", ce=0.3),
+    "jsd": spec_args("mixture", 0.3, 0.3, 0.7, ts=1.0, tt=1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(OP_SPECS))
+def test_opcheck_kd_ops(name):
+    args = OP_SPECS[name]
+    s = logits((5, 37)).requires_grad_()
+    t = logits((5, 37)).requires_grad_()
+    lab = torch.tensor([3, -100, 0, 36, 7])
+    ops = torch.ops.kdkernels
+    torch.library.opcheck(ops.kd_forward, (s, t, lab, *args), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(ops.kd_forward, (s, t, None, *args[:7], 0.0, args[8]),
+                          test_utils=OPCHECK_TESTS)
+    loss, stats = ops.kd_forward(s.detach(), t.detach(), lab, *args)
+    assert stats.shape == (5, ext.NSTAT)
+    g = torch.randn(5)
+    for need_t in (False, True):
+        torch.library.opcheck(ops.kd_backward, (g, s.detach(), t.detach(), lab, stats, *args,
+                                                need_t), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(ops.kd_fused_, (s.detach().clone(), t.detach(), lab, *args, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_kl_div_and_softmax_ops():
+    ops = torch.ops.kdkernels
+    x = torch.randn(50).log_softmax(0).requires_grad_()
+    y = torch.rand(50).requires_grad_()
+    for lt in (False, True):
+        torch.library.opcheck(ops.kl_div, (x, y, lt), test_utils=OPCHECK_TESTS)
+        torch.library.opcheck(ops.kl_div_sum, (x, y, lt), test_utils=OPCHECK_TESTS)
+        torch.library.opcheck(ops.kl_div_backward, (torch.tensor(0.7), x.detach(), y.detach(),
+                                                    lt, True, True), test_utils=OPCHECK_TESTS)
+    z = torch.randn(4, 33).requires_grad_()
+    for log in (False, True):
+        torch.library.opcheck(ops.softmax, (z, 0.5, log), test_utils=OPCHECK_TESTS)
+        y2 = ops.softmax(z.detach(), 0.5, log)
+        torch.library.opcheck(ops.softmax_backward, (torch.randn(4, 33), y2, 0.5, log),
+                              test_utils=OPCHECK_TESTS)
+
+
+def test_op_errors_name_the_argument():
+    ops = torch.ops.kdkernels
+    s, t = logits((3, 8)), logits((3, 8))
+    args = spec_args()
+    with pytest.raises(RuntimeError, match="t must have s's shape"):
+        ops.kd_forward(s, logits((3, 9)), None, *args)
+    with pytest.raises(RuntimeError, match="kind must be"):
+        ops.kd_forward(s, t, None, "jsd", *args[1:])
+    with pytest.raises(RuntimeError, match="labels"):
+        ops.kd_forward(s, t, torch.tensor([1, 2]), *args)
+    with pytest.raises(RuntimeError, match="stats"):
+        ops.kd_backward(torch.ones(3), s, t, None, torch.zeros(3, 2), *args, False)
+    with pytest.raises(RuntimeError, match="needs labels"):
+        ops.kd_forward(s, t, None, *args[:7], 0.5, args[8])
+
+
+# --------------------------------------------------------------------------------------
+# values and gradients against the float64 truth
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels_mode", ["none", "ignored", "ce"])
+@pytest.mark.parametrize("temps", list(TEMPS), ids=list(TEMPS))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matrix_f32(divergence, temps, labels_mode):
+    ts, tt = TEMPS[temps]
+    s, t = logits((6, 301)), logits((6, 301))
+    check_kd_loss("ext", s, t, divergence=divergence, beta=0.3, temperature=ts,
+                  teacher_temperature=tt, reduction="none", **labels_for(6, 301, labels_mode))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_low_precision(divergence, dtype):
+    d = DTYPES[dtype]
+    s, t = logits((5, 263), d), logits((5, 263), d)
+    check_kd_loss("ext", s, t, divergence=divergence, temperature=2.0, reduction="sum",
+                  **labels_for(5, 263, "ce"))
+
+
+@pytest.mark.parametrize("shape", [(41, 1271), (3, 33), (2, 1), (1, 15), (4, 1024), (2, 2049)])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_odd_shapes(shape, divergence):
+    # V not a multiple of the vector width (16 floats) nor of the 1024-element tile
+    s, t = logits(shape), logits(shape)
+    check_kd_loss("ext", s, t, divergence=divergence, temperature=2.0, reduction="none")
+
+
+def test_student_and_teacher_dtypes_differ():
+    s, t = logits((4, 100), torch.bfloat16), logits((4, 100), torch.float32)
+    ref_s, ref_t = s.float().requires_grad_(), t.clone().requires_grad_()
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = kd.kd_loss(s1, t1, divergence="jsd", temperature=2.0, impl="ext", reduction="sum")
+    ref = kd.kd_loss(ref_s, ref_t, divergence="jsd", temperature=2.0, impl="torch",
+                     reduction="sum")
+    out.backward()
+    ref.backward()
+    assert s1.grad.dtype == torch.bfloat16 and t1.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1.grad.float(), ref_s.grad, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(t1.grad, ref_t.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_logits(divergence):
+    # logits of +-1e4: the kernel sums shifted differences ((zt - mt) - (zs - ms)) and keeps
+    # log-probabilities as (z - m) - log S, never z - lse with lse rounded to an ulp of 1e4
+    # (~1e-3). What float32 cannot avoid: log-ratios of ~5e3 carry an ulp of ~5e-4.
+    s, t = logits((4, 300), scale=1.0), logits((4, 300), scale=1.0)
+    s[:, :5] += 1e4
+    t[:, 2:7] -= 1e4
+    t[:, 7:9] += 1e4
+    s[1] -= 1e4
+    lab = torch.tensor([0, 4, -100, 8])
+    kw = dict(divergence=divergence, temperature=2.0, reduction="none", ce_weight=0.3)
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = kd.kd_loss(s1, t1, lab, impl="ext", **kw)
+    g = torch.randn(4, dtype=torch.float64)
+    out.backward(g.float())
+    # truth: the log-space reference in float64 (the probability-space formulas of
+    # _formulas underflow here even in float64); baseline: the same reference in float32
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        s2, t2 = s.to(dt).requires_grad_(), t.to(dt).requires_grad_()
+        ref = kd.kd_loss(s2, t2, lab, impl="torch", **kw)
+        ref.backward(g.to(dt))
+        res[dt] = (ref, s2.grad, t2.grad)
+    for k, what in enumerate(("loss", "d/ds", "d/dt")):
+        a, truth, base = (out, s1.grad, t1.grad)[k], res[torch.float64][k], res[torch.float32][k]
+        err = (a.double() - truth).abs().max().item()
+        base_err = (base.double() - truth).abs().max().item()
+        # 2x plain PyTorch (whose lse rounding dominates at this size) + float32's floor
+        bound = 2 * base_err + 2e-6 * (1 + truth.abs().max().item())
+        assert err <= bound, f"{what}: error {err:.2e} > {bound:.2e} (reference {base_err:.2e})"
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_padding_is_exact_zero(divergence):
+    # vocabulary padding (-inf in both logits) contributes exactly nothing
+    s, t = logits((5, 100)), logits((5, 100))
+    sp = torch.cat([s, torch.full((5, 37), -math.inf)], 1).requires_grad_()
+    tp = torch.cat([t, torch.full((5, 37), -math.inf)], 1).requires_grad_()
+    s0, t0 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    kw = dict(divergence=divergence, temperature=2.0, reduction="none", impl="ext")
+    a, b = kd.kd_loss(sp, tp, **kw), kd.kd_loss(s0, t0, **kw)
+    g = torch.randn(5)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert torch.all(sp.grad[:, 100:] == 0) and torch.all(tp.grad[:, 100:] == 0)
+    torch.testing.assert_close(sp.grad[:, :100], s0.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tp.grad[:, :100], t0.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_zero_student_probability_gives_inf():
+    # q = 0 where p > 0: forward KL is +inf (the true value), never nan
+    s, t = logits((2, 50)), logits((2, 50))
+    s[0, 3] = -math.inf
+    out = kd.kd_loss(s, t, divergence="forward_kl", reduction="none", impl="ext")
+    assert out[0] == math.inf and math.isfinite(out[1])
+    rev = kd.kd_loss(s, t, divergence="reverse_kl", reduction="none", impl="ext")
+    assert torch.isfinite(rev).all()
+
+
+def test_all_ignored_and_empty():
+    s, t = logits((3, 40)).requires_grad_(), logits((3, 40))
+    lab = torch.full((3,), -100)
+    out = kd.kd_loss(s, t, lab, ce_weight=1.0, impl="ext")
+    out.backward()
+    assert out.item() == 0 and torch.all(s.grad == 0)
+    e = torch.zeros(0, 40, requires_grad=True)
+    kd.kd_loss(e, torch.zeros(0, 40), impl="ext", reduction="sum").backward()
+    assert e.grad.shape == (0, 40)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_inplace_backward_matches(divergence):
+    s, t = logits((5, 333)), logits((5, 333))
+    lab = torch.tensor([1, -100, 5, 7, 332])
+    kw = dict(divergence=divergence, temperature=2.0, ce_weight=0.4, impl="ext")
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    a = kd.kd_loss(s1, t1, lab, **kw)
+    a.backward()
+    s2, t2 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    b = kd.kd_loss(s2, t2, lab, inplace_backward=True, **kw)
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(s1.grad, s2.grad)
+    torch.testing.assert_close(t1.grad, t2.grad)
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck in float64 through the CPU kernel
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradcheck_f64(divergence):
+    s = logits((3, 11), torch.float64).requires_grad_()
+    t = logits((3, 11), torch.float64).requires_grad_()
+    lab = torch.tensor([2, -100, 10])
+
+    def f(s, t):
+        return kd.kd_loss(s, t, lab, divergence=divergence, beta=0.3, skew=0.2,
+                          temperature=1.7, teacher_temperature=0.9, ce_weight=0.4,
+                          reduction="none", impl="ext")
+
+    assert torch.autograd.gradcheck(f, (s, t))
+
+
+# --------------------------------------------------------------------------------------
+# kl_div, softmax, log_softmax
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div(reduction, log_target):
+    x = torch.randn(7, 33, dtype=torch.float64).log_softmax(-1)
+    y = torch.rand(7, 33, dtype=torch.float64)
+    y[0, :3] = 0  # 0 log 0 = 0
+    if log_target:
+        y = y.clamp_min(1e-3).log()
+    for dtype in (torch.float64, torch.float32):
+        xi, yi = (a.to(dtype).clone().requires_grad_() for a in (x, y))
+        xr, yr = (a.to(dtype).clone().requires_grad_() for a in (x, y))
+        out = kd.kl_div(xi, yi, reduction=reduction, log_target=log_target, impl="ext")
+        ref = torch.nn.functional.kl_div(xr, yr, reduction=reduction, log_target=log_target)
+        tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else {}
+        torch.testing.assert_close(out, ref, **tol)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(xi.grad, xr.grad, **tol)
+        keep = (y != 0) if not log_target else torch.ones_like(y, dtype=torch.bool)
+        torch.testing.assert_close(yi.grad[keep], yr.grad[keep], **tol)
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f64"])
+def test_softmax(log, dtype):
+    d = {"f64": torch.float64, **DTYPES}[dtype]
+    x = logits((5, 1100), d, scale=3.0)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fn = kd.log_softmax if log else kd.softmax
+    y = fn(x1, 2.0, impl="ext")
+    ref = fn(x2, 2.0, impl="torch")
+    assert y.dtype == d
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    tol = {} if d != torch.float64 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+
+
+def test_compile_fullgraph():
+    s, t = logits((4, 70)).requires_grad_(), logits((4, 70))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(s, t):
+        return kd.kd_loss(s, t, divergence="jsd", temperature=2.0, impl="ext")
+
+    out = f(s, t)
+    out.backward()
+    s2 = s.detach().clone().requires_grad_()
+    ref = kd.kd_loss(s2, t, divergence="jsd", temperature=2.0, impl="ext")
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s.grad, s2.grad)
