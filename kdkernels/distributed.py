@@ -394,9 +394,9 @@ class ShardedKDRows(torch.autograd.Function):
         local_ok = v == t.shape[1]  # else only the header is sent and every rank raises
         if local_ok:
             for i in range(0, n, step):
-                lab = None if labels is None else labels[i : i + step]
-                local[i : i + step] = _shard_stats(s[i : i + step], t[i : i + step], lab, spec,
-                                                   cols)
+                j = min(i + step, n)  # `local` has one more row: the header
+                lab = None if labels is None else labels[i:j]
+                local[i:j] = _shard_stats(s[i:j], t[i:j], lab, spec, cols)
         local[n, _LS], local[n, _LT] = v, t.shape[1]
         table = _all_gather(local, group)  # (W, n + 1, c)
         host = _host_checks(s, group)

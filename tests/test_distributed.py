@@ -305,6 +305,38 @@ def empty_batch(rank, world):
 
 
 @case
+def chunked_rows(rank, world):
+    """Several row chunks with a ragged last one (reference.CHUNK_ELEMENTS made tiny), so the
+    chunk loops of forward, backward and softmax are exercised."""
+    from kdkernels import reference
+
+    chk = Checks()
+    widths = WIDTHS[world]
+    saved = reference.CHUNK_ELEMENTS
+    reference.CHUNK_ELEMENTS = 3 * max(widths)  # 3 rows per chunk: 11 rows = 3 + 3 + 3 + 2
+    try:
+        S, T = gen_logits((11, VOCAB), 121), gen_logits((11, VOCAB), 122)
+        labels = labels_on_every_shard((11,), widths, 123)
+        for div in ("forward_kl", "reverse_kl", "skew_forward_kl"):
+            compare_kd(chk, div, S, T, labels, widths, rank, None, divergence=div,
+                       ce_weight=0.5, temperature=2.0)
+        x = local(S, widths, rank)
+        xf = S.clone().requires_grad_(True)
+        want = torch.log_softmax(xf, -1)
+        (want * T).sum().backward()
+        got = kd.log_softmax(x, process_group=dist.group.WORLD)
+        o = offsets(widths)
+        (got * T[:, o[rank] : o[rank + 1]]).sum().backward()
+        chk.close("log_softmax", got.detach(), want.detach()[:, o[rank] : o[rank + 1]],
+                  *TOL[torch.float64])
+        chk.close("log_softmax grad", x.grad, xf.grad[:, o[rank] : o[rank + 1]],
+                  *TOL[torch.float64])
+    finally:
+        reference.CHUNK_ELEMENTS = saved
+    chk.done()
+
+
+@case
 def empty_shard(rank, world):
     """A rank holding no column (DTensor's torch.chunk layout gives one when V < W ranks'
     chunk sizes add up, e.g. V = 5 on 4 ranks). Through distributed.kd_rows directly:
