@@ -455,3 +455,34 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s.grad, s_ref.grad)
     torch.testing.assert_close(t.grad, t_ref.grad)
+
+
+def test_inplace_backward_compiles():
+    # kd_rows(inplace_backward=True) traced without graph breaks. Under torch.compile the
+    # graph is functionalized, so the gradient lands in a fresh buffer: the values are what
+    # matters here. (kd.kd_loss itself compares data pointers for inplace_backward, which
+    # dynamo cannot trace.)
+    torch._dynamo.reset()
+    spec = kd.functional.LossSpec(kd.functional.Divergence("reverse_kl"), 0.5, 0.5, 4.0)
+    w = torch.arange(1.0, 4.0)
+
+    def loss_fn(s, t):
+        return (tkd.kd_rows(s, t, None, spec, True) * w).sum()
+
+    s0, t0 = logits(3, 20), logits(3, 20)
+    s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+    torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(s, t).backward()
+    s_ref, t_ref = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+    loss_fn(s_ref, t_ref).backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)
+    torch.testing.assert_close(t.grad, t_ref.grad)
+
+
+def test_inplace_backward_twice_fails():
+    # the gradient was rescaled in place by the first backward: a second one must not
+    # rescale it again
+    s = logits(3, 20).requires_grad_()
+    out = kd.kd_loss(s, logits(3, 20), impl="triton", inplace_backward=True)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

@@ -861,17 +861,20 @@ class _KDRowsInplace(torch.autograd.Function):
     def forward(ctx, s, t, labels, *spec):
         teacher_grad = ctx.needs_input_grad[1]
         loss, dt = kd_fwd_inplace(s, t, labels, teacher_grad, *spec)
-        ctx.grads = (s, dt if teacher_grad else None)
+        # saved after the op wrote into s: its version is the one backward will find, and a
+        # second backward (retain_graph) fails on the version check instead of rescaling twice
+        ctx.save_for_backward(s, dt)
+        ctx.teacher_grad = teacher_grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_s, grad_t = ctx.grads
-        del ctx.grads
+        grad_s, grad_t = ctx.saved_tensors
         g = grad_loss.float()[:, None]  # one rounding: the product is formed in float32
         grad_s.mul_(g)
-        if grad_t is not None:
-            grad_t.mul_(g)
+        if not ctx.teacher_grad:
+            return (grad_s, None, None) + (None,) * 9
+        grad_t.mul_(g)
         return (grad_s, grad_t, None) + (None,) * 9
 
 
