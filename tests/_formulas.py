@@ -44,6 +44,13 @@ def kl(p, lp, lr) -> torch.Tensor:
     return _plogratio(p, lp, lr)
 
 
+def _log_mixture(m: torch.Tensor) -> torch.Tensor:
+    """log m, with the zeros of m (both p and q underflowed) at -inf and a zero gradient
+    there: log's backward at 0 would be 0 * (1/0) = nan even where the term is masked."""
+    pos = m > 0
+    return torch.where(pos, torch.log(torch.where(pos, m, torch.ones_like(m))), -math.inf)
+
+
 def row_divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, skew: float):
     """Per-row divergence D(p || q) of DESIGN.md §1's table from the log-probabilities.
 
@@ -55,14 +62,14 @@ def row_divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, s
         return kl(q, lq, lp)
     if name == "jsd":
         m = beta * p + (1.0 - beta) * q
-        lm = torch.log(m)
+        lm = _log_mixture(m)
         return beta * kl(p, lp, lm) + (1.0 - beta) * kl(q, lq, lm)
     if name == "skew_forward_kl":
         m = skew * p + (1.0 - skew) * q
-        return kl(p, lp, torch.log(m))
+        return kl(p, lp, _log_mixture(m))
     if name == "skew_reverse_kl":
         m = skew * q + (1.0 - skew) * p
-        return kl(q, lq, torch.log(m))
+        return kl(q, lq, _log_mixture(m))
     raise ValueError(name)
 
 

@@ -275,7 +275,9 @@ def test_empty_batch(impl, reduction, shape, with_labels):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_extreme_logits(impl, divergence):
     """Logits of +-1e4 (one-hot softmaxes, exp underflows to 0 almost everywhere): finite
-    and correct against float64, no nan."""
+    and correct against float64, no nan. Besides the error model, the named allowance of
+    log-probabilities formed as z - logsumexp(z) at |z| = 1e4 (see logsumexp_rounding;
+    test_large_logits_precision below holds the loss to the model alone)."""
     shape = (4, 67)
     s = torch.empty(shape).uniform_(-1e4, 1e4)
     t = torch.empty(shape).uniform_(-1e4, 1e4)
@@ -284,9 +286,55 @@ def test_extreme_logits(impl, divergence):
     t[1, 5] = 1e4 - 2.0  # ... almost: two nearly tied teacher entries
     s[2] = torch.where(torch.rand(67) < 0.5, 1e4, -1e4)  # ties at the maximum
     labels = torch.tensor([0, 3, -100, 66])
-    out, gs, gt = check_kd_loss(impl, s, t, labels, divergence=divergence, temperature=1.0,
-                                ce_weight=0.5, reduction="none")
-    assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    kwargs = dict(divergence=divergence, ce_weight=0.5, reduction="none")
+    s_, t_ = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = kd.kd_loss(s_, t_, labels, impl=impl, **kwargs)
+    torch.manual_seed(1)
+    out.backward(upstream_grad(out))
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(s_.grad).all() and torch.isfinite(t_.grad).all()
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    sb, tb = s.clone().requires_grad_(), t.clone().requires_grad_()
+    for a, b in ((s64, t64), (sb, tb)):
+        ref = kd_loss(a, b, labels, **kwargs)
+        torch.manual_seed(1)
+        ref.backward(upstream_grad(ref.float()).to(ref.dtype))
+        if a.dtype == torch.float64:
+            truth = ref
+        else:
+            base = ref
+    extra = logsumexp_rounding(1e4, 1.0 + 0.5, float(truth.abs().max()))
+    assert_error_model(out, truth, base, torch.float32, "loss", extra)
+    # gradients: p carries the relative error d; entries p (lp - lq - D) scale it up
+    for name, got, want, base_g in (("student grad", s_.grad, s64.grad, sb.grad),
+                                    ("teacher grad", t_.grad, t64.grad, tb.grad)):
+        extra = logsumexp_rounding(1e4, 2 * (1.0 + 0.5), float(want.abs().max()))
+        assert_error_model(got, want, base_g, torch.float32, name, extra)
+
+
+def test_large_logits_precision(impl, request):
+    """One row at |z| = 1e4 where a rounded teacher logsumexp would cost: the teacher's mass
+    sits on entries where the student's log-probability is -2e4, so a relative error d of p
+    (d ~ eps * 1e4 when p = exp(z - lse) with lse rounded) moves the loss by d * 2e4. Plain
+    PyTorch (log_softmax subtracts the max first) is accurate to ~1e-7 relative here."""
+    if impl == "torch":
+        request.applymarker(pytest.mark.xfail(
+            strict=True,
+            reason="BUG (precision): reference.py forms lp = zt - lse_t with lse_t rounded at "
+            "|z| ~ 1e4; exp(lp) then has a relative error ~eps*|z| that multiplies the KL "
+            "(loss off by ~6 in 19300, PyTorch by 2e-3). Fix: keep lse as (max, log sum) and "
+            "form lp = (zt - max) - log(sum)",
+        ))
+    if impl == "triton":
+        request.applymarker(pytest.mark.xfail(
+            strict=True,
+            reason="PRECISION (triton kd backward): the loss is right but d/ds is off by 1.3e-4 "
+            "(PyTorch 1.6e-8): q, p recomputed as exp(z - lse) with lse rounded at |z| ~ 1e4",
+        ))
+    t = torch.tensor([[1e4 - 0.3 * k for k in range(8)]])
+    s = torch.full((1, 8), -1e4)
+    s[0, 7] = 1e4
+    check_kd_loss(impl, s, t, divergence="forward_kl", reduction="none")
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
