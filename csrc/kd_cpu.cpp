@@ -404,15 +404,17 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   // lq = zs - (ms + log Ss) as (zs - ms) - log Ss; safe_ref keeps -inf rows NaN-free
   const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const A m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
-  // element gradient (lane type X): the same code for the vector body and the label fix-up
-  auto elem = [&](auto zsv, auto ztv, auto z1v, auto onehot, auto& gsv, auto& gtv) {
+  // element gradient (lane type X): the same code for the vector body and the label fix-up;
+  // NT: whether the teacher's gradient is formed at all
+  auto elem = [&](auto nt, auto zsv, auto ztv, auto z1v, auto onehot, auto& gsv, auto& gtv) {
     using X = std::decay_t<decltype(zsv)>;
+    constexpr bool NT = decltype(nt)::value;
     X lq = (zsv - X(ms)) - X(ls);
     X lp = (ztv - X(mt)) - X(lt);
     if constexpr (K == MIXTURE) {
-      mix_grad(lq, lp, c, D, B, Uq, Up, gsv, gtv);
+      mix_grad<NT>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
     } else {
-      kl_grad<REV>(lq, lp, X(D), gsv, gtv);
+      kl_grad<REV, NT>(lq, lp, X(D), gsv, gtv);
     }
     gsv = gsv * X(cs);
     gtv = gtv * X(ct);
@@ -425,40 +427,48 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     if (r.ss == at::kFloat) gs_direct = static_cast<A*>(r.gs);
     if (r.gt && r.tt == at::kFloat) gt_direct = static_cast<A*>(r.gt);
   }
-  for (int64_t off = 0; off < r.v; off += TILE) {
-    const int64_t n = std::min(TILE, r.v - off);
-    const int64_t np = round_up<A>(n);
-    load_tile<A>(r.s, r.ss, off, n, its, zs);
-    load_tile<A>(r.t, r.tt, off, n, itt, zt);
-    const A* z1p = zs;
-    if (ce_sep) {
-      load_tile<A>(r.s, r.ss, off, n, A(1), z1);
-      z1p = z1;
-    }
-    for (int64_t i = 0; i < np; i += W) {
-      V gsv, gtv;
-      elem(V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0), gsv, gtv);
-      const bool full = i + W <= n;
-      // the tile buffers receive the gradient where it is not stored directly (already read)
-      if (gs_direct && full) {
-        store_vec(gsv, gs_direct + off + i);
-      } else if (gs_direct) {
-        gsv.store(gs_direct + off + i, n - i);
-      } else {
-        gsv.store(zs + i);
+  auto tiles = [&](auto nt) {
+    constexpr bool NT = decltype(nt)::value;
+    for (int64_t off = 0; off < r.v; off += TILE) {
+      const int64_t n = std::min(TILE, r.v - off);
+      const int64_t np = round_up<A>(n);
+      load_tile<A>(r.s, r.ss, off, n, its, zs);
+      load_tile<A>(r.t, r.tt, off, n, itt, zt);
+      const A* z1p = zs;
+      if (ce_sep) {
+        load_tile<A>(r.s, r.ss, off, n, A(1), z1);
+        z1p = z1;
       }
-      if (r.gt) {
-        if (gt_direct && full) {
-          store_vec(gtv, gt_direct + off + i);
-        } else if (gt_direct) {
-          gtv.store(gt_direct + off + i, n - i);
+      for (int64_t i = 0; i < np; i += W) {
+        V gsv, gtv;
+        elem(nt, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0), gsv, gtv);
+        const bool full = i + W <= n;
+        // the tile buffers receive the gradient where it is not stored directly (read already)
+        if (gs_direct && full) {
+          store_vec(gsv, gs_direct + off + i);
+        } else if (gs_direct) {
+          gsv.store(gs_direct + off + i, n - i);
         } else {
-          gtv.store(zt + i);
+          gsv.store(zs + i);
+        }
+        if (NT) {
+          if (gt_direct && full) {
+            store_vec(gtv, gt_direct + off + i);
+          } else if (gt_direct) {
+            gtv.store(gt_direct + off + i, n - i);
+          } else {
+            gtv.store(zt + i);
+          }
         }
       }
+      if (!gs_direct) store_tile<A>(r.gs, r.ss, off, n, zs);
+      if (NT && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
     }
-    if (!gs_direct) store_tile<A>(r.gs, r.ss, off, n, zs);
-    if (r.gt && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
+  };
+  if (r.gt) {
+    tiles(std::true_type{});
+  } else {
+    tiles(std::false_type{});
   }
   store_fence();
   if (ce) {
@@ -466,7 +476,7 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     const A sl = st[ST_SLAB];
     const A tl = load_one<A>(r.t, r.tt, r.label);
     A gsv, gtv;
-    elem(sl * its, tl * itt, sl, A(1), gsv, gtv);
+    elem(std::false_type{}, sl * its, tl * itt, sl, A(1), gsv, gtv);
     store_one<A>(r.gs, r.ss, r.label, gsv);
   }
 }

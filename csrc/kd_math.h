@@ -209,16 +209,18 @@ KD_HD S kl_value(S ss, S st, S acc) {
 // ---- gradients of forward / reverse KL ---------------------------------------------------
 // lq, lp: log-probabilities of the element, d: the row's divergence. Unscaled (no 1/T, no g).
 
-template <bool REVERSE, class W>
+// NEED_T = false skips the teacher's gradient (gt is left 0).
+template <bool REVERSE, bool NEED_T = true, class W>
 KD_HD void kl_grad(W lq, W lp, W d, W& gs, W& gt) {
   W q = kd_exp(lq);
   W p = kd_exp(lp);
+  gt = W(0);
   if (REVERSE) {
     gs = kd_where(q > W(0), q * (lq - lp - d), W(0));
-    gt = p - q;
+    if (NEED_T) gt = p - q;
   } else {
     gs = q - p;
-    gt = kd_where(p > W(0), p * (lp - lq - d), W(0));
+    if (NEED_T) gt = kd_where(p > W(0), p * (lp - lq - d), W(0));
   }
 }
 
@@ -285,15 +287,18 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
   sup = sup + kd_where(pm, e.p * e.u, W(0));
 }
 
-template <class W, class S>
+template <bool NEED_T = true, class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt) {
   MixElem<W> e = mix_elem(lq, lp, c);
   W pm = e.p > W(0);
   W qm = e.q > W(0);
   gs = kd_where(qm, W(S(0) - (S(1) - c.a)) * e.q * (e.u - W(Uq)), W(0));
-  gt = kd_where(pm, W(S(0) - c.a) * e.p * (e.u - W(Up)), W(0));
   if (c.cq != S(0)) gs = gs + kd_where(qm, W(c.cq) * e.q * (e.lq_lm - W(B)), W(0));
-  if (c.cp != S(0)) gt = gt + kd_where(pm, W(c.cp) * e.p * (e.lp_lm - W(A)), W(0));
+  gt = W(0);
+  if (NEED_T) {
+    gt = kd_where(pm, W(S(0) - c.a) * e.p * (e.u - W(Up)), W(0));
+    if (c.cp != S(0)) gt = gt + kd_where(pm, W(c.cp) * e.p * (e.lp_lm - W(A)), W(0));
+  }
 }
 
 // ---- cross-entropy, kl_div, softmax ------------------------------------------------------
