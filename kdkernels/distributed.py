@@ -2,7 +2,8 @@
 
 Layout (Megatron tensor parallelism). Rank r of `process_group` (world size W) holds the
 contiguous columns [o_r, o_r + V_r) of every row, in rank order: o_0 = 0, o_{r+1} = o_r + V_r,
-V = sum_r V_r. Shards may be uneven (V not divisible by W) or empty. Student and teacher
+V = sum_r V_r. Shards may be uneven (V not divisible by W) or even empty (DTensor's split of
+a small V; functional.py must then let an empty last dimension through). Student and teacher
 have the same width on each rank; labels hold GLOBAL vocabulary ids (the same on every rank,
 as in Megatron where the batch is replicated across the tensor-parallel group). Padding the
 last shard with -inf in both logits is exact: those entries have p = q = 0 and contribute 0.
@@ -21,8 +22,9 @@ softmaxes. The chain rule of KL then splits the forward KL exactly into per-shar
 KL(p^r || q^r)) locally with reference.divergence_rows on its shard's LOCAL log-probs, ONE
 all_gather brings every rank the (W, N, c) table of these per-row values, and every rank
 evaluates the logsumexps and (1) itself, in the same order, so the result is bitwise identical
-on every rank. Terms with w_r = 0 (a shard the teacher gives no mass) are 0; w_r > 0 with
-v_r = 0 is +inf, the true value.
+on every rank (an all_reduce also leaves the same bits on every rank; the tests check both).
+Terms with w_r = 0 (a shard the teacher gives no mass) are 0; w_r > 0 with v_r = 0 is +inf,
+the true value.
 
 The mixture kind (jsd, skew) has log m = logaddexp(log a + lp, log(1-a) + lq), not separable
 by shard, so it takes two rounds: the all_gather above yields lse_s, lse_t; then each rank runs
@@ -35,12 +37,13 @@ Layout and label checks, every call, in band. The last row of the gathered table
 holding each rank's (student width, teacher width); every rank reads the same header, so every
 rank derives the same offsets o_r and V (as device tensors: no host sync) and, when a rank's
 student and teacher widths differ or the shards do not add up to the same V, raises the same
-ValueError after the same collective. A rank whose widths are wrong still joins the all_gather
-(with an empty table) so that no rank is left waiting. Nothing is cached across calls, so a
-layout may change between calls freely. A table column carries each row's label (NaN where
-ignored): every rank checks every rank's labels against the global V, so even labels that
-differ across ranks (a bug) make every rank raise. On CUDA the checks after the first call of
-a group are device-side asserts (no host sync per step); on CPU they are ValueErrors always.
+ValueError right after that collective, before any other. A rank whose widths are wrong still
+joins the all_gather (with an empty table) so that no rank is left waiting. Nothing is cached
+across calls, so a layout may change between calls freely. A table column carries each row's
+label (NaN where ignored): every rank checks every rank's labels against the global V, so even
+labels that differ across ranks (a bug) make every rank raise. On CUDA the checks after the
+first call of a group are device-side asserts (no host sync per step); on CPU they are
+ValueErrors always.
 Floats carry widths and labels exactly below 2**24 (float32 tables), far above real vocabularies.
 
 Cross-entropy at T = 1 (ce_weight != 0): CE = logsumexp(s) - s[label]. The local logsumexp of s
@@ -72,10 +75,11 @@ per rank instead of the 2 x N x c of a max-then-sum all_reduce pair; for tensor-
 
 Backends. kd_rows/softmax receive the backend resolved for the logits (`impl=`), but in this
 revision the per-shard work is the chunked torch math of reference.py for every impl: the
-three functions under "Shard primitives" below (_shard_stats: pass 1; _shard_partials: the
-mixture's pass 2; _shard_grads: backward) are where a backend's fused shard kernels will plug
-in (they produce per-row (lse, partial) values from a column slice, which is what the fused
-kernels compute per vocabulary tile). Memory is O(chunk_rows x V_r), as in reference.py.
+functions under "Shard primitives" below (_shard_stats: pass 1; _shard_partials: the mixture's
+pass 2; _shard_target: s[label]; _shard_grads: backward) are where a backend's fused shard
+kernels will plug in (they produce per-row (lse, partial) values from a column slice, which is
+what the fused kernels compute per vocabulary tile; the backward is the fused backward given
+global row statistics). Memory is O(chunk_rows x V_r), as in reference.py.
 
 DTensor. Logits that are DTensors placed Shard(-1) on a 1-D DeviceMesh take this path with
 the mesh's group: see unwrap_dtensor / unwrap_dtensor_input.

@@ -602,6 +602,37 @@ def bad_label_on_last_rank_only(rank, world):
                      ce_weight=0.5)
 
 
+@case
+def device_assert_path(rank, world):
+    """The checks CUDA uses after a group's first call (device-side asserts, no host sync),
+    forced on CPU, where torch._assert_async raises at once: every rank still fails alike."""
+    chk = Checks()
+    widths = WIDTHS[world]
+    group = dist.new_group(list(range(world)))
+    S, T = gen_logits((5, VOCAB), 131), gen_logits((5, VOCAB), 132)
+    saved = kdd._host_checks
+    kdd._host_checks = lambda t, group: False
+    try:
+        compare_kd(chk, "valid", S, T, labels_on_every_shard((5,), widths, 133), widths, rank,
+                   group, divergence="jsd", ce_weight=0.5)
+        s, t = local(S, widths, rank), local(T, widths, rank)
+        bad = torch.tensor([0, VOCAB, 1, 2, 3])
+        msg = expect_error(lambda: kd.kd_loss(s, t, bad, process_group=group), RuntimeError,
+                           "labels out of")
+        chk.true(f"bad label: {msg}", msg.startswith("RuntimeError"))
+        tw = list(widths)
+        tw[0], tw[1] = tw[0] + 1, tw[1] - 1
+        t2 = local(T, tw, rank)
+        msg = expect_error(lambda: kd.kd_loss(s, t2, process_group=group), RuntimeError,
+                           "widths differ")
+        chk.true(f"bad width: {msg}", msg.startswith("RuntimeError"))
+        compare_kd(chk, "after the errors", S, T, None, widths, rank, group)
+    finally:
+        kdd._host_checks = saved
+    dist.destroy_process_group(group)
+    chk.done()
+
+
 # message identical on every rank (the last-rank-only case names the value only where seen)
 SAME_MESSAGE = {"bad_width_on_one_rank", "bad_total_vocab", "bad_label_too_large",
                 "bad_label_negative"}
