@@ -423,6 +423,10 @@ def _kd_mix_kernel(
             qu, pu = _mix_u(lq, lp, lm, coef_p, coef_q, HAS_CP, HAS_CQ)
             uq += tl.sum(qu, 0)
             up += tl.sum(pu, 0)
+    if HAS_LABELS:
+        # the same predicate (lo < V for every program), re-derived from the loop bounds:
+        # kept live through the loop, ptxas spilled it (4 bytes of stack) on sm_80
+        valid = hi > lo
     if SPLIT:
         p_out = part_ptr + (row * n_split + c) * 4
         tl.store(p_out + 0, a_sum)
