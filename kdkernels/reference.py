@@ -153,57 +153,79 @@ def _row_mask(labels, spec, n, device, dtype):
     return (labels != spec.ignore_index).to(dtype)
 
 
-def _chunk_logs(s, t, spec, lse_s, lse_t):
-    """Log-probabilities of one chunk; logsumexps are computed when not given."""
+def _log_probs(z, stats=None):
+    """log softmax(z) of a chunk as (z - m) - log sum e^(z - m), and the row stats (m, r).
+
+    logsumexp is kept as the pair (m, r = log sum e^(z - m)), never summed into m + r: at
+    |z| ~ 1e4 that sum rounds by ~1e-3, which would become a relative error of exp(log p)
+    and of everything it multiplies. z - m is exact near the maximum, where the mass is.
+    """
+    if stats is None:
+        m = z.amax(-1)
+        m = torch.where(m > -math.inf, m, 0.0)  # a row of -inf would give -inf - -inf
+        r = torch.log(torch.exp(z - m[:, None]).sum(-1))
+    else:
+        m, r = stats
+    return (z - m[:, None]) - r[:, None], (m, r)
+
+
+def _chunk_logs(s, t, spec, stats=None):
+    """(lq, lp, (m_s, r_s, m_t, r_t)) of one chunk; stats are computed when not given."""
     dt = acc_dtype(s.dtype)
     zs = s.to(dt) * spec.inv_ts
     zt = t.to(dt) * spec.inv_tt
-    if lse_s is None:
-        lse_s = torch.logsumexp(zs, -1)
-        lse_t = torch.logsumexp(zt, -1)
-    return zs - lse_s[:, None], zt - lse_t[:, None], lse_s, lse_t
+    lq, st_s = _log_probs(zs, None if stats is None else stats[:2])
+    lp, st_t = _log_probs(zt, None if stats is None else stats[2:])
+    return lq, lp, (*st_s, *st_t)
 
 
 def _ce_chunk(s, labels, spec):
-    """Cross-entropy at T = 1 of one chunk: (loss (rows,), lse1 (rows,)). Ignored -> 0."""
-    s1 = s.to(acc_dtype(s.dtype))
-    lse1 = torch.logsumexp(s1, -1)
+    """Cross-entropy at T = 1 of one chunk: (loss (rows,), (m1, r1)). Ignored rows -> 0.
+
+    CE = -log softmax(s)[label], read off the shifted log-probabilities (see _log_probs).
+    """
+    ls, st = _log_probs(s.to(acc_dtype(s.dtype)))
     valid = labels != spec.ignore_index
-    target = s1.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
-    return torch.where(valid, lse1 - target, 0.0), lse1
+    target = ls.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return torch.where(valid, -target, 0.0), st
 
 
-def _ce_grad_chunk(s, labels, spec, lse1):
-    s1 = s.to(acc_dtype(s.dtype))
-    g = torch.exp(s1 - lse1[:, None])
+def _ce_grad_chunk(s, labels, spec, stats):
+    ls, _ = _log_probs(s.to(acc_dtype(s.dtype)), stats)
+    g = torch.exp(ls)
     valid = labels != spec.ignore_index
     g.scatter_add_(1, torch.where(valid, labels, 0)[:, None], -valid.to(g.dtype)[:, None])
     return g
 
 
+# Row statistics saved by forward, in order: m_s, r_s, m_t, r_t (student / teacher
+# logsumexp as max and log-sum), m1, r1 (student at T = 1, for CE), then the divergence's
+# scalars from divergence_rows.
+_N_LSE = 6
+
+
 def _forward_chunk(s, t, labels, spec):
     """Row losses of one chunk and the per-row tensors backward needs."""
-    lq, lp, lse_s, lse_t = _chunk_logs(s, t, spec, None, None)
+    lq, lp, st = _chunk_logs(s, t, spec)
     d, saved = divergence_rows(lq, lp, spec.div)
     loss = spec.kd_scale * d
-    lse1 = lse_s  # placeholder when CE is off; never read then
+    st1 = st[:2]  # placeholder when CE is off; never read then
     if spec.ce_weight:
-        ce, lse1 = _ce_chunk(s, labels, spec)
+        ce, st1 = _ce_chunk(s, labels, spec)
         loss = loss + spec.ce_weight * ce
     if labels is not None:
         loss = torch.where(labels != spec.ignore_index, loss, 0.0)
-    return loss, (lse_s, lse_t, lse1, *saved)
+    return loss, (*st, *st1, *saved)
 
 
 def _backward_chunk(s, t, labels, spec, stats, g, need_teacher):
     """(d loss_rows / d s, d / d t) of one chunk, times the upstream row gradient g."""
-    lse_s, lse_t, lse1, *saved = stats
-    lq, lp, _, _ = _chunk_logs(s, t, spec, lse_s, lse_t)
-    ds, dt = divergence_grads(lq, lp, spec.div, saved, need_teacher)
+    lq, lp, _ = _chunk_logs(s, t, spec, stats[:4])
+    ds, dt = divergence_grads(lq, lp, spec.div, stats[_N_LSE:], need_teacher)
     gk = (g * spec.kd_scale)[:, None]
     ds = ds * (gk * spec.inv_ts)
     if spec.ce_weight:
-        ds += _ce_grad_chunk(s, labels, spec, lse1) * (g * spec.ce_weight)[:, None]
+        ds += _ce_grad_chunk(s, labels, spec, stats[4:6]) * (g * spec.ce_weight)[:, None]
     if dt is not None:
         dt = dt * (gk * spec.inv_tt)
     return ds, dt
@@ -229,7 +251,7 @@ class KDRows(torch.autograd.Function):
             for buf, x in zip(stats, st, strict=True):
                 buf[i:j] = x
         if stats is None:  # empty batch
-            stats = [torch.empty(0, device=s.device, dtype=dt)] * 3
+            stats = [torch.empty(0, device=s.device, dtype=dt)] * _N_LSE
         if inplace_backward:
             # Gradient for an upstream gradient of 1 per row, written over the logits (they
             # are consumed); backward only rescales it by the row gradients. Writing under
