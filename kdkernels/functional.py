@@ -257,6 +257,8 @@ def kl_div(
             f"input and target must be on the same device, got {input.device} and "
             f"{target.device}"
         )
+    # batchmean divides by the first dim of `input` as given (F.kl_div: none for 0-d input)
+    batch = input.shape[0] if input.dim() else 1
     if input.shape != target.shape:
         try:
             input, target = torch.broadcast_tensors(input, target)
@@ -274,8 +276,8 @@ def kl_div(
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     if reduction == "mean":
         total = total / input.numel()
-    elif reduction == "batchmean" and input.dim() != 0:
-        total = total / input.shape[0]
+    elif reduction == "batchmean":
+        total = total / batch
     return total.to(out_dtype)
 
 
