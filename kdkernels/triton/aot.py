@@ -2,16 +2,22 @@
 
     python -m kdkernels.triton.aot [--arch 80 90] [--vocab 32000 128256 152064 262144]
                                    [--dtype bf16 fp32] [--fail-on-spill] [--csv PATH]
+                                   [--module kd softmax kl_div] [--jobs N]
 
 Each kernel module (kd.py, softmax.py, kl_div.py) lists the launch configurations its
 launchers can choose for rows of width V in a dtype: `aot_kernels(V, dtype) -> [AotKernel]`
 (see _common.py). Every distinct configuration is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` down to a cubin, and
 `cuobjdump --dump-resource-usage` (shipped in the triton wheel) reads its registers per
-thread and LOCAL bytes: LOCAL > 0 means ptxas spilled registers to local memory, which on
-a memory-bound kernel costs extra traffic per element. Shared memory is the static amount
-cuobjdump reports plus the dynamic amount Triton requests at launch (reductions, layout
-conversions).
+thread, STACK and LOCAL bytes. Spilled registers live in thread-local memory, which on a
+memory-bound kernel costs extra traffic per element. With the CUDA 12/13 ptxas that Triton
+ships, spills are placed in the ABI stack frame: cuobjdump reports them as STACK, while
+LOCAL stays 0 (checked: a kernel holding 512 float32 values per thread shows REG:64
+STACK:4744 LOCAL:0, and `ptxas -v` on its PTX reports ~15 KB of spill stores). Triton
+inlines every device function, so a non-zero stack frame means spills; the "spill" column
+is STACK + LOCAL and --fail-on-spill fails when it is > 0. Shared memory is the static
+amount cuobjdump reports plus the dynamic amount Triton requests at launch (reductions,
+layout conversions).
 
 The JIT specializes pointer arguments (16-byte aligned) and integer arguments divisible by
 16; this tool gives the same hints: pointers always (torch allocations are aligned), the
@@ -56,6 +62,11 @@ class Row:
     local: int = -1
     shared: int = -1
     error: str = ""
+
+    @property
+    def spill(self) -> int:
+        """Bytes of thread-local memory: the stack frame (where ptxas spills) plus LOCAL."""
+        return self.stack + self.local
 
 
 def cuobjdump_path() -> str:
@@ -154,32 +165,56 @@ def collect(archs, vocabs, dtypes, modules=MODULES, log=print):
     return list(table.values())
 
 
-def run(archs, vocabs, dtypes, modules=MODULES, log=print) -> list[Row]:
-    entries = collect(archs, vocabs, dtypes, modules, log)
-    rows = []
+_ENTRIES: list = []  # what the forked workers compile, by index (JITFunctions don't pickle)
+
+
+def _compile_entry(args) -> tuple:
+    """(registers, stack, shared, local, error) of _ENTRIES[i]; runs in a worker."""
+    i, tmp = args
+    k, vocab, row = _ENTRIES[i]
+    try:
+        cubin, dyn_shared = compile_kernel(k, row.arch, vocab, Path(tmp))
+        reg, stack, static_shared, local = resource_usage(cubin)
+        return reg, stack, static_shared + dyn_shared, local, ""
+    except Exception as e:  # report every failure, keep compiling the others
+        return -1, -1, -1, -1, f"{type(e).__name__}: {(str(e) or ' ').splitlines()[0]}"
+
+
+def run(archs, vocabs, dtypes, modules=MODULES, log=print, jobs: int = 1) -> list[Row]:
+    """Compile every distinct configuration; `jobs` > 1 compiles in forked processes."""
+    _ENTRIES[:] = collect(archs, vocabs, dtypes, modules, log)
     with tempfile.TemporaryDirectory(prefix="kdkernels-aot-") as tmp:
-        for k, vocab, row in entries:
-            try:
-                cubin, dyn_shared = compile_kernel(k, row.arch, vocab, Path(tmp))
-                row.registers, row.stack, static_shared, row.local = resource_usage(cubin)
-                row.shared = static_shared + dyn_shared
-            except Exception as e:  # report every failure, keep compiling the others
-                row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rows.append(row)
+        work = [(i, tmp) for i in range(len(_ENTRIES))]
+        if jobs > 1 and len(work) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                results = list(pool.map(_compile_entry, work, chunksize=4))
+        else:
+            results = [_compile_entry(w) for w in work]
+    rows = []
+    for (_, _, row), (reg, stack, shared, local, error) in zip(_ENTRIES, results, strict=True):
+        row.registers, row.stack, row.shared, row.local, row.error = (
+            reg, stack, shared, local, error)
+        rows.append(row)
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("kernel", "arch", "dtype", "V", "BLOCK/num_warps", "regs", "LOCAL", "shared")
+    head = ("kernel", "arch", "dtype", "V", "BLOCK/num_warps", "regs", "STACK", "LOCAL",
+            "spill", "shared")
     body = []
     for r in rows:
         v = ",".join(str(x) for x in r.vocabs)
         if r.error:
             body.append((f"{r.module}.{r.kernel}", f"sm_{r.arch}", r.dtype, v, r.config,
-                         "ERROR", r.error, ""))
+                         "ERROR", r.error, "", "", ""))
         else:
             body.append((f"{r.module}.{r.kernel}", f"sm_{r.arch}", r.dtype, v, r.config,
-                         str(r.registers), str(r.local), str(r.shared)))
+                         str(r.registers), str(r.stack), str(r.local), str(r.spill),
+                         str(r.shared)))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
               for i, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
@@ -198,8 +233,10 @@ def main(argv=None) -> int:
     p.add_argument("--module", nargs="+", default=list(MODULES), choices=MODULES,
                    help="kernel modules to compile (default: all)")
     p.add_argument("--fail-on-spill", action="store_true",
-                   help="exit 1 when any kernel has LOCAL (spill) bytes > 0")
+                   help="exit 1 when any kernel spills (STACK + LOCAL bytes > 0)")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="compile in this many processes (default: the CPU count)")
     args = p.parse_args(argv)
     if any(v <= 0 for v in args.vocab):
         p.error("--vocab values must be positive")
@@ -211,19 +248,19 @@ def main(argv=None) -> int:
                *(argv if argv is not None else sys.argv[1:])]
         return subprocess.run(cmd, env=env).returncode
 
-    rows = run(args.arch, args.vocab, args.dtype, tuple(args.module))
+    rows = run(args.arch, args.vocab, args.dtype, tuple(args.module), jobs=max(1, args.jobs))
     print(format_table(rows))
     if args.csv:
         with args.csv.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["module", "kernel", "arch", "dtype", "vocabs", "config", "registers",
-                        "stack", "local", "shared", "error"])
+                        "stack", "local", "spill", "shared", "error"])
             for r in rows:
                 w.writerow([r.module, r.kernel, r.arch, r.dtype,
                             " ".join(map(str, r.vocabs)), r.config, r.registers, r.stack,
-                            r.local, r.shared, r.error])
+                            r.local, r.spill, r.shared, r.error])
     errors = [r for r in rows if r.error]
-    spills = [r for r in rows if not r.error and r.local > 0]
+    spills = [r for r in rows if not r.error and r.spill > 0]
     print(f"\n{len(rows)} kernels compiled, {len(errors)} failed, {len(spills)} with spills")
     if errors:
         return 2
