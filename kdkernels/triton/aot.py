@@ -2,7 +2,7 @@
 
     python -m kdkernels.triton.aot [--arch 80 90] [--vocab 32000 128256 152064 262144]
                                    [--dtype bf16 fp32] [--fail-on-spill] [--csv PATH]
-                                   [--module kd softmax kl_div] [--jobs N]
+                                   [--module kd softmax kl_div] [--every-block] [--jobs N]
 
 Each kernel module (kd.py, softmax.py, kl_div.py) lists the launch configurations its
 launchers can choose for rows of width V in a dtype: `aot_kernels(V, dtype) -> [AotKernel]`
@@ -207,7 +207,8 @@ def format_table(rows: list[Row]) -> str:
             "spill", "shared")
     body = []
     for r in rows:
-        v = ",".join(str(x) for x in r.vocabs)
+        vs = sorted(r.vocabs)
+        v = ",".join(map(str, vs)) if len(vs) <= 4 else f"{vs[0]}..{vs[-1]} ({len(vs)} V)"
         if r.error:
             body.append((f"{r.module}.{r.kernel}", f"sm_{r.arch}", r.dtype, v, r.config,
                          "ERROR", r.error, "", "", ""))
@@ -235,11 +236,17 @@ def main(argv=None) -> int:
     p.add_argument("--fail-on-spill", action="store_true",
                    help="exit 1 when any kernel spills (STACK + LOCAL bytes > 0)")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument("--every-block", action="store_true",
+                   help="add V = 1, 2, 4, ..., 2**18 to --vocab: every power-of-two bucket, "
+                   "so every BLOCK a launcher can pick for V up to 262144 is compiled "
+                   "(many more kernels for kd.py)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compile in this many processes (default: the CPU count)")
     args = p.parse_args(argv)
     if any(v <= 0 for v in args.vocab):
         p.error("--vocab values must be positive")
+    if args.every_block:
+        args.vocab = sorted(set(args.vocab) | {2**k for k in range(19)})
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         # kernels decorated under the interpreter cannot be compiled: run in a clean process

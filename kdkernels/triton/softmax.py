@@ -233,16 +233,16 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
     block, num_warps, single = launch_config(V)
     out = []
     for log in (False, True):
-        tag = "log_softmax" if log else "softmax"
+        tag = ("log_softmax" if log else "softmax") + ("[one_tile]" if single else "")
         const = {"LOG": log, "BLOCK": block, "SINGLE": single}
         out.append(AotKernel(
-            f"{tag}_fwd", _softmax_fwd_kernel,
+            tag.replace("softmax", "softmax_fwd", 1), _softmax_fwd_kernel,
             {"x_ptr": ptr, "y_ptr": ptr, "V": "i32", "inv_t": "fp32",
              "LOG": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr"},
             const, num_warps,
         ))
         out.append(AotKernel(
-            f"{tag}_bwd", _softmax_bwd_kernel,
+            tag.replace("softmax", "softmax_bwd", 1), _softmax_bwd_kernel,
             {"g_ptr": ptr, "y_ptr": ptr, "dx_ptr": ptr, "V": "i32", "inv_t": "fp32",
              "LOG": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr"},
             const, num_warps,
