@@ -347,8 +347,8 @@ A forward_row(const Row& r, const Params& pr, A* st) {
     }
     st[ST_D] = hsum(sa);
     st[ST_B] = hsum(sb);
-    st[ST_UQ] = hsum(suq);
-    st[ST_UP] = hsum(sup);
+    st[ST_UQ] = c.unit_u ? A(1) : hsum(suq);  // jsd: u = 1, so sum q u = sum q = 1
+    st[ST_UP] = c.unit_u ? A(1) : hsum(sup);
     d = (c.cp != A(0) ? c.cp * st[ST_D] : A(0)) + (c.cq != A(0) ? c.cq * st[ST_B] : A(0));
   } else {
     d = kl_value<REV>(ss_, st_, hsum(acc));

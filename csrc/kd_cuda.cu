@@ -341,7 +341,7 @@ __global__ void kd_mix_finalize_kernel(
     float* __restrict__ stats,            // (N, NSTAT) in/out
     float* __restrict__ loss,             // (N,) out
     int64_t n, int splits, bool ce, int64_t ignore_index, float kd_scale, float ce_weight,
-    float coef_p, float coef_q) {
+    float coef_p, float coef_q, bool unit_u) {
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n) return;
   if (labels && labels[row] == ignore_index) return;  // zeroed by kd_finalize_kernel
@@ -351,7 +351,8 @@ __global__ void kd_mix_finalize_kernel(
     a += q[0], bb += q[1], uq += q[2], up += q[3];
   }
   float* st = stats + row * NSTAT;
-  st[ST_D] = a, st[ST_B] = bb, st[ST_UQ] = uq, st[ST_UP] = up;
+  // jsd (unit_u): u = 1, so sum q u = sum q = 1 (the kernel skipped those sums)
+  st[ST_D] = a, st[ST_B] = bb, st[ST_UQ] = unit_u ? 1.f : uq, st[ST_UP] = unit_u ? 1.f : up;
   const float d = (coef_p != 0.f ? coef_p * a : 0.f) + (coef_q != 0.f ? coef_q * bb : 0.f);
   float l = kd_scale * d;
   if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
@@ -648,7 +649,8 @@ void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, c
         kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
             lab, part2.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(), n,
             sp_.splits, ce, sp.ignore_index, float(sp.kd_scale), float(sp.ce_weight),
-            float(sp.coef_p), float(sp.coef_q));
+            float(sp.coef_p), float(sp.coef_q),
+            mix_coef(float(sp.mix), float(sp.coef_p), float(sp.coef_q)).unit_u);
         KD_CUDA_CHECK(cudaGetLastError());
       }
     });
