@@ -1,12 +1,20 @@
-"""torch.compile(fullgraph=True) of a small distillation step that calls kd.kd_loss: the
-compiled loss and gradients equal eager ones. Backward runs outside the compiled function
-(through the AOTAutograd graph), which is how a training loop compiles its loss.
+"""torch.compile(fullgraph=True) of a small distillation step that calls kd.kd_loss (and
+kl_div, softmax, log_softmax): the compiled loss and gradients equal eager ones. Backward
+runs outside the compiled function (through the AOTAutograd graph), which is how a training
+loop compiles its loss.
 """
 
 import pytest
 import torch
+from _formulas import on_device
 
 import kdkernels as kd
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_test_device(device):
+    with on_device(device):
+        yield
 
 
 def _step_and_check(impl):
@@ -17,8 +25,14 @@ def _step_and_check(impl):
     labels = torch.tensor([1, 2, -100, 4, 5, 39])
 
     def loss_fn(x, teacher, labels):
-        return kd.kd_loss(student(x), teacher, labels, divergence="jsd", temperature=2.0,
-                          ce_weight=0.5, impl=impl)
+        # every public function in one graph: kd_loss, and the F.kl_div drop-in fed by the
+        # temperature softmaxes
+        logits = student(x)
+        kd_term = kd.kd_loss(logits, teacher, labels, divergence="jsd", temperature=2.0,
+                             ce_weight=0.5, impl=impl)
+        log_q = kd.log_softmax(logits, 2.0, impl=impl)
+        p = kd.softmax(teacher, 2.0, impl=impl)
+        return kd_term + 0.5 * kd.kl_div(log_q, p, reduction="batchmean", impl=impl)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     results = []

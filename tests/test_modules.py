@@ -5,9 +5,15 @@ import warnings
 
 import pytest
 import torch
-from _formulas import assert_error_model, upstream_grad
+from _formulas import assert_error_model, on_device, upstream_grad
 
 import kdkernels as kd
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_test_device(device):
+    with on_device(device):
+        yield
 
 
 def _grads(fn, *inputs):
