@@ -1,0 +1,7 @@
+"""Benchmarks of kdkernels.
+
+    python -m bench                  time, peak memory and error of every provider (core.py)
+    python -m bench traffic ...      bytes per logit element of the Triton kernels (traffic.py)
+    python -m bench distributed ...  vocab-parallel loss over gloo processes (distributed.py)
+    pytest bench                     pytest-benchmark suite at small shapes (test_bench.py)
+"""

@@ -1,0 +1,296 @@
+"""pytest-benchmark suite over the providers of `python -m bench`, at small shapes.
+
+    pytest bench                         # CPU shapes (~1 min); GPU shapes skip without CUDA
+    pytest bench --benchmark-disable     # every target once: only the correctness checks
+    pytest bench -m gpu                  # on a GPU machine: the real shapes, GB/s in extra_info
+
+Every benchmark first checks its provider's loss and gradient against float64 (bench.core's
+ground truth, DESIGN.md §1 written in float64). Error model: a provider may be off by at most
+twice the error of the eager float32/bf16 pipeline on the same inputs, plus a floor of
+2 * eps(dtype) * |value| * log2(terms summed) -- the bound of a pairwise-summed reduction
+(the loss sums N*V terms; each gradient entry depends on a logsumexp over V terms). The
+floor keeps a lucky, near-exact eager result from failing a correct kernel.
+
+The same file tests the measuring tools themselves: the CPU memory meter against known
+allocations, the command line end to end, and the subcommand dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import core
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+CPU_CASE = (128, 8192, torch.float32)  # N, V, dtype: ~10-50 ms per eager step on 2 cores
+GPU_CASES = [  # the issue's GPU shape and two other real vocabularies
+    (8192, 128256, torch.bfloat16),
+    (4096, 152064, torch.bfloat16),
+    (8192, 32000, torch.float32),
+]
+MODES = ("forward", "full")
+STEP_PROVIDERS = [p for p in core.PROVIDERS if p not in core.COPIES]
+
+_INPUTS: dict = {}
+_TRUTH: dict = {}
+_FNS: dict = {}
+_EAGER_ERR: dict = {}
+
+
+def _cfg(n, v, dtype, device):
+    return core.Config(n, v, dtype, device, temperature=2.0)
+
+
+def _inputs(cfg):
+    key = (cfg.n, cfg.v, cfg.dtype, cfg.device)
+    if key not in _INPUTS:
+        _INPUTS.clear()  # one shape at a time: GPU shapes are GBs
+        _TRUTH.clear()
+        _FNS.clear()
+        _EAGER_ERR.clear()
+        _INPUTS[key] = core.make_inputs(cfg, seed=0)
+    return _INPUTS[key]
+
+
+def _truth(cfg, divergence):
+    key = (cfg, divergence)
+    if key not in _TRUTH:
+        s, t = _inputs(cfg)
+        _TRUTH[key] = core.ground_truth(s, t, divergence, cfg, grad_rows=64, need_grad=True)
+    return _TRUTH[key]
+
+
+def _fn(provider, cfg, divergence):
+    """Loss functions are cached so a compiled provider compiles once for all its modes."""
+    key = (provider, cfg, divergence)
+    if key not in _FNS:
+        _FNS[key] = core.make_loss(provider, divergence, cfg)
+    return _FNS[key]
+
+
+def _errors(fn, cfg, divergence):
+    """(loss error, gradient error) of one forward+backward against float64."""
+    s, t = _inputs(cfg)
+    truth = _truth(cfg, divergence)
+    s.grad = None
+    loss = fn(s, t)
+    loss.backward()
+    loss_err = abs(float(loss.detach().double()) - truth.loss)
+    grad_err = float((s.grad[truth.rows].double() - truth.grad).abs().max())
+    s.grad = None
+    return loss_err, grad_err
+
+
+def _check_accuracy(provider, cfg, divergence):
+    key = (cfg, divergence)
+    if key not in _EAGER_ERR:
+        _EAGER_ERR[key] = _errors(_fn("eager", cfg, divergence), cfg, divergence)
+    eager_loss_err, eager_grad_err = _EAGER_ERR[key]
+    truth = _truth(cfg, divergence)
+    eps = torch.finfo(cfg.dtype).eps
+    loss_tol = 2 * eager_loss_err + 2 * eps * abs(truth.loss) * math.log2(cfg.n * cfg.v)
+    grad_tol = (2 * eager_grad_err
+                + 2 * eps * float(truth.grad.abs().max()) * math.log2(cfg.v))
+    loss_err, grad_err = _errors(_fn(provider, cfg, divergence), cfg, divergence)
+    assert loss_err <= loss_tol, (provider, divergence, loss_err, loss_tol, eager_loss_err)
+    assert grad_err <= grad_tol, (provider, divergence, grad_err, grad_tol, eager_grad_err)
+
+
+def _bench_step(benchmark, provider, cfg, divergence, mode, rounds):
+    ok, why = core.availability(provider, cfg, explicit=False)
+    if not ok:
+        pytest.skip(f"{provider}: {why}")
+    _check_accuracy(provider, cfg, divergence)
+    s, t = _inputs(cfg)
+    fn = _fn(provider, cfg, divergence)
+    backward = mode == "full"
+
+    def reset():
+        s.grad = None
+
+    def target():
+        loss = fn(s, t)
+        if backward:
+            loss.backward()
+        if cfg.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = f"{cfg.n}x{cfg.v} {core._dtype_name(cfg.dtype)} {divergence} {mode}"
+    benchmark.extra_info["bytes_moved"] = core.bytes_moved(divergence, mode, cfg)
+    benchmark.pedantic(target, setup=reset, rounds=rounds, warmup_rounds=1)
+    reset()
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # None under --benchmark-disable
+        median = stats.stats.median
+        benchmark.extra_info["GBps"] = benchmark.extra_info["bytes_moved"] / median / 1e9
+        bw = core.peak_bandwidth(cfg.device)
+        if bw:
+            benchmark.extra_info["bw_fraction"] = benchmark.extra_info["bytes_moved"] / median / bw
+
+
+def _bench_copy(benchmark, provider, cfg, rounds):
+    s, t = _inputs(cfg)
+    sd = s.detach()
+    buf = torch.empty_like(t)
+    out = {}
+
+    def target():
+        out["y"] = torch.add(sd, t, out=buf) if provider == "copy_prealloc" else torch.add(sd, t)
+        if cfg.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = f"{cfg.n}x{cfg.v} {core._dtype_name(cfg.dtype)} copy"
+    benchmark.extra_info["bytes_moved"] = core.bytes_moved("forward_kl", "copy", cfg)
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=1)
+    torch.testing.assert_close(out["y"], sd + t, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# CPU shapes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+def test_cpu_forward_kl(benchmark, provider, mode):
+    _bench_step(benchmark, provider, _cfg(*CPU_CASE, CPU), "forward_kl", mode, rounds=3)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("provider", ["kd-torch", "kd-ext", "eager"])
+def test_cpu_other_divergences(benchmark, provider, divergence):
+    _bench_step(benchmark, provider, _cfg(*CPU_CASE, CPU), divergence, "full", rounds=3)
+
+
+@pytest.mark.parametrize("provider", core.COPIES)
+def test_cpu_copy_floor(benchmark, provider):
+    _bench_copy(benchmark, provider, _cfg(*CPU_CASE, CPU), rounds=3)
+
+
+# --------------------------------------------------------------------------------------
+# GPU shapes (skipped without CUDA)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_gpu_forward_kl(benchmark, case, provider, mode):
+    _bench_step(benchmark, provider, _cfg(*case, CUDA), "forward_kl", mode, rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("provider", ["kd-triton", "kd-ext", "eager"])
+def test_gpu_other_divergences(benchmark, provider, divergence):
+    _bench_step(benchmark, provider, _cfg(*GPU_CASES[0], CUDA), divergence, "full", rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", core.COPIES)
+def test_gpu_copy_floor(benchmark, provider):
+    _bench_copy(benchmark, provider, _cfg(*GPU_CASES[0], CUDA), rounds=20)
+
+
+# --------------------------------------------------------------------------------------
+# The measuring tools
+# --------------------------------------------------------------------------------------
+
+
+def test_cpu_memory_meter_is_exact():
+    """Peak and net of the profiler's allocator events equal the bytes allocated; a block
+    allocated in one profiled call and freed in the next counts negative there (forward ->
+    backward). c10 cannot report the free of a block allocated while no profiler ran (it
+    never learned its size), which is why measure_memory starts both of its calls with only
+    the inputs live."""
+    mib = 1 << 20
+
+    def f():
+        a = torch.empty(8 * mib, dtype=torch.uint8)
+        b = torch.empty(16 * mib, dtype=torch.uint8)
+        del a
+        c = torch.empty(4 * mib, dtype=torch.uint8)
+        return [b, c]
+
+    held, peak, net = core._profile_peak(f)
+    assert (peak, net) == (24 * mib, 20 * mib)
+
+    def g():
+        held.pop(0)  # frees b, allocated during the previous call
+        return torch.empty(6 * mib, dtype=torch.uint8)
+
+    d, peak, net = core._profile_peak(g)
+    assert (peak, net) == (0, 6 * mib - 16 * mib)
+    del d
+
+
+def test_cpu_memory_meter_sees_backward_and_step():
+    """measure_memory on x -> (x * 2).exp().sum(): forward keeps exp's output for backward
+    (one tensor) after a transient second one; backward allocates the gradient."""
+    x = torch.randn(1 << 18, requires_grad=True)  # 1 MiB float32
+    nbytes = x.numel() * 4
+
+    loss, mem = core.measure_memory(lambda: (x * 2).exp().sum(), CPU, backward=True)
+    assert x.grad is not None and torch.isfinite(loss)
+    assert 2 * nbytes <= mem.forward < 2 * nbytes + 4096  # x*2 and exp() live together
+    assert nbytes <= mem.backward  # the gradient, at least
+    assert mem.full >= max(mem.forward, nbytes + mem.backward)
+
+
+def test_cli_quick_run(tmp_path, capsys):
+    """`python -m bench --quick` end to end: table, ratios, CSV with the machine comment
+    lines, and a PNG; the rows it reports are accurate and count the gradient's memory."""
+    out = tmp_path / "run.csv"
+    rc = core.main(["--quick", "--providers", "kd-torch,eager,copy_floor", "--reps", "2",
+                    "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Ratios (same run;" in text and "kd-torch time / eager time" in text
+    info, rows = core.read_csv(out)
+    for key in ("machine", "cpu", "torch", "triton", "date", "command"):
+        assert key in info, key
+    got = {(r["provider"], r["mode"]) for r in rows}
+    want = {(p, m) for p in ("kd-torch", "eager") for m in core.MODES}
+    assert want | {("copy_floor", "full")} == got
+    nv32 = 128 * 4096 * 4
+    for r in rows:
+        assert float(r["median_s"]) > 0
+        if r["provider"] == "copy_floor":
+            assert int(r["peak_extra_bytes"]) == nv32  # one fresh N x V output
+            continue
+        assert float(r["loss_abs_err"]) < 1e-4
+        if r["mode"] != "forward":
+            assert float(r["grad_abs_err"]) < 1e-6
+        if r["mode"] == "full":
+            assert int(r["peak_extra_bytes"]) >= nv32  # the gradient is counted
+    eager_full = next(r for r in rows if r["provider"] == "eager" and r["mode"] == "full")
+    assert float(eager_full["time_vs_eager"]) == 1.0
+    png = out.with_suffix(".png")
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_subcommand_dispatch(monkeypatch, capsys):
+    """A subcommand whose module is missing prints a clear message and exits 2; a present
+    one receives the rest of the command line."""
+    import sys
+    import types
+
+    from bench import __main__ as entry
+
+    monkeypatch.setitem(entry.SUBCOMMANDS, "nosuchtool", "a tool not written yet")
+    assert entry.main(["nosuchtool", "--x"]) == 2
+    assert "bench/nosuchtool.py is not part of this checkout" in capsys.readouterr().err
+
+    seen = {}
+    fake = types.ModuleType("bench.faketool")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "bench.faketool", fake)
+    monkeypatch.setitem(entry.SUBCOMMANDS, "faketool", "test double")
+    assert entry.main(["faketool", "--a", "1"]) == 0
+    assert seen["argv"] == ["--a", "1"]
