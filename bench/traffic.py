@@ -145,20 +145,6 @@ def count_traffic():
 # --------------------------------------------------------------------------------------
 
 
-def _ensure_entry_points():
-    """Work around a name clash in kdkernels/triton/__init__.py: importing the submodule
-    kdkernels.triton.softmax (or .kl_div) binds the module over the package's entry point of
-    the same name. Import the kernel modules once here and put the functions back."""
-    import kdkernels.triton as kt
-
-    entries = {n: getattr(kt, n) for n in ("softmax", "kl_div")}
-    for name in entries:
-        importlib.import_module(f"kdkernels.triton.{name}")
-    for name, fn in entries.items():
-        if callable(fn):
-            setattr(kt, name, fn)
-
-
 def kd_available() -> bool:
     return importlib.util.find_spec("kdkernels.triton.kd") is not None
 
@@ -325,7 +311,6 @@ def _interpreted() -> bool:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    _ensure_entry_points()  # before anything else imports the kernel modules
     mod = importlib.import_module("kdkernels.triton.softmax")
     return isinstance(mod._softmax_fwd_kernel, InterpretedFunction)
 

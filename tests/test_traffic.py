@@ -24,7 +24,6 @@ pytestmark = pytest.mark.skipif(
     "by conftest.py); on a GPU run `python -m bench.traffic`, which starts its own process",
 )
 
-tr._ensure_entry_points()  # see bench/traffic.py: kdkernels.triton's name clash
 sm = importlib.import_module("kdkernels.triton.softmax")
 kl = importlib.import_module("kdkernels.triton.kl_div")
 
@@ -129,7 +128,9 @@ KD_MISSING = importlib.util.find_spec("kdkernels.triton.kd") is None
 @pytest.mark.parametrize("shape", [(4, 4096), (3, 5003), (2, 32000)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("divergence", tr.DIVERGENCES)
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, -inf - -inf
+# numpy's notes on -inf - -inf and log(0) inside the interpreted kd kernels (masked lanes)
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 def test_kd_loss_traffic_targets(divergence, shape):
     r = tr.measure_kd_loss(divergence, "bf16", *shape)
     both, fwd = tr.TARGETS_BF16[divergence]

@@ -23,6 +23,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -115,11 +118,16 @@ def _kl_div_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs(n: int, device: torch.device) -> int:
     tiles = triton.cdiv(n, BLOCK)
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(tiles, PROGRAMS_PER_SM * sms))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(tiles, PROGRAMS_PER_SM * _sm_count(index)))
     return max(1, min(tiles, CPU_PROGRAMS))
 
 
@@ -225,24 +233,27 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
     del V  # flat kernels: the same tile for every size
     ptr = "*" + _TRITON_DTYPE[dtype]
     out = []
-    for log_target in (False, True):
-        lt = "log_target" if log_target else "prob_target"
-        for reduce in (False, True):
-            out.append(AotKernel(
-                f"kl_div_fwd[{lt},{'sum' if reduce else 'none'}]", _kl_div_fwd_kernel,
-                {"x_ptr": ptr, "y_ptr": ptr, "out_ptr": "*fp32" if reduce else ptr,
-                 "n": "i64", "LOG_TARGET": "constexpr", "REDUCE": "constexpr",
-                 "BLOCK": "constexpr"},
-                {"LOG_TARGET": log_target, "REDUCE": reduce, "BLOCK": BLOCK}, NUM_WARPS,
-            ))
-            # the fused backward writing both gradients is the widest variant
-            out.append(AotKernel(
-                f"kl_div_bwd[{lt},{'sum' if reduce else 'none'}]", _kl_div_bwd_kernel,
-                {"x_ptr": ptr, "y_ptr": ptr, "g_ptr": "*fp32" if reduce else ptr,
-                 "dx_ptr": ptr, "dy_ptr": ptr, "n": "i64", "LOG_TARGET": "constexpr",
-                 "G_SCALAR": "constexpr", "NEED_X": "constexpr", "NEED_Y": "constexpr",
-                 "BLOCK": "constexpr"},
-                {"LOG_TARGET": log_target, "G_SCALAR": reduce, "NEED_X": True,
-                 "NEED_Y": True, "BLOCK": BLOCK}, NUM_WARPS,
-            ))
+    # the JIT passes n as i32 below 2**31 elements and as i64 above
+    for n_ty, log_target, reduce in itertools.product(("i32", "i64"), (False, True),
+                                                      (False, True)):
+        tag = "log_target" if log_target else "prob_target"
+        tag += ",sum" if reduce else ",none"
+        tag += ",n:i64" if n_ty == "i64" else ""
+        out.append(AotKernel(
+            f"kl_div_fwd[{tag}]", _kl_div_fwd_kernel,
+            {"x_ptr": ptr, "y_ptr": ptr, "out_ptr": "*fp32" if reduce else ptr,
+             "n": n_ty, "LOG_TARGET": "constexpr", "REDUCE": "constexpr",
+             "BLOCK": "constexpr"},
+            {"LOG_TARGET": log_target, "REDUCE": reduce, "BLOCK": BLOCK}, NUM_WARPS,
+        ))
+        # the fused backward writing both gradients is the widest variant
+        out.append(AotKernel(
+            f"kl_div_bwd[{tag}]", _kl_div_bwd_kernel,
+            {"x_ptr": ptr, "y_ptr": ptr, "g_ptr": "*fp32" if reduce else ptr,
+             "dx_ptr": ptr, "dy_ptr": ptr, "n": n_ty, "LOG_TARGET": "constexpr",
+             "G_SCALAR": "constexpr", "NEED_X": "constexpr", "NEED_Y": "constexpr",
+             "BLOCK": "constexpr"},
+            {"LOG_TARGET": log_target, "G_SCALAR": reduce, "NEED_X": True,
+             "NEED_Y": True, "BLOCK": BLOCK}, NUM_WARPS,
+        ))
     return out

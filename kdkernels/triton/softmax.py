@@ -217,7 +217,7 @@ softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def softmax(x: torch.Tensor, inv_temperature: float, log: bool) -> torch.Tensor:
     """softmax(x * inv_temperature) (log_softmax when `log`) of contiguous (N, V) x."""
-    return softmax_fwd(x, float(inv_temperature), bool(log))
+    return softmax_fwd(x.contiguous(), float(inv_temperature), bool(log))
 
 
 # --------------------------------------------------------------------------------------
