@@ -783,7 +783,7 @@ def ratios(rows, cfg: Config) -> list[str]:
     return lines
 
 
-def machine_info(device: torch.device) -> dict:
+def machine_info(device: torch.device, argv=None) -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -813,7 +813,7 @@ def machine_info(device: torch.device) -> dict:
         "triton": triton_version,
         "kdkernels": kdkernels.__version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
     }
 
 
@@ -957,7 +957,7 @@ def main(argv=None) -> int:
         providers = list(PROVIDERS)
     cfg = Config(n, v, dtype, device, args.temperature, args.beta, args.skew)
 
-    info = machine_info(device)
+    info = machine_info(device, argv)
     print(f"# kdkernels benchmark on {device}: {info['gpu'] if cuda else info['cpu']} "
           f"({info['cpu_count']} CPUs, {info['torch_threads']} torch threads); torch "
           f"{info['torch']}, triton {info['triton']}")

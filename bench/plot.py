@@ -57,12 +57,13 @@ def _plot(records, title: str, nv_fp32_bytes: float, path: Path) -> Path:
         for i, r in enumerate(members):
             if eager and eager["median_s"] and r["median_s"]:
                 ratio = r["median_s"] / eager["median_s"]
-                ax_t.text(r["median_s"], i, f"  {ratio:.2f}x eager", va="center", fontsize=8)
+                x = max(r["median_s"], r["q80_s"] or 0.0)  # right of the whisker
+                ax_t.text(x, i, f"  {ratio:.2f}x eager", va="center", fontsize=8)
         ax_t.set_yticks(list(y), names)
         ax_t.invert_yaxis()
         ax_t.set_xlabel("median time (s), whisker 20-80 %")
         ax_t.set_title(f"{div} / {mode}: time")
-        ax_t.set_xlim(0, max(med + [1e-9]) * 1.35)
+        ax_t.set_xlim(0, max(m + h for m, h in zip(med + [1e-9], hi + [0.0], strict=True)) * 1.4)
 
         mem = [(r["peak_extra_bytes"] or 0.0) / 1e9 for r in members]
         ax_m.barh(list(y), mem, color=colors)
