@@ -447,8 +447,11 @@ def test_compile_fullgraph(backend):
     n, v = 4, 50
     s0, t0, labels = logits(n, v), logits(n, v), make_labels(n, v)
     s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
-    out = compiled(s, t, labels)
-    out.backward()
+    # inductor's on-disk graph cache keys do not cover a custom op's Python fake kernel:
+    # after an edit of kd.py a cached graph could hold stale output shapes
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out = compiled(s, t, labels)
+        out.backward()
     s_ref, t_ref = s0.clone().requires_grad_(), t0.clone().requires_grad_()
     ref = loss_fn(s_ref, t_ref, labels)
     ref.backward()

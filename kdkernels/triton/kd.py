@@ -1,7 +1,7 @@
 # Knowledge-distillation row losses of (N, V) logits: Triton kernels, launchers, torch ops.
 #
 # One row = one token. zs = s / Ts, zt = t / Tt, q = softmax(zs) (student), p = softmax(zt)
-# (teacher), lq = zs - lse_s, lp = zt - lse_t. A row's loss is
+# (teacher), lq = log q, lp = log p. A row's loss is
 #     loss = kd_scale * D + ce_weight * CE,      CE = lse(s) - s[label]   (student at T = 1)
 # and 0 on rows whose label is ignore_index. D is one of the three kinds of _spec.py:
 #
@@ -35,10 +35,13 @@
 #
 # Forward, mixture: pass 1 is the same kernel with KIND = MIXTURE (stats only); pass 2
 # (_kd_mix_kernel) re-reads the row and sums A, B, Uq, Up from the saved logsumexps.
-# Saved per row (stats, (NSTAT, N) float32): lse_s, lse_t, lse1 (CE), then D (KL kinds) or
-# A, B, Uq, Up (mixture): O(rows) floats, never an N x V tensor.
+# Saved per row (stats, (NSTAT, N) float32): each logsumexp as its pair (m, r = log l) for
+# zs, zt and s at T = 1 (CE), then D (KL kinds) or A, B, Uq, Up (mixture): O(rows) floats,
+# never an N x V tensor. The pair is never summed: lq = (zs - m) - r is exact near the max,
+# where the mass is, while zs - (m + r) would carry the rounding of m + r, an ulp of |z|
+# (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as a relative error.
 #
-# Backward: ONE pass re-reading s and t, recomputing lq, lp from the saved lse and writing
+# Backward: ONE pass re-reading s and t, recomputing lq, lp from the saved pairs and writing
 # d s (and d t) in the input dtype, already multiplied by grad_output, kd_scale / T, the
 # ce_weight term and the ignore mask. It is elementwise given the row scalars, so a split
 # row needs no merge. With inplace_backward the forward runs it for an upstream gradient of
@@ -137,10 +140,11 @@ def _mix_u(lq, lp, lm, coef_p, coef_q, HAS_CP: tl.constexpr, HAS_CQ: tl.constexp
 
 
 @triton.jit
-def _ce(s_row, label, valid, lse1):
-    # lse(s) - s[label]; the label is read only on valid rows (ignore_index may be < 0)
+def _ce(s_row, label, valid, m1, r1):
+    # lse(s) - s[label] = (m1 - s[label]) + r1, exact near the max; the label is read only
+    # on valid rows (ignore_index may be < 0)
     target = tl.load(s_row + label, mask=valid, other=0.0).to(tl.float32)
-    return lse1 - target
+    return (m1 - target) + r1
 
 
 @triton.jit
@@ -151,33 +155,42 @@ def _finish_stats(
     CE_SHARED: tl.constexpr,
 ):
     # From a row's final (max, sum) pairs and KL sum: saved stats and (KL kinds) the loss.
-    log_ls = tl.log(ls)
-    log_lt = tl.log(lt)
-    lse_s = _ref(ms) + log_ls
-    lse_t = _ref(mt) + log_lt
-    lse1 = lse_s
-    if HAS_CE:
-        if not CE_SHARED:
-            lse1 = _ref(m1) + tl.log(l1)
-    if HAS_LABELS:  # ignored rows read nothing: store clean zeros, not 0/0
-        lse_s = tl.where(valid, lse_s, 0.0)
-        lse_t = tl.where(valid, lse_t, 0.0)
-        lse1 = tl.where(valid, lse1, 0.0)
-    tl.store(stats_ptr + row, lse_s)
-    tl.store(stats_ptr + N + row, lse_t)
-    tl.store(stats_ptr + 2 * N + row, lse1)
+    # each logsumexp is saved as (m, r = log l), never summed (see the top of the file)
+    ms = _ref(ms)
+    mt = _ref(mt)
+    rs = tl.log(ls)
+    rt = tl.log(lt)
+    m1 = _ref(m1)
+    r1 = tl.log(l1)
+    if CE_SHARED or not HAS_CE:  # Ts = 1: the CE logsumexp is the student's
+        m1 = ms
+        r1 = rs
     if KIND != 2:
         if KIND == 0:
-            d = acc / lt - log_lt + log_ls
+            d = acc / lt - rt + rs
         else:
-            d = acc / ls - log_ls + log_lt
+            d = acc / ls - rs + rt
+    if HAS_LABELS:  # ignored rows read nothing: store clean zeros, not 0/0
+        ms = tl.where(valid, ms, 0.0)
+        rs = tl.where(valid, rs, 0.0)
+        mt = tl.where(valid, mt, 0.0)
+        rt = tl.where(valid, rt, 0.0)
+        m1 = tl.where(valid, m1, 0.0)
+        r1 = tl.where(valid, r1, 0.0)
+    tl.store(stats_ptr + row, ms)
+    tl.store(stats_ptr + N + row, rs)
+    tl.store(stats_ptr + 2 * N + row, mt)
+    tl.store(stats_ptr + 3 * N + row, rt)
+    tl.store(stats_ptr + 4 * N + row, m1)
+    tl.store(stats_ptr + 5 * N + row, r1)
+    if KIND != 2:
         loss = kd_scale * d
         if HAS_CE:
-            loss += ce_weight * _ce(s_row, label, valid, lse1)
+            loss += ce_weight * _ce(s_row, label, valid, m1, r1)
         if HAS_LABELS:
             d = tl.where(valid, d, 0.0)
             loss = tl.where(valid, loss, 0.0)
-        tl.store(stats_ptr + 3 * N + row, d)
+        tl.store(stats_ptr + 6 * N + row, d)
         tl.store(loss_ptr + row, loss)
 
 
@@ -187,7 +200,7 @@ def _kd_fwd_kernel(
     t_ptr,  # (N, V) teacher logits, fp16 / bf16 / fp32, row-major contiguous
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
     loss_ptr,  # (N,) fp32 out: row losses (KL kinds, not SPLIT)
-    stats_ptr,  # (NSTAT, N) fp32 out: lse_s, lse_t, lse1, D (not SPLIT)
+    stats_ptr,  # (NSTAT, N) fp32 out: m_s, r_s, m_t, r_t, m1, r1, D (not SPLIT)
     part_ptr,  # (N, n_split, NPART) fp32 out when SPLIT: ms, ls, mt, lt, acc, m1, l1, -
     N,  # rows
     V,  # vocabulary (row width)
@@ -201,7 +214,7 @@ def _kd_fwd_kernel(
     KIND: tl.constexpr,  # FORWARD_KL / REVERSE_KL (value too) / MIXTURE (stats only)
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,  # ce_weight != 0
-    CE_SHARED: tl.constexpr,  # Ts == 1: the CE logsumexp is lse_s
+    CE_SHARED: tl.constexpr,  # Ts == 1: the CE logsumexp is the student's
     SPLIT: tl.constexpr,  # write partials for _kd_merge_kernel instead of the row results
     BLOCK_V: tl.constexpr,
 ):
@@ -275,7 +288,7 @@ def _kd_merge_kernel(
     s_ptr,  # (N, V) student logits (the CE target is read from here)
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
     loss_ptr,  # (N,) fp32 out: row losses (KL kinds)
-    stats_ptr,  # (NSTAT, N) fp32 out: lse_s, lse_t, lse1, D
+    stats_ptr,  # (NSTAT, N) fp32 out: m_s, r_s, m_t, r_t, m1, r1, D
     part_ptr,  # (N, n_split, NPART) fp32: the partials of _kd_fwd_kernel
     N,  # rows
     V,  # vocabulary
@@ -344,15 +357,16 @@ def _finish_mix(
         up = 1.0
     loss = kd_scale * d
     if HAS_CE:
-        loss += ce_weight * _ce(s_row, label, valid, tl.load(stats_ptr + 2 * N + row))
+        loss += ce_weight * _ce(s_row, label, valid, tl.load(stats_ptr + 4 * N + row),
+                                tl.load(stats_ptr + 5 * N + row))
     if HAS_LABELS:
         loss = tl.where(valid, loss, 0.0)
         a_sum = tl.where(valid, a_sum, 0.0)
         b_sum = tl.where(valid, b_sum, 0.0)
-    tl.store(stats_ptr + 3 * N + row, a_sum)
-    tl.store(stats_ptr + 4 * N + row, b_sum)
-    tl.store(stats_ptr + 5 * N + row, uq)
-    tl.store(stats_ptr + 6 * N + row, up)
+    tl.store(stats_ptr + 6 * N + row, a_sum)
+    tl.store(stats_ptr + 7 * N + row, b_sum)
+    tl.store(stats_ptr + 8 * N + row, uq)
+    tl.store(stats_ptr + 9 * N + row, up)
     tl.store(loss_ptr + row, loss)
 
 
@@ -362,7 +376,7 @@ def _kd_mix_kernel(
     t_ptr,  # (N, V) teacher logits
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
     loss_ptr,  # (N,) fp32 out: row losses (not SPLIT)
-    stats_ptr,  # (NSTAT, N) fp32: lse_s, lse_t, lse1 in; A, B, Uq, Up out (not SPLIT)
+    stats_ptr,  # (NSTAT, N) fp32: m_s, r_s, m_t, r_t, m1, r1 in; A, B, Uq, Up out (not SPLIT)
     part_ptr,  # (N, n_split, NPART_MIX) fp32 out when SPLIT: partial A, B, Uq, Up
     N,  # rows
     V,  # vocabulary
@@ -398,8 +412,10 @@ def _kd_mix_kernel(
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
         hi = tl.where(valid, hi, lo)
-    lse_s = tl.load(stats_ptr + row)
-    lse_t = tl.load(stats_ptr + N + row)
+    ms = tl.load(stats_ptr + row)
+    rs = tl.load(stats_ptr + N + row)
+    mt = tl.load(stats_ptr + 2 * N + row)
+    rt = tl.load(stats_ptr + 3 * N + row)
     offs = tl.arange(0, BLOCK_V)
     a_sum = 0.0
     b_sum = 0.0
@@ -410,8 +426,8 @@ def _kd_mix_kernel(
         mask = cols < hi
         zs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_ts
         zt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_tt
-        lq = zs - lse_s
-        lp = zt - lse_t
+        lq = (zs - ms) - rs
+        lp = (zt - mt) - rt
         lm = _logaddexp(lp + log_a, lq + log_1ma)
         if HAS_CP:
             p = tl.exp(lp)
@@ -444,7 +460,7 @@ def _kd_mix_merge_kernel(
     s_ptr,  # (N, V) student logits (the CE target is read from here)
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
     loss_ptr,  # (N,) fp32 out: row losses
-    stats_ptr,  # (NSTAT, N) fp32: lse1 in; A, B, Uq, Up out
+    stats_ptr,  # (NSTAT, N) fp32: m1, r1 in; A, B, Uq, Up out
     part_ptr,  # (N, n_split, NPART_MIX) fp32: partial A, B, Uq, Up of _kd_mix_kernel
     N,  # rows
     V,  # vocabulary
@@ -485,7 +501,7 @@ def _kd_bwd_kernel(
     s_ptr,  # (N, V) student logits
     t_ptr,  # (N, V) teacher logits
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
-    stats_ptr,  # (NSTAT, N) fp32: lse_s, lse_t, lse1, D | A, B, Uq, Up
+    stats_ptr,  # (NSTAT, N) fp32: m_s, r_s, m_t, r_t, m1, r1, then D | A, B, Uq, Up
     grad_ptr,  # (N,) fp32: upstream gradient of each row loss
     ds_ptr,  # (N, V) out, s's dtype: d loss / d s (may be s_ptr itself: in-place)
     dt_ptr,  # (N, V) out, t's dtype: d loss / d t (written only when TEACHER_GRAD)
@@ -529,17 +545,20 @@ def _kd_bwd_kernel(
     cs = g * kd_scale * inv_ts  # d loss / d zs -> d / d s
     ct = g * kd_scale * inv_tt
     cce = g * ce_weight
-    lse_s = tl.load(stats_ptr + row)
-    lse_t = tl.load(stats_ptr + N + row)
-    lse1 = tl.load(stats_ptr + 2 * N + row)
-    r3 = tl.load(stats_ptr + 3 * N + row)  # D, or A for the mixture
+    ms = tl.load(stats_ptr + row)
+    rs = tl.load(stats_ptr + N + row)
+    mt = tl.load(stats_ptr + 2 * N + row)
+    rt = tl.load(stats_ptr + 3 * N + row)
+    m1 = tl.load(stats_ptr + 4 * N + row)
+    r1 = tl.load(stats_ptr + 5 * N + row)
+    r6 = tl.load(stats_ptr + 6 * N + row)  # D, or A for the mixture
     b_sum = 0.0
     uq = 0.0
     up = 0.0
     if KIND == 2:
-        b_sum = tl.load(stats_ptr + 4 * N + row)
-        uq = tl.load(stats_ptr + 5 * N + row)
-        up = tl.load(stats_ptr + 6 * N + row)
+        b_sum = tl.load(stats_ptr + 7 * N + row)
+        uq = tl.load(stats_ptr + 8 * N + row)
+        up = tl.load(stats_ptr + 9 * N + row)
     offs = tl.arange(0, BLOCK_V)
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
@@ -547,16 +566,16 @@ def _kd_bwd_kernel(
         mask = inside & valid  # ignored rows read nothing and get zeros
         xs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         xt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        lq = xs * inv_ts - lse_s
-        lp = xt * inv_tt - lse_t
+        lq = (xs * inv_ts - ms) - rs
+        lp = (xt * inv_tt - mt) - rt
         q = tl.exp(lq)
         p = tl.exp(lp)
         if KIND == 0:
             gs = q - p
             if TEACHER_GRAD:
-                gt = tl.where(p > 0, p * (lp - lq - r3), 0.0)
+                gt = tl.where(p > 0, p * (lp - lq - r6), 0.0)
         elif KIND == 1:
-            gs = tl.where(q > 0, q * (lq - lp - r3), 0.0)
+            gs = tl.where(q > 0, q * (lq - lp - r6), 0.0)
             if TEACHER_GRAD:
                 gt = p - q
         else:
@@ -572,13 +591,13 @@ def _kd_bwd_kernel(
                 gs += coef_q * tl.where(q > 0, q * (lq - lm - b_sum), 0.0)
             if TEACHER_GRAD:
                 if HAS_CP:
-                    gt += coef_p * tl.where(p > 0, p * (lp - lm - r3), 0.0)
+                    gt += coef_p * tl.where(p > 0, p * (lp - lm - r6), 0.0)
         ds = cs * gs
         if HAS_CE:
             if CE_SHARED:
                 q1 = q
             else:
-                q1 = tl.exp(xs - lse1)
+                q1 = tl.exp((xs - m1) - r1)
             ds += cce * (q1 - tl.where(cols == label, 1.0, 0.0))
         ds = tl.where(valid, ds, 0.0)
         tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=inside)
@@ -676,7 +695,7 @@ def _flags(kind: str, mix: float, coef_p: float, coef_q: float, has_labels: bool
 
 
 def _nstat(kind: str) -> int:
-    return 7 if kind == "mixture" else 4
+    return 10 if kind == "mixture" else 7
 
 
 def _check_inputs(s, t, labels) -> None:
