@@ -501,24 +501,26 @@ def _free(device):
 
 
 def make_inputs(cfg: Config, seed: int):
-    """Student and teacher logits ~ N(0, 2^2): softmax at T=2 neither flat nor one-hot."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Student and teacher logits ~ N(0, 2^2): softmax at T=2 neither flat nor one-hot.
+    Drawn on the benchmark's device (GPU shapes are GBs), in float32, then cast."""
+    g = torch.Generator(device=cfg.device).manual_seed(seed)
     out = []
     for _ in range(2):
-        x = torch.randn(cfg.n, cfg.v, generator=g).mul_(2.0)
-        out.append(x.to(device=cfg.device, dtype=cfg.dtype))
+        x = torch.randn(cfg.n, cfg.v, generator=g, device=cfg.device).mul_(2.0)
+        out.append(x.to(dtype=cfg.dtype))
         del x
     s, t = out
     return s.requires_grad_(), t
 
 
-def run(cfg: Config, divergences, providers, modes, reps, warmup, grad_rows, seed, log=print):
-    """All rows and the notes on skipped providers."""
+def run(cfg: Config, divergences, providers, modes, reps, warmup, grad_rows, seed, log=print,
+        explicit=()):
+    """All rows and the notes on skipped providers (`explicit`: providers the user named)."""
     backward = any(m != "forward" for m in modes)
     notes = []
     runnable = []
     for p in providers:
-        ok, why = availability(p, cfg, explicit=p in _EXPLICIT)
+        ok, why = availability(p, cfg, explicit=p in explicit)
         if ok:
             runnable.append(p)
         else:
@@ -570,9 +572,6 @@ def order_rows(rows, divergences):
                 MODES.index(r.mode), PROVIDERS.index(r.provider))
 
     return sorted(rows, key=key)
-
-
-_EXPLICIT: set[str] = set()
 
 
 def _default_warmup(provider, device):
@@ -950,11 +949,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{name} must be in [0, 1], got {value}")
     divergences = _split(args.divergence, DIVERGENCES, "divergence")
     modes = list(MODES) if args.mode == "all" else [args.mode]
-    if args.providers:
-        providers = _split(args.providers, PROVIDERS, "provider")
-        _EXPLICIT.update(providers)
-    else:
-        providers = list(PROVIDERS)
+    providers = _split(args.providers, PROVIDERS, "provider") if args.providers else None
     cfg = Config(n, v, dtype, device, args.temperature, args.beta, args.skew)
 
     info = machine_info(device, argv)
@@ -964,8 +959,8 @@ def main(argv=None) -> int:
     print(f"# N={n} V={v} {_dtype_name(dtype)} T={args.temperature:g} divergences="
           f"{','.join(divergences)} modes={','.join(modes)} reps={reps}")
     t0 = time.perf_counter()
-    rows, notes = run(cfg, divergences, providers, modes, reps, args.warmup, args.grad_rows,
-                      args.seed)
+    rows, notes = run(cfg, divergences, providers or list(PROVIDERS), modes, reps, args.warmup,
+                      args.grad_rows, args.seed, explicit=providers or ())
     grad_checked = min(n, args.grad_rows)
     print()
     print(table(rows, cfg, grad_checked))
