@@ -151,32 +151,6 @@ TOLERANCES = {
 }
 
 
-# Backends that form log-probabilities as z - logsumexp(z) with the logsumexp rounded to
-# the magnitude of z (instead of keeping the max apart, (z - max) - log(sum), exact under
-# shifts as PyTorch's log_softmax). Their error grows with |z|; the tests that move logits
-# far from 0 name that error source through `logsumexp_rounding` for them only. Remove an
-# impl from here when it keeps the max apart (test_large_logits_precision then XPASSes).
-LSE_ROUNDING_IMPLS = ("triton",)
-
-
-def logsumexp_rounding(
-    impl: str, max_abs_z: float, loss_scale: float, max_loss: float = 0.0, dtype=torch.float32
-) -> float:
-    """Error allowance for log-probabilities formed as z - logsumexp(z) in `dtype` (0 for
-    impls not in LSE_ROUNDING_IMPLS).
-
-    With lse = logsumexp(z) rounded to an ulp of |z| ~ max_abs_z, every log-probability of
-    the row carries the same error d ~ eps |z|, and p = exp(lp) the relative error d. A row's
-    KL = sum p (lp - lr) then moves by d (1 + KL): d from the shifted logs (sum p = 1), d KL
-    from the rescaled p. In loss units that is d (loss_scale + max_loss), with loss_scale =
-    T**2 kd_weight (plus the CE weight) and max_loss the largest row loss; gradients
-    (p - q, ...) move by about 2 d loss_scale plus d times their own size.
-    4 eps = two roundings of up to 2 ulps."""
-    if impl not in LSE_ROUNDING_IMPLS:
-        return 0.0
-    return 4.0 * torch.finfo(dtype).eps * max_abs_z * (loss_scale + max_loss)
-
-
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| in float64, treating equal infinities as exact and nan as infinite error."""
     a, b = a.detach().double(), b.detach().double()
@@ -193,8 +167,7 @@ def assert_error_model(
 ) -> None:
     """out against the float64 truth, with the bound above; baseline is plain PyTorch.
 
-    extra: an additional absolute allowance for an error source the caller names (e.g. the
-    rounding of a large logsumexp, see logsumexp_rounding)."""
+    extra: an additional absolute allowance for an error source the caller names."""
     assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
     tol = TOLERANCES[dtype]
     err = max_err(out, truth)

@@ -25,6 +25,7 @@ def _tensors_on_test_device(device):
     with on_device(device):
         yield
 
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
 # (temperature, teacher_temperature): T = 1, T = 2, and a teacher at its own temperature

@@ -20,6 +20,7 @@ def _tensors_on_test_device(device):
     with on_device(device):
         yield
 
+
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 SHAPES = [(), (7,), (3, 11), (2, 3, 5), (2, 2, 3, 4)]
 
