@@ -24,14 +24,17 @@ _KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 # --------------------------------------------------------------------------------------
 
 
-def _check_logits(name: str, x) -> None:
+def _check_logits(name: str, x, sharded: bool = False) -> None:
+    """sharded: x is one rank's vocabulary shard, which may be empty (distributed.py checks
+    the global vocabulary on every rank, so that no rank raises alone and leaves the others
+    waiting in a collective)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
-    if x.shape[-1] == 0:
+    if x.shape[-1] == 0 and not sharded:
         raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(x.shape)}")
 
 
@@ -127,8 +130,15 @@ def kd_loss(
     `student_logits`' memory (no extra N x V buffer): the logits are overwritten.
     process_group: logits are this rank's contiguous vocabulary shard (see distributed.py).
     """
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
+    from . import distributed
+
+    # DTensor logits (Shard(-1) on a 1-D mesh): their local shards and the mesh's group
+    unwrapped = distributed.unwrap_dtensor(student_logits, teacher_logits, labels, process_group)
+    if unwrapped is not None:
+        student_logits, teacher_logits, labels, process_group = unwrapped
+    sharded = process_group is not None
+    _check_logits("student_logits", student_logits, sharded)
+    _check_logits("teacher_logits", teacher_logits, sharded)
     if process_group is None and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
@@ -185,8 +195,9 @@ def kd_loss(
         ignore_index=ignore_index,
     )
     v = student_logits.shape[-1]
-    s = student_logits.reshape(-1, v)
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    # explicit row counts: reshape(-1, 0) is ambiguous (a rank's vocabulary shard may be empty)
+    s = student_logits.reshape(math.prod(lead), v)
+    t = teacher_logits.reshape(math.prod(teacher_logits.shape[:-1]), teacher_logits.shape[-1])
     if not s.is_contiguous():
         s = s.contiguous()
     if not t.is_contiguous():
@@ -203,8 +214,6 @@ def kd_loss(
     dtypes = (s.dtype, t.dtype)
     backend = _dispatch.resolve(impl, s.device, dtypes)
     if process_group is not None:
-        from . import distributed
-
         rows = distributed.kd_rows(s, t, flat_labels, spec, process_group, backend)
     else:
         if flat_labels is not None:
@@ -218,7 +227,11 @@ def kd_loss(
         else:
             valid = (flat_labels != ignore_index).sum().to(rows.dtype)
     batch = student_logits.shape[0]  # F.kl_div's batchmean: the first dim, even for 1-D
-    return _reduce(rows, reduction, valid, batch, student_logits.numel(), lead)
+    numel = student_logits.numel()
+    if process_group is not None and reduction == "mean":
+        # F.kl_div's mean divides by the numel of the GLOBAL logits: N x V, V over the group
+        numel = s.shape[0] * distributed.vocab_size(s, process_group)
+    return _reduce(rows, reduction, valid, batch, numel, lead)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,7 +300,14 @@ def kl_div(
 
 
 def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
-    _check_logits(name, x)
+    from . import distributed
+
+    # a DTensor x: softmax of its local tensor (over the group when `dim` is sharded), rewrapped
+    wrapped = distributed.unwrap_dtensor_input(x, dim, process_group)
+    if wrapped is not None:
+        x_local, group, rewrap = wrapped
+        return rewrap(_temperature_softmax(name, x_local, temperature, dim, impl, log, group))
+    _check_logits(name, x, process_group is not None)
     temperature = _check_positive("temperature", temperature)
     if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
@@ -295,13 +315,11 @@ def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
     if moved:
         x = x.movedim(dim, -1)
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not -1: the shard may be empty
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     backend = _dispatch.resolve(impl, x2.device, (x2.dtype,))
     if process_group is not None:
-        from . import distributed
-
         y = distributed.softmax(x2, 1.0 / temperature, log, process_group, backend)
     else:
         y = backend.softmax(x2, 1.0 / temperature, log)
