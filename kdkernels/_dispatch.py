@@ -45,7 +45,6 @@ def _usable(name: str, device: torch.device, dtypes) -> tuple[bool, str]:
     return True, ""
 
 
-@torch._dynamo.assume_constant_result
 def _resolve_name(impl: str, device: str, dtypes: tuple) -> str:
     # Runs once per compiled graph (dynamo treats the result as a constant): availability
     # checks may build the extension or take locks, which must not be traced.
@@ -66,6 +65,11 @@ def _resolve_name(impl: str, device: str, dtypes: tuple) -> str:
         if _usable(name, dev, dtypes)[0]:
             return name
     return "torch"
+
+
+# torch.compiler.assume_constant_result(fn) only sets this attribute, but importing it pulls in
+# torch._dynamo (seconds at `import kdkernels`); tests/test_compile.py proves it still works.
+_resolve_name._dynamo_marked_constant = True
 
 
 def resolve(impl: str, device: torch.device, dtypes=()) -> ModuleType:
