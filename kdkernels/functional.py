@@ -256,6 +256,9 @@ def kl_div(
     difference: where target == 0 (log_target=False) the gradient w.r.t. target is -inf,
     the derivative of target * log(target), where PyTorch returns nan.
     """
+    # F.kl_div divides by input.size(0) whenever reduction="batchmean" is passed, even when
+    # the legacy size_average/reduce arguments choose the reduction itself.
+    divide_by_batch = reduction == "batchmean"
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
     for name, x in (("input", input), ("target", target)):
@@ -284,14 +287,13 @@ def kl_div(
     x = input.reshape(-1)
     y = target.reshape(-1)
     if reduction == "none":
-        return backend.kl_div(x, y, bool(log_target), False).reshape(input.shape)
-    total = backend.kl_div(x, y, bool(log_target), True)
-    out_dtype = torch.promote_types(input.dtype, target.dtype)
-    if reduction == "mean":
-        total = total / input.numel()
-    elif reduction == "batchmean":
-        total = total / batch
-    return total.to(out_dtype)
+        out = backend.kl_div(x, y, bool(log_target), False).reshape(input.shape)
+    else:
+        out = backend.kl_div(x, y, bool(log_target), True)
+        if reduction == "mean":
+            out = out / input.numel()
+        out = out.to(torch.promote_types(input.dtype, target.dtype))
+    return out / batch if divide_by_batch else out
 
 
 # --------------------------------------------------------------------------------------
