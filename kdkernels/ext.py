@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -130,16 +131,27 @@ def _build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Pat
         home = find_cuda_home()
         if home is not None:
             os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
+    # cpp_extension logs a CUDA_HOME notice when imported on a machine without a GPU
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
 
     if kind == "cpu":
         cxx = os.environ.get("CXX", "c++")
         if shutil.which(cxx) is None:
             raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH; set CXX)")
-        flags = ["-O3", "-DNDEBUG", *_cpu_capability_flags()]
+        # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (inline in the headers);
+        # without it the rows run on one thread. The library then needs libgomp.so.1, the
+        # one torch has loaded already (torch/lib), so a single OpenMP runtime serves both.
+        flags = ["-O3", "-DNDEBUG", "-fopenmp", *_cpu_capability_flags()]
         d = _cache_dir("cpu", CPU_SOURCES, flags)
         cpp_extension.load(name="kdkernels_cpu", sources=[str(CSRC / "kd_cpu.cpp")],
-                           extra_cflags=flags, extra_include_paths=[str(CSRC)],
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           extra_include_paths=[str(CSRC)],
                            build_directory=str(d), is_python_module=False, verbose=verbose,
                            with_cuda=False)
         return d
