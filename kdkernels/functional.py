@@ -202,7 +202,8 @@ def kd_loss(
         s = s.contiguous()
     if not t.is_contiguous():
         t = t.contiguous()
-    if inplace_backward and s.data_ptr() != student_logits.data_ptr():
+    if (inplace_backward and not torch.compiler.is_compiling()
+            and s.data_ptr() != student_logits.data_ptr()):
         raise ValueError(
             "inplace_backward=True needs contiguous student_logits (its buffer receives "
             "the gradient)"

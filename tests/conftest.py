@@ -3,12 +3,18 @@ Triton reads the variable when a kernel is decorated, so it is set before any ke
 is imported (kdkernels.triton imports its kernels lazily)."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's on-disk cache keys do not cover a custom op's Python fake kernel: a graph cached
+# before an op's output shapes changed would be reused and fail. Each test session compiles
+# into its own cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdkernels-inductor-"))
 
 # Every implementation is tested through the public API. None is skipped on CPU: an impl
 # that cannot run here (e.g. the extension failed to build) fails its tests.
