@@ -23,6 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
+# Compile every Triton kernel config for sm_80 / sm_90 (no GPU needed); fail on any spill.
+aot: $(STAMP)
+	$(PY) -m kdkernels.triton.aot --fail-on-spill $(ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
