@@ -740,11 +740,12 @@ def ratios(rows, cfg: Config) -> list[str]:
                  + ("" if cfg.device.type == "cpu" else "; issue 3's for CUDA") + "):")
     eager, ref = med("eager"), med("kd-torch")
     if eager is None:
-        lines.append("  (no eager forward_kl full row: run with --divergence forward_kl and "
-                     "--mode full or all for the ratios)")
-        return lines
-    lines.append(f"  eager forward_kl forward+backward: {_fmt_s(eager)}, peak "
-                 f"{_fmt_bytes(peak('eager'))} = {_fmt_ratio(div_(peak('eager'), nv32))} x NV fp32")
+        lines.append("  (no eager forward_kl full row: the ratios to eager need --divergence "
+                     "forward_kl, --mode full or all, and the eager provider)")
+    else:
+        lines.append(f"  eager forward_kl forward+backward: {_fmt_s(eager)}, peak "
+                     f"{_fmt_bytes(peak('eager'))} = "
+                     f"{_fmt_ratio(div_(peak('eager'), nv32))} x NV fp32")
     lines.append(" issue 2 (reference, impl=torch):")
     line("kd-torch time / eager time", div_(ref, eager), "<=", 1.0)
     line("kd-torch peak extra / one N x V float32 tensor", div_(peak("kd-torch"), nv32),

@@ -319,3 +319,27 @@ def test_subcommand_dispatch(monkeypatch, capsys):
     monkeypatch.setitem(entry.SUBCOMMANDS, "faketool", "test double")
     assert entry.main(["faketool", "--a", "1"]) == 0
     assert seen["argv"] == ["--a", "1"]
+
+
+def test_ratios_check_the_issue_targets():
+    """The closing ratios are computed from the rows and compared with the targets."""
+    cfg = core.Config(2048, 128256, torch.float32, CPU)
+    nv = 2048 * 128256 * 4
+    rows = [core.Row("eager", "forward_kl", "full", [4.9], 5 * nv),
+            core.Row("kd-torch", "forward_kl", "full", [5.0], int(1.2 * nv)),
+            core.Row("kd-ext", "forward_kl", "full", [0.7], nv),
+            core.Row("compile_chunked", "forward_kl", "full", [0.93], 2 * nv),
+            core.Row("copy_floor", "-", "full", [0.38], nv),
+            core.Row("kd-ext", "jsd", "full", [1.4], nv)]
+    text = "\n".join(core.ratios(rows, cfg))
+
+    def verdict(label):
+        words = next(x for x in text.splitlines() if label in x).split()
+        return words[-1], float(words[-5])  # "... <value> target <op> <target> <verdict>"
+
+    assert verdict("kd-torch time / eager time") == ("MISSED", pytest.approx(5.0 / 4.9, abs=0.01))
+    assert verdict("kd-torch peak extra") == ("met", pytest.approx(1.2, abs=0.01))
+    assert verdict("eager time / kd-ext time") == ("met", pytest.approx(7.0, abs=0.01))
+    assert verdict("compile_chunked time / kd-ext") == ("met", pytest.approx(0.93 / 0.7, abs=0.01))
+    assert verdict("kd-ext time / copy_floor") == ("met", pytest.approx(0.7 / 0.38, abs=0.01))
+    assert verdict("kd-ext jsd / forward_kl") == ("MISSED", pytest.approx(2.0, abs=0.01))
