@@ -18,6 +18,10 @@
 //            dtype, already multiplied by the row's upstream gradient.
 //   fused    (kd_fused_, inplace_backward) forward then backward of each row while it is in
 //            cache; the gradient (upstream gradient 1) overwrites s.
+// Memory: no N x V temporaries; outputs are written once, float32 ones with non-temporal
+// stores (store_vec), and fresh gradient buffers are advised to transparent huge pages
+// (first-touch page faults of a 1 GB gradient otherwise cost about as much as writing it).
+// Threads: at::parallel_for is OpenMP in torch's CPU builds, so ext.py builds with -fopenmp.
 // Per-row statistics (the `stats` output, N x NSTAT in the accumulation type) hold what
 // backward needs: references and log-sums of both sides (never lse = m + log S rounded into
 // one number: lp = (zt - mt) - log St keeps precision for logits of +-1e4), the T = 1

@@ -10,6 +10,9 @@ these tests are also the executed check of the CUDA kernels' formulas.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -331,3 +334,33 @@ def test_compile_fullgraph():
     ref.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_missing_compiler_falls_back_with_one_warning(tmp_path):
+    # a fresh process whose C++ compiler does not exist and whose build cache is empty:
+    # is_available says why, impl="auto" warns once and uses the PyTorch path, impl="ext"
+    # raises with the same message
+    code = """
+import warnings, torch, kdkernels as kd
+from kdkernels import ext
+ok, why = ext.is_available(torch.device("cpu"))
+assert not ok and "no C++ compiler" in why, why
+s, t = torch.randn(3, 10), torch.randn(3, 10)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    a = kd.kd_loss(s, t)
+    b = kd.kd_loss(s, t)
+assert sum("falls back" in str(x.message) for x in w) <= 1, [str(x.message) for x in w]
+torch.testing.assert_close(a, kd.kd_loss(s, t, impl="torch"))
+try:
+    kd.kd_loss(s, t, impl="ext")
+    raise SystemExit("impl='ext' did not raise")
+except RuntimeError as e:
+    assert "no C++ compiler" in str(e), e
+print("OK")
+"""
+    env = dict(os.environ, CXX="kdkernels-no-such-compiler",
+               KDKERNELS_CACHE_DIR=str(tmp_path), KDKERNELS_IMPL="")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
