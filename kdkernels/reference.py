@@ -153,61 +153,119 @@ def _row_mask(labels, spec, n, device, dtype):
     return (labels != spec.ignore_index).to(dtype)
 
 
-def _log_probs(z, stats=None):
-    """log softmax(z) of a chunk as (z - m) - log sum e^(z - m), and the row stats (m, r).
+def _shift(x, inv_t, m=None, out=None):
+    """z = (x - m) * inv_t in acc dtype, m = max x per row (computed when not given).
 
-    logsumexp is kept as the pair (m, r = log sum e^(z - m)), never summed into m + r: at
-    |z| ~ 1e4 that sum rounds by ~1e-3, which would become a relative error of exp(log p)
-    and of everything it multiplies. z - m is exact near the maximum, where the mass is.
+    Logits enter as their difference from the row maximum: exact near the maximum, where
+    the probability mass is, so log-probs (z - log sum e^z) keep full precision even at
+    |x| ~ 1e4, where m + log sum e^z would round by ~1e-3. Rows are never summed into a
+    single logsumexp; stats are kept as the pair (m, r = log sum e^z).
     """
-    if stats is None:
-        m = z.amax(-1)
+    if m is None:
+        m = x.amax(-1).to(acc_dtype(x.dtype))
         m = torch.where(m > -math.inf, m, 0.0)  # a row of -inf would give -inf - -inf
-        r = torch.log(torch.exp(z - m[:, None]).sum(-1))
-    else:
-        m, r = stats
-    return (z - m[:, None]) - r[:, None], (m, r)
+    z = torch.sub(x, m[:, None], out=out)
+    return z.mul_(inv_t), m
+
+
+def _log_probs(x, inv_t, stats=None):
+    """(log softmax(x * inv_t), (m, r)) of a chunk; see _shift."""
+    z, m = _shift(x, inv_t, None if stats is None else stats[0])
+    r = torch.exp(z).sum(-1).log_() if stats is None else stats[1]
+    return z.sub_(r[:, None]), (m, r)
 
 
 def _chunk_logs(s, t, spec, stats=None):
     """(lq, lp, (m_s, r_s, m_t, r_t)) of one chunk; stats are computed when not given."""
-    dt = acc_dtype(s.dtype)
-    zs = s.to(dt) * spec.inv_ts
-    zt = t.to(dt) * spec.inv_tt
-    lq, st_s = _log_probs(zs, None if stats is None else stats[:2])
-    lp, st_t = _log_probs(zt, None if stats is None else stats[2:])
+    lq, st_s = _log_probs(s, spec.inv_ts, None if stats is None else stats[:2])
+    lp, st_t = _log_probs(t, spec.inv_tt, None if stats is None else stats[2:])
     return lq, lp, (*st_s, *st_t)
 
 
 def _ce_chunk(s, labels, spec):
     """Cross-entropy at T = 1 of one chunk: (loss (rows,), (m1, r1)). Ignored rows -> 0.
 
-    CE = -log softmax(s)[label], read off the shifted log-probabilities (see _log_probs).
+    CE = -log softmax(s)[label], read off the shifted log-probabilities (see _shift).
     """
-    ls, st = _log_probs(s.to(acc_dtype(s.dtype)))
+    ls, st = _log_probs(s, 1.0)
     valid = labels != spec.ignore_index
     target = ls.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
     return torch.where(valid, -target, 0.0), st
 
 
 def _ce_grad_chunk(s, labels, spec, stats):
-    ls, _ = _log_probs(s.to(acc_dtype(s.dtype)), stats)
-    g = torch.exp(ls)
+    g, _ = _log_probs(s, 1.0, stats)
+    g.exp_()
     valid = labels != spec.ignore_index
     g.scatter_add_(1, torch.where(valid, labels, 0)[:, None], -valid.to(g.dtype)[:, None])
     return g
 
 
 # Row statistics saved by forward, in order: m_s, r_s, m_t, r_t (student / teacher
-# logsumexp as max and log-sum), m1, r1 (student at T = 1, for CE), then the divergence's
-# scalars from divergence_rows.
+# logsumexp as max and log-sum, see _shift), m1, r1 (student at T = 1, for CE), then the
+# divergence's scalars from divergence_rows.
 _N_LSE = 6
 
 
-def _forward_chunk(s, t, labels, spec):
+# Forward / reverse KL with only the student's gradient, the common case, take a lean path:
+# a few in-place passes over preallocated chunk buffers (`ws`, three (chunk, V) float32
+# tensors reused by every chunk: a fresh 16 MiB buffer per op costs page faults on CPU).
+# The value uses the shifted logits z = (x - m) / T of _shift (w: the weighting side, the
+# teacher for forward KL; o: the other):
+#     D = sum_j e^(zw_j) (zw_j - zo_j) / lw - log lw + log lo,    l = sum_j e^(z_j)
+# (log-probs are z - log l and sum e^(zw) / lw = 1). Padding (-inf in both) gives
+# 0 * nan there, zeroed; zo = -inf where zw is finite gives +inf, the true value.
+
+
+def _lean(spec, need_teacher: bool) -> bool:
+    """The lean path serves KL kinds: always in forward, in backward without d/dt."""
+    return spec.div.kind in ("forward_kl", "reverse_kl") and not need_teacher
+
+
+def _kl_forward_chunk(s, t, spec, ws):
+    zs, m_s = _shift(s, spec.inv_ts, out=ws[0])
+    zt, m_t = _shift(t, spec.inv_tt, out=ws[1])
+    forward = spec.div.kind == "forward_kl"
+    zw, zo = (zt, zs) if forward else (zs, zt)
+    e = torch.exp(zo, out=ws[2])
+    log_lo = e.sum(-1).log_()
+    torch.exp(zw, out=e)
+    lw = e.sum(-1)
+    acc = torch.nan_to_num_(zw.sub_(zo).mul_(e), nan=0.0, posinf=math.inf, neginf=-math.inf)
+    d = acc.sum(-1) / lw - lw.log() + log_lo
+    r_s, r_t = (log_lo, lw.log()) if forward else (lw.log(), log_lo)
+    return d, (m_s, r_s, m_t, r_t)
+
+
+def _kl_backward_chunk(s, t, spec, stats, ws):
+    """dD/dzs of forward KL (q - p) or reverse KL (q (lq - lp - D)), in ws[0]."""
+    m_s, r_s, m_t, r_t = stats[:4]
+    lq = _shift(s, spec.inv_ts, m_s, out=ws[0])[0].sub_(r_s[:, None])
+    lp = _shift(t, spec.inv_tt, m_t, out=ws[1])[0].sub_(r_t[:, None])
+    if spec.div.kind == "forward_kl":
+        return lq.exp_().sub_(lp.exp_())
+    (d,) = stats[_N_LSE:]
+    diff = torch.sub(lq, lp, out=ws[2]).sub_(d[:, None])
+    return torch.nan_to_num_(lq.exp_().mul_(diff), nan=0.0, posinf=math.inf,
+                             neginf=-math.inf)
+
+
+def _workspace(s, step, lean: bool):
+    if not lean:
+        return None
+    return [torch.empty(step, s.shape[1], device=s.device, dtype=acc_dtype(s.dtype))
+            for _ in range(3)]
+
+
+def _forward_chunk(s, t, labels, spec, ws=None):
     """Row losses of one chunk and the per-row tensors backward needs."""
-    lq, lp, st = _chunk_logs(s, t, spec)
-    d, saved = divergence_rows(lq, lp, spec.div)
+    if ws is not None:
+        rows = s.shape[0]
+        d, st = _kl_forward_chunk(s, t, spec, [w[:rows] for w in ws])
+        saved = (d,)
+    else:
+        lq, lp, st = _chunk_logs(s, t, spec)
+        d, saved = divergence_rows(lq, lp, spec.div)
     loss = spec.kd_scale * d
     st1 = st[:2]  # placeholder when CE is off; never read then
     if spec.ce_weight:
@@ -218,16 +276,20 @@ def _forward_chunk(s, t, labels, spec):
     return loss, (*st, *st1, *saved)
 
 
-def _backward_chunk(s, t, labels, spec, stats, g, need_teacher):
-    """(d loss_rows / d s, d / d t) of one chunk, times the upstream row gradient g."""
-    lq, lp, _ = _chunk_logs(s, t, spec, stats[:4])
-    ds, dt = divergence_grads(lq, lp, spec.div, stats[_N_LSE:], need_teacher)
-    gk = (g * spec.kd_scale)[:, None]
-    ds = ds * (gk * spec.inv_ts)
+def _backward_chunk(s, t, labels, spec, stats, g, need_teacher, ws=None):
+    """(d loss_rows / d s, d / d t) of one chunk, times the upstream row gradient g.
+    The student gradient may live in the workspace: copy it out before the next chunk."""
+    if ws is not None:
+        ds, dt = _kl_backward_chunk(s, t, spec, stats, [w[: s.shape[0]] for w in ws]), None
+    else:
+        lq, lp, _ = _chunk_logs(s, t, spec, stats[:4])
+        ds, dt = divergence_grads(lq, lp, spec.div, stats[_N_LSE:], need_teacher)
+    gk = g * spec.kd_scale
+    ds.mul_((gk * spec.inv_ts)[:, None])
     if spec.ce_weight:
         ds += _ce_grad_chunk(s, labels, spec, stats[4:6]) * (g * spec.ce_weight)[:, None]
     if dt is not None:
-        dt = dt * (gk * spec.inv_tt)
+        dt.mul_((gk * spec.inv_tt)[:, None])
     return ds, dt
 
 
@@ -242,10 +304,11 @@ class KDRows(torch.autograd.Function):
         need_teacher = ctx.needs_input_grad[1]
         loss = torch.empty(n, device=s.device, dtype=dt)
         stats = None
+        ws = _workspace(s, step, _lean(spec, False))
         for i in range(0, n, step):
             j = min(i + step, n)
             lab = None if labels is None else labels[i:j]
-            loss[i:j], st = _forward_chunk(s[i:j], t[i:j], lab, spec)
+            loss[i:j], st = _forward_chunk(s[i:j], t[i:j], lab, spec, ws)
             if stats is None:
                 stats = [torch.empty(n, device=s.device, dtype=dt) for _ in st]
             for buf, x in zip(stats, st, strict=True):
@@ -259,11 +322,13 @@ class KDRows(torch.autograd.Function):
             # the logits fails loudly instead of reading gradients.
             ones = _row_mask(labels, spec, n, s.device, dt)
             grad_t = torch.empty_like(t) if need_teacher else None
+            ws = ws if _lean(spec, need_teacher) else None
             for i in range(0, n, step):
                 j = min(i + step, n)
                 lab = None if labels is None else labels[i:j]
                 st = [x[i:j] for x in stats]
-                ds, dtc = _backward_chunk(s[i:j], t[i:j], lab, spec, st, ones[i:j], need_teacher)
+                ds, dtc = _backward_chunk(s[i:j], t[i:j], lab, spec, st, ones[i:j],
+                                          need_teacher, ws)
                 s[i:j] = ds
                 if grad_t is not None:
                     grad_t[i:j] = dtc
@@ -293,11 +358,12 @@ class KDRows(torch.autograd.Function):
         grad_s = torch.empty_like(s)
         grad_t = torch.empty_like(t) if need_teacher else None
         step = chunk_rows(n, v)
+        ws = _workspace(s, step, _lean(spec, need_teacher))
         for i in range(0, n, step):
             j = min(i + step, n)
             lab = None if labels is None else labels[i:j]
             st = [x[i:j] for x in stats]
-            ds, dt = _backward_chunk(s[i:j], t[i:j], lab, spec, st, g[i:j], need_teacher)
+            ds, dt = _backward_chunk(s[i:j], t[i:j], lab, spec, st, g[i:j], need_teacher, ws)
             grad_s[i:j] = ds
             if grad_t is not None:
                 grad_t[i:j] = dt
