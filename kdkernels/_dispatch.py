@@ -2,7 +2,8 @@
 
 A backend is a module with this interface (all shapes already normalized by functional.py):
 
-    SUPPORTED_DTYPES: tuple of torch dtypes it accepts
+    SUPPORTED_DTYPES: tuple of torch dtypes it accepts (optionally narrowed per device by
+        supported_dtypes(device) -> tuple)
     is_available(device: torch.device) -> tuple[bool, str]   # (ok, why not)
     kd_rows(s, t, labels, spec, inplace_backward) -> Tensor (N,)
         s, t: (N, V) contiguous logits; labels: (N,) int64 or None; spec: LossSpec.
@@ -39,9 +40,11 @@ def _usable(name: str, device: torch.device, dtypes) -> tuple[bool, str]:
     ok, why = backend.is_available(device)
     if not ok:
         return False, why
-    bad = [d for d in dtypes if d not in backend.SUPPORTED_DTYPES]
+    # a backend whose dtypes depend on the device defines supported_dtypes(device)
+    supported = getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(device)
+    bad = [d for d in dtypes if d not in supported]
     if bad:
-        return False, f"impl={name!r} supports dtypes {backend.SUPPORTED_DTYPES}, got {bad[0]}"
+        return False, f"impl={name!r} supports dtypes {supported} on {device}, got {bad[0]}"
     return True, ""
 
 

@@ -222,10 +222,12 @@ def _require(device: torch.device) -> None:
         raise RuntimeError(why)
 
 
-def _cuda_f64(x: torch.Tensor) -> bool:
-    """The CUDA kernels compute in float32; float64 CUDA logits take the PyTorch path (the
-    same float64 math, chunked), so impl="ext" never rounds float64 inputs to float32."""
-    return x.is_cuda and x.dtype == torch.float64
+def supported_dtypes(device: torch.device) -> tuple:
+    """The CUDA kernels compute in float32, so float64 is a CPU-only dtype here: float64
+    CUDA logits get a clear error with impl="ext" (impl="auto" sends them to "torch")."""
+    if device.type == "cuda":
+        return tuple(d for d in SUPPORTED_DTYPES if d != torch.float64)
+    return SUPPORTED_DTYPES
 
 
 # --------------------------------------------------------------------------------------
@@ -370,10 +372,6 @@ class _FusedRows(torch.autograd.Function):
 
 def kd_rows(s, t, labels, spec: LossSpec, inplace_backward: bool = False):
     _require(s.device)
-    if _cuda_f64(s) or _cuda_f64(t):
-        from . import reference
-
-        return reference.kd_rows(s, t, labels, spec, inplace_backward)
     args = spec_args(spec)
     if inplace_backward:
         return _FusedRows.apply(s, t, labels, args)
@@ -391,10 +389,6 @@ def kl_div(x, y, log_target: bool, reduce_sum: bool):
 
 def softmax(x, inv_temperature: float, log: bool):
     _require(x.device)
-    if _cuda_f64(x):
-        from . import reference
-
-        return reference.softmax(x, inv_temperature, log)
     return torch.ops.kdkernels.softmax(x.contiguous(), float(inv_temperature), bool(log))
 
 
