@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ._spec import LossSpec
+from .reference import scale_rows_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -361,12 +362,8 @@ class _FusedRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_s, grad_t = ctx.grads
+        grad_s, grad_t = scale_rows_(grad_loss, *ctx.grads)
         del ctx.grads
-        g = grad_loss[:, None]
-        grad_s.mul_(g.to(grad_s.dtype))
-        if grad_t is not None:
-            grad_t.mul_(g.to(grad_t.dtype))
         return grad_s, grad_t, None, None
 
 

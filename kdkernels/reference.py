@@ -293,6 +293,13 @@ def _backward_chunk(s, t, labels, spec, stats, g, need_teacher, ws=None):
     return ds, dt
 
 
+def scale_rows_(grad_rows, *grads):
+    """Multiply gradients computed for an upstream gradient of 1 per row (inplace_backward)
+    by the real row gradients, in place; None entries pass through."""
+    g = grad_rows[:, None]
+    return tuple(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
+
+
 class KDRows(torch.autograd.Function):
     """Row losses of (N, V) logits; saves inputs + O(N) stats, recomputes in backward."""
 
@@ -343,12 +350,8 @@ class KDRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.inplace:
-            grad_s, grad_t = ctx.grads
+            grad_s, grad_t = scale_rows_(grad_loss, *ctx.grads)
             del ctx.grads
-            g = grad_loss[:, None]
-            grad_s.mul_(g.to(grad_s.dtype))
-            if grad_t is not None:
-                grad_t.mul_(g.to(grad_t.dtype))
             return grad_s, grad_t, None, None, None
         s, t, labels, *stats = ctx.saved_tensors
         spec = ctx.spec
@@ -410,19 +413,7 @@ class KLDivSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        dt = g.dtype
-        need_x, need_y = ctx.needs_input_grad[:2]
-        gx = torch.empty_like(x) if need_x else None
-        gy = torch.empty_like(y) if need_y else None
-        for i in range(0, x.numel(), CHUNK_ELEMENTS):
-            j = i + CHUNK_ELEMENTS
-            dx, dy = kl_div_grads(x[i:j].to(dt), y[i:j].to(dt), ctx.log_target)
-            if gx is not None:
-                gx[i:j] = dx * g
-            if gy is not None:
-                gy[i:j] = dy * g
-        return gx, gy, None
+        return _kl_div_backward(ctx, g)
 
 
 class KLDivTerms(torch.autograd.Function):
@@ -442,20 +433,25 @@ class KLDivTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        dt = acc_dtype(g.dtype)
-        need_x, need_y = ctx.needs_input_grad[:2]
-        gx = torch.empty_like(x) if need_x else None
-        gy = torch.empty_like(y) if need_y else None
-        for i in range(0, x.numel(), CHUNK_ELEMENTS):
-            j = i + CHUNK_ELEMENTS
-            dx, dy = kl_div_grads(x[i:j].to(dt), y[i:j].to(dt), ctx.log_target)
-            gi = g[i:j].to(dt)
-            if gx is not None:
-                gx[i:j] = dx * gi
-            if gy is not None:
-                gy[i:j] = dy * gi
-        return gx, gy, None
+        return _kl_div_backward(ctx, g)
+
+
+def _kl_div_backward(ctx, g):
+    """Gradients of the kl_div terms for an upstream g that is a scalar (sum) or per element."""
+    x, y = ctx.saved_tensors
+    dt = acc_dtype(g.dtype)
+    need_x, need_y = ctx.needs_input_grad[:2]
+    gx = torch.empty_like(x) if need_x else None
+    gy = torch.empty_like(y) if need_y else None
+    for i in range(0, x.numel(), CHUNK_ELEMENTS):
+        j = i + CHUNK_ELEMENTS
+        dx, dy = kl_div_grads(x[i:j].to(dt), y[i:j].to(dt), ctx.log_target)
+        gi = g.to(dt) if g.dim() == 0 else g[i:j].to(dt)
+        if gx is not None:
+            gx[i:j] = dx * gi
+        if gy is not None:
+            gy[i:j] = dy * gi
+    return gx, gy, None
 
 
 def kl_div(x, y, log_target: bool, reduce_sum: bool):
