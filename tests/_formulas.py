@@ -10,7 +10,6 @@ dtype" (the baseline of the error model below).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -187,15 +186,6 @@ def assert_error_model(
 # --------------------------------------------------------------------------------------
 # harness: backends' dtypes, one kd.kd_loss call checked against the truth, values and gradients
 # --------------------------------------------------------------------------------------
-
-
-def on_device(device: torch.device):
-    """Context in which new tensors are created on `device`: the tests' own tensors follow
-    conftest's device fixture (CUDA when present, so Triton runs compiled kernels there).
-    A no-op on CPU, where the default device already is the CPU."""
-    if device.type == "cpu":
-        return contextlib.nullcontext()
-    return torch.device(device)
 
 
 def skip_unsupported(impl: str, *dtypes: torch.dtype) -> None:

@@ -33,6 +33,17 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def tensors_on_device(device):
+    """New tensors are created on the test device (CUDA when present, so Triton runs its
+    compiled kernels there); a no-op on CPU."""
+    if device.type == "cpu":
+        yield
+    else:
+        with torch.device(device):
+            yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,15 +6,11 @@ loop compiles its loss.
 
 import pytest
 import torch
-from _formulas import on_device
 
 import kdkernels as kd
 
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device(device):
-    with on_device(device):
-        yield
+# tensors the tests create land on the device of the `device` fixture
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
 def _step_and_check(impl):

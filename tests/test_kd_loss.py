@@ -13,17 +13,13 @@ from _formulas import (
     assert_error_model,
     check_kd_loss,
     log_softmax,
-    on_device,
     skip_unsupported,
 )
 
 import kdkernels as kd
 
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device(device):
-    with on_device(device):
-        yield
+# tensors the tests create land on the device of the `device` fixture
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")

@@ -10,15 +10,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _formulas import assert_error_model, on_device, skip_unsupported, upstream_grad
+from _formulas import assert_error_model, skip_unsupported, upstream_grad
 
 import kdkernels as kd
 
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device(device):
-    with on_device(device):
-        yield
+# tensors the tests create land on the device of the `device` fixture
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")

@@ -5,15 +5,12 @@ import warnings
 
 import pytest
 import torch
-from _formulas import assert_error_model, on_device, upstream_grad
+from _formulas import assert_error_model, upstream_grad
 
 import kdkernels as kd
 
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device(device):
-    with on_device(device):
-        yield
+# tensors the tests create land on the device of the `device` fixture
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
 def _grads(fn, *inputs):

@@ -15,7 +15,6 @@ from _formulas import (
     assert_error_model,
     check_kd_loss,
     kd_loss,
-    on_device,
     skip_unsupported,
     upstream_grad,
 )
@@ -25,11 +24,8 @@ from hypothesis.extra.numpy import arrays
 
 import kdkernels as kd
 
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device(device):
-    with on_device(device):
-        yield
+# tensors the tests create land on the device of the `device` fixture
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
