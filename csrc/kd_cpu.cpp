@@ -9,7 +9,14 @@
 // serves every pair of input dtypes. The tile's maximum moves the row's references once per
 // tile (kl_rebase); then the tile's elements are accumulated with Vectorized lanes against
 // fixed references. The vocabulary tail is padded with -inf in both logits, which by the
-// padding rule contributes exactly 0 (no scalar tail loop).
+// padding rule contributes exactly 0 (no scalar tail loop). Second passes (mixture pass 2,
+// backward) load the tiles already shifted to log-probabilities lq, lp (load_tile's shift).
+//
+// Speed of the mixture's element loops: an element is one long dependency chain (exp(-|d|),
+// log1p, softplus, the sum or the gradient) and the out-of-order window holds only a few
+// vectors' chains, so these loops are bound by the chain's depth, not by operation counts.
+// Hence the Estrin polynomials (kd_math.h log1p_unit_poly, kd_exp below), the one-instruction
+// -|d| and clamp, and row constants folded before the loop.
 //
 // Passes over memory (N x V each):
 //   forward  forward/reverse KL: 1 read of s and t.  mixture: 2 (pass 2 needs lse_s, lse_t;
@@ -59,6 +66,44 @@ inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
   // float64: exp_u20 is the exact exp.
   return x.exp_u20();
 }
+#if defined(CPU_CAPABILITY_AVX512)
+// float32 on AVX-512: the same algorithm and constants as ATen's exp_u20 (exp(x) = 2^n e^r,
+// n = floor(x log2 e + 1/2), r = x - n ln 2, e^r by its degree-5 polynomial, inputs below
+// ln FLT_MIN give 0), with a shorter dependency chain: the polynomial by Estrin's scheme
+// (3 dependent steps instead of 5), its factor 2 folded into the coefficients (exact), and
+// 2^(n-1) built beside it. The mixture's element is one long chain (exp, log1p, sums) and
+// the out-of-order window holds only a few of them, so depth is what costs.
+inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(
+                                                      0x42b17218))),  // ln FLT_MAX
+                                 _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)));
+  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_castsi512_ps(_mm512_set1_epi32(
+                                                    0xc2aeac50)),  // ln FLT_MIN
+                                             _CMP_LT_OS);
+  // n = x log2 e rounded to nearest (ATen: floor(x log2 e + 1/2), the same but at ties) by
+  // adding 1.5 * 2^23 inside the multiply-add: n sits in the low bits of t, and fx = t - 1.5
+  // * 2^23 exactly (|n| <= 128), without a rounding instruction on the chain.
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b)),
+                                   magic);  // log2 e
+  const __m512 fx = _mm512_sub_ps(t, magic);
+  const __m512 r =
+      _mm512_fnmadd_ps(fx, _mm512_castsi512_ps(_mm512_set1_epi32(0x3f317218)), x);  // ln 2
+  // 2 e^r = 2 + 2 c1 r + ... + 2 c5 r^5 (ATen's c1..c5)
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  const __m512 p01 = _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.999999701f), _mm512_set1_ps(2.f));
+  const __m512 p23 =
+      _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.166676521f), _mm512_set1_ps(2 * 0.499991506f));
+  const __m512 p45 =
+      _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.00828929059f), _mm512_set1_ps(2 * 0.0418978221f));
+  const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(p45, r2, p23), r2, p01);
+  // 2^(n-1) = (n + 126) << 23; the bits of t are 0x4B400000 + n, whose high part the shift
+  // drops (0x4B400000 << 23 = 0 mod 2^32)
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(126)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(e));
+}
+#endif
 template <class T>
 inline Vectorized<T> kd_log(const Vectorized<T>& x) {
   return x.log();
@@ -71,13 +116,58 @@ inline Vectorized<float> kd_log1p_unit(const Vectorized<float>& x) {
 inline Vectorized<double> kd_log1p_unit(const Vectorized<double>& x) {
   return (x + Vectorized<double>(1.0)).log();  // x in [0, 1]: absolute error 1 ulp of 1
 }
-template <class T>
-inline Vectorized<T> kd_abs(const Vectorized<T>& x) {
-  return x.abs();
+// -|x|: the sign bit set (one instruction)
+inline Vectorized<float> kd_nabs(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_or_ps(x, _mm512_set1_ps(-0.f));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_or_ps(x, _mm256_set1_ps(-0.f));
+#else
+  return Vectorized<float>(0.f) - x.abs();
+#endif
 }
-template <class T>
-inline Vectorized<T> kd_max(const Vectorized<T>& a, const Vectorized<T>& b) {
-  return at::vec::maximum(a, b);
+inline Vectorized<double> kd_nabs(const Vectorized<double>& x) {
+  return Vectorized<double>(0.0) - x.abs();
+}
+// max and clamp without NaN propagation (a NaN x gives b, lo): the mixture's callers either
+// mask NaN lanes or clamp them away, and the propagation costs 3 instructions a call.
+inline Vectorized<float> kd_max(const Vectorized<float>& a, const Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return Vectorized<float>::blendv(b, a, a > b);
+#endif
+}
+inline Vectorized<double> kd_max(const Vectorized<double>& a, const Vectorized<double>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_pd(a, b);
+#else
+  return Vectorized<double>::blendv(b, a, a > b);
+#endif
+}
+inline Vectorized<float> kd_clamp(const Vectorized<float>& x, float lo, float hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+#else
+  const Vectorized<float> h(hi), y = kd_max(x, Vectorized<float>(lo));
+  return Vectorized<float>::blendv(h, y, y < h);
+#endif
+}
+inline Vectorized<double> kd_clamp(const Vectorized<double>& x, double lo, double hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(lo)), _mm512_set1_pd(hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(lo)), _mm256_set1_pd(hi));
+#else
+  const Vectorized<double> h(hi), y = kd_max(x, Vectorized<double>(lo));
+  return Vectorized<double>::blendv(h, y, y < h);
+#endif
 }
 template <class T>
 inline Vectorized<T> kd_where(const Vectorized<T>& c, const Vectorized<T>& a,
@@ -141,14 +231,35 @@ constexpr int64_t round_up(int64_t n) {
 
 // ---- tile load / store: any input dtype <-> accumulation type A ---------------------------
 
-// dst[0:n] = src[off:off+n] * scale in A, dst[n:round_up(n)] = -inf; returns max(dst).
+// dst[0:np] = (dst - m) - l in place (np a multiple of the lane count): log-probabilities
+// z - lse formed as (z - m) - log S, never through a rounded lse = m + log S (cancellation
+// at |z| ~ 1e4). Done once per tile in L1 so the element loop's chain starts at lq, lp.
 template <class A>
-A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale, A* dst) {
+void shift_tile(A* dst, int64_t np, A m, A l) {
+  using V = Vectorized<A>;
+  const V vm(m), vl(l);
+  for (int64_t i = 0; i < np; i += V::size()) ((V::loadu(dst + i) - vm) - vl).store(dst + i);
+}
+
+// dst[0:n] = src[off:off+n] * scale in A, dst[n:round_up(n)] = -inf; returns max(dst)
+// (need_max) or -inf. shift = {m, l}: then dst = (src * scale - m) - l (see shift_tile),
+// fused into the load for float32.
+template <class A>
+A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale, A* dst,
+            bool need_max = true, const A* shift = nullptr) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const int64_t np = round_up<A>(n);
   int64_t i = 0;
   if constexpr (std::is_same_v<A, float>) {
+    if (st == at::kFloat && shift) {
+      const float* p = static_cast<const float*>(base) + off;
+      const V vm(shift[0]), vl(shift[1]);
+      for (; i + W <= n; i += W) ((V::loadu(p + i) * V(scale) - vm) - vl).store(dst + i);
+      for (; i < n; ++i) dst[i] = (p[i] * scale - shift[0]) - shift[1];
+      for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
+      return kd_neg_inf<A>();  // shifted: a second pass, which knows the references
+    }
     if (st == at::kFloat) {
       const float* p = static_cast<const float*>(base) + off;
       for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
@@ -191,6 +302,8 @@ A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale
       TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
   }
   for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
+  if (shift) shift_tile(dst, np, shift[0], shift[1]);
+  if (!need_max || shift) return kd_neg_inf<A>();  // a second pass knows the references
   V m(kd_neg_inf<A>());
   for (int64_t j = 0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
   alignas(64) A buf[W];
@@ -274,6 +387,15 @@ struct Row {
   int64_t label;  // -1 when the row has no CE term
 };
 
+// Calls f(fast, unit) (std::bool_constant each) with the mixture element path of these
+// coefficients (kd_math.h mix_elem): FAST where one exp gives p and q, UNIT for jsd (u = 1).
+template <class S, class F>
+void with_mix_mode(const MixCoef<S>& c, const F& f) {
+  if (c.one_exp && c.unit_u) return f(std::true_type{}, std::true_type{});
+  if (c.one_exp) return f(std::true_type{}, std::false_type{});
+  f(std::false_type{}, std::false_type{});
+}
+
 // ---- forward of one row -------------------------------------------------------------------
 
 // Fills st[0:NSTAT] and returns the row loss (row must not be ignored).
@@ -337,18 +459,21 @@ A forward_row(const Row& r, const Params& pr, A* st) {
   if (K == MIXTURE) {
     // pass 2: the mixture sums need the final log-probabilities
     const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
-    // lq = (zs - ms) - log Ss: never through a rounded lse (cancellation at |z| ~ 1e4)
-    const V vms(safe_ref(ms)), vls(st[ST_LS]), vmt(safe_ref(mt)), vlt(st[ST_LT]);
     V sa(0), sb(0), suq(0), sup(0);
-    for (int64_t off = 0; off < r.v; off += TILE) {
-      const int64_t n = std::min(TILE, r.v - off);
-      const int64_t np = round_up<A>(n);
-      load_tile<A>(r.s, r.ss, off, n, its, zs);
-      load_tile<A>(r.t, r.tt, off, n, itt, zt);
-      for (int64_t i = 0; i < np; i += W)
-        mix_add((V::loadu(zs + i) - vms) - vls, (V::loadu(zt + i) - vmt) - vlt, c, sa, sb, suq,
-                sup);
-    }
+    const A qs[2] = {safe_ref(ms), st[ST_LS]}, pt[2] = {safe_ref(mt), st[ST_LT]};
+    with_mix_mode(c, [&](auto fast, auto unit) {
+      constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
+      for (int64_t off = 0; off < r.v; off += TILE) {
+        const int64_t n = std::min(TILE, r.v - off);
+        const int64_t np = round_up<A>(n);
+        load_tile<A>(r.s, r.ss, off, n, its, zs, false, qs);  // lq
+        load_tile<A>(r.t, r.tt, off, n, itt, zt, false, pt);  // lp
+        V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
+        for (int64_t i = 0; i < np; i += W)
+          mix_add<F, U>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
+        sa = a, sb = b, suq = uq, sup = up;
+      }
+    });
     st[ST_D] = hsum(sa);
     st[ST_B] = hsum(sb);
     st[ST_UQ] = c.unit_u ? A(1) : hsum(suq);  // jsd: u = 1, so sum q u = sum q = 1
@@ -405,18 +530,23 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   const A cce = ce ? g * A(pr.ce_weight) : A(0);
   const A D = st[ST_D], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
-  // lq = zs - (ms + log Ss) as (zs - ms) - log Ss; safe_ref keeps -inf rows NaN-free
+  // lq = zs - (ms + log Ss) as (zs - ms) - log Ss (shift_tile); safe_ref keeps -inf rows
+  // NaN-free
   const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
-  const A m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
+  // CE's softmax(s) = exp((z1 - m1) - l1): z1 = s at T = 1 (ce_sep); else the T = 1
+  // statistics are the student's and softmax(s) = exp(lq), so z1 = lq, m1 = l1 = 0
+  const A m1 = ce_sep ? safe_ref(st[ST_M1]) : A(0), l1 = ce_sep ? st[ST_L1] : A(0);
+  const A qs[2] = {ms, ls}, pt[2] = {mt, lt};
   // element gradient (lane type X): the same code for the vector body and the label fix-up;
   // NT: whether the teacher's gradient is formed at all
-  auto elem = [&](auto nt, auto zsv, auto ztv, auto z1v, auto onehot, auto& gsv, auto& gtv) {
-    using X = std::decay_t<decltype(zsv)>;
+  // (fast, unit: the mixture's element path, see with_mix_mode)
+  auto elem = [&](auto nt, auto fast, auto unit, auto lq, auto lp, auto z1v, auto onehot,
+                  auto& gsv, auto& gtv) {
+    using X = std::decay_t<decltype(lq)>;
     constexpr bool NT = decltype(nt)::value;
-    X lq = (zsv - X(ms)) - X(ls);
-    X lp = (ztv - X(mt)) - X(lt);
+    constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
     if constexpr (K == MIXTURE) {
-      mix_grad<NT>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
+      mix_grad<NT, F, U>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
     } else {
       kl_grad<REV, NT>(lq, lp, X(D), gsv, gtv);
     }
@@ -431,21 +561,22 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     if (r.ss == at::kFloat) gs_direct = static_cast<A*>(r.gs);
     if (r.gt && r.tt == at::kFloat) gt_direct = static_cast<A*>(r.gt);
   }
-  auto tiles = [&](auto nt) {
+  auto tiles = [&](auto nt, auto fast, auto unit) {
     constexpr bool NT = decltype(nt)::value;
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
-      load_tile<A>(r.s, r.ss, off, n, its, zs);
-      load_tile<A>(r.t, r.tt, off, n, itt, zt);
+      load_tile<A>(r.s, r.ss, off, n, its, zs, false, qs);  // lq
+      load_tile<A>(r.t, r.tt, off, n, itt, zt, false, pt);  // lp
       const A* z1p = zs;
       if (ce_sep) {
-        load_tile<A>(r.s, r.ss, off, n, A(1), z1);
+        load_tile<A>(r.s, r.ss, off, n, A(1), z1, false);
         z1p = z1;
       }
       for (int64_t i = 0; i < np; i += W) {
         V gsv, gtv;
-        elem(nt, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0), gsv, gtv);
+        elem(nt, fast, unit, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0), gsv,
+             gtv);
         const bool full = i + W <= n;
         // the tile buffers receive the gradient where it is not stored directly (read already)
         if (gs_direct && full) {
@@ -469,19 +600,28 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
       if (NT && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
     }
   };
-  if (r.gt) {
-    tiles(std::true_type{});
+  auto run = [&](auto fast, auto unit) {
+    if (r.gt) {
+      tiles(std::true_type{}, fast, unit);
+    } else {
+      tiles(std::false_type{}, fast, unit);
+    }
+    store_fence();
+    if (ce) {
+      // the label's element again, with its one-hot term (s[label] from stats: s may be gone)
+      const A sl = st[ST_SLAB];
+      const A tl = load_one<A>(r.t, r.tt, r.label);
+      A gsv, gtv;
+      const A lql = (sl * its - ms) - ls;
+      elem(std::false_type{}, fast, unit, lql, (tl * itt - mt) - lt, ce_sep ? sl : lql, A(1),
+           gsv, gtv);
+      store_one<A>(r.gs, r.ss, r.label, gsv);
+    }
+  };
+  if constexpr (K == MIXTURE) {
+    with_mix_mode(c, run);
   } else {
-    tiles(std::false_type{});
-  }
-  store_fence();
-  if (ce) {
-    // the label's element again, with its one-hot term (s[label] from stats: s may be gone)
-    const A sl = st[ST_SLAB];
-    const A tl = load_one<A>(r.t, r.tt, r.label);
-    A gsv, gtv;
-    elem(std::false_type{}, sl * its, tl * itt, sl, A(1), gsv, gtv);
-    store_one<A>(r.gs, r.ss, r.label, gsv);
+    run(std::false_type{}, std::false_type{});
   }
 }
 

@@ -37,8 +37,8 @@
 //
 // The element functions are templates over the lane type W: float / double here and on the
 // GPU, at::vec::Vectorized<float|double> on the CPU. They call kd_exp, kd_log, kd_log1p_unit,
-// kd_abs, kd_max and kd_where unqualified; a vector backend declares overloads for its type in
-// namespace kd BEFORE including this header (kd_cpu.cpp does).
+// kd_nabs, kd_max, kd_clamp and kd_where unqualified; a vector backend declares overloads for
+// its type in namespace kd BEFORE including this header (kd_cpu.cpp does).
 #pragma once
 
 #include <math.h>
@@ -61,27 +61,42 @@ KD_HD float kd_log(float x) { return logf(x); }
 KD_HD double kd_log(double x) { return log(x); }
 KD_HD float kd_abs(float x) { return fabsf(x); }
 KD_HD double kd_abs(double x) { return fabs(x); }
+KD_HD float kd_nabs(float x) { return -fabsf(x); }  // -|x|
+KD_HD double kd_nabs(double x) { return -fabs(x); }
 KD_HD float kd_max(float a, float b) { return a > b ? a : b; }
 KD_HD double kd_max(double a, double b) { return a > b ? a : b; }
 KD_HD float kd_where(bool c, float a, float b) { return c ? a : b; }
 KD_HD double kd_where(bool c, double a, double b) { return c ? a : b; }
+// x clamped to [lo, hi]; NaN goes to lo (kd_max(NaN, b) = b likewise)
+KD_HD float kd_clamp(float x, float lo, float hi) {
+  x = x > lo ? x : lo;
+  return x < hi ? x : hi;
+}
+KD_HD double kd_clamp(double x, double lo, double hi) {
+  x = x > lo ? x : lo;
+  return x < hi ? x : hi;
+}
 
 // log(1 + x) for x in [0, 1] without a general log or a division: x * P(x), P the degree-8
 // least-squares Chebyshev fit of log1p(x) / x on [0, 1] (max error 2.2e-8; evaluated in
 // float32, 1.4e-7 absolute = 2 ulps of log 2, and exact at 0). Used by the mixture
 // (x = exp(-|d|)), where a general log was the costliest step of an element.
+// Evaluated by Estrin's scheme (pairs, then powers x^2, x^4, x^8): 4 dependent multiply-adds
+// instead of Horner's 9. The element's dependency chain (exp, then this, then the sums) is
+// what bounds the CPU loop (out-of-order windows hold only a few elements' chains), so its
+// depth, not the operation count, is the cost.
 template <class W>
 KD_HD W log1p_unit_poly(W x) {
-  W r = W(5.253416053e-03f);
-  r = r * x + W(-2.958833878e-02f);
-  r = r * x + W(7.836138836e-02f);
-  r = r * x + W(-1.367474517e-01f);
-  r = r * x + W(1.911141886e-01f);
-  r = r * x + W(-2.484436645e-01f);
-  r = r * x + W(3.331927083e-01f);
-  r = r * x + W(-4.999950148e-01f);
-  r = r * x + W(9.999999705e-01f);
-  return r * x;
+  const W x2 = x * x;
+  const W x4 = x2 * x2;
+  const W p01 = W(-4.999950148e-01f) * x + W(9.999999705e-01f);
+  const W p23 = W(-2.484436645e-01f) * x + W(3.331927083e-01f);
+  const W p45 = W(-1.367474517e-01f) * x + W(1.911141886e-01f);
+  const W p67 = W(-2.958833878e-02f) * x + W(7.836138836e-02f);
+  const W p03 = p23 * x2 + p01;
+  const W p47 = p67 * x2 + p45;
+  const W p07 = p47 * x4 + p03;
+  return (W(5.253416053e-03f) * (x4 * x4) + p07) * x;
 }
 KD_HD float kd_log1p_unit(float x) { return log1p_unit_poly(x); }
 KD_HD double kd_log1p_unit(double x) { return log1p(x); }  // float64: full precision
@@ -230,10 +245,14 @@ KD_HD void kl_grad(W lq, W lp, W d, W& gs, W& gt) {
 // (skew 1: KL of a distribution with itself) never forms inf - inf: finite + 1e30 = 1e30.
 // unit_u: cp = a and cq = 1 - a (jsd), where u = (a p + (1-a) q) / m = 1 exactly: Uq = Up = 1
 // and the u terms of the gradient vanish, so they are never formed.
+// one_exp: |logit| <= MIX_FAST_LOGIT, where the FAST element path applies (mix_elem);
+// r_pq = a / (1-a) = exp(logit) and r_qp = its inverse there.
+constexpr double MIX_FAST_LOGIT = 20.0;
+
 template <class S>
 struct MixCoef {
-  S a, cp, cq, kp, kq, log_a, log_1ma, logit;
-  bool unit_u;
+  S a, cp, cq, kp, kq, log_a, log_1ma, logit, r_pq, r_qp;
+  bool unit_u, one_exp;
 };
 
 template <class S>
@@ -249,31 +268,67 @@ KD_HD MixCoef<S> mix_coef(S a, S cp, S cq) {
   S l = c.log_a - c.log_1ma;
   c.logit = l > S(1e30) ? S(1e30) : (l < S(-1e30) ? S(-1e30) : l);
   c.unit_u = cp == a && cq == S(1) - a;
+  c.one_exp = kd_abs(c.logit) <= S(MIX_FAST_LOGIT);
+  c.r_pq = c.one_exp ? kd_exp(c.logit) : S(0);
+  c.r_qp = c.one_exp ? kd_exp(S(0) - c.logit) : S(0);
   return c;
+}
+
+// |d| beyond which the FAST path clamps d: exp(-mix_clamp() + MIX_FAST_LOGIT) is 0 in the
+// lane type even with subnormals (float: below 2^-149 = e^-103.3; double: below e^-744.4).
+template <class S>
+KD_HD S mix_clamp() {
+  return sizeof(S) == sizeof(float) ? S(200) : S(1000);
 }
 
 // Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
 template <class W>
 struct MixElem {
   W q, p, lp_lm, lq_lm, u;
+  W sp_neg, sp_pos;  // softplus(-d) = -log a - (lp - lm), softplus(d) = -log(1-a) - (lq - lm)
 };
 
-template <class W, class S>
+// FAST = false: the general path (any a); zero-weight entries are masked by the callers.
+// FAST = true (needs c.one_exp), two changes, both exact where the results are used:
+//  - p and q from one exp: a p / ((1-a) q) = exp(d), so the smaller of the two is the larger
+//    times exp(-|d|) (formed anyway for the log1p) times r_pq or r_qp. That saves one exp of
+//    three (NEED_P = false: only q is needed, p is left unset, and q is exp(lq) as before).
+//  - d clamped to +-C (C = mix_clamp, NaN -> -C): every log-ratio is finite, so no masks are
+//    needed (0 * finite = 0). Where |d| > C the side the clamp changes has weight exactly 0:
+//    if d < -C, p = q exp(d - logit) <= exp(-C + |logit|) = 0, and the same for q if d > C.
+//    Padding (lp = lq = -inf, d = NaN) gives p = q = 0 and finite log-ratios.
+//  UNIT = true (needs c.unit_u): u = 1 is known at compile time.
+template <bool NEED_P = true, bool FAST = false, bool UNIT = false, class W, class S>
 KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
   MixElem<W> e;
-  e.q = kd_exp(lq);
-  e.p = kd_exp(lp);
   W d = lp - lq + W(c.logit);
-  W ex = kd_exp(W(0) - kd_abs(d));  // exp(-|d|) in (0, 1]: no overflow
+  W ex;
+  if (FAST) {
+    // the exp's argument clamped on its own (one step on the chain; NaN -> -C), d beside it
+    ex = kd_exp(kd_max(kd_nabs(d), W(S(0) - mix_clamp<S>())));
+    d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());
+  } else {
+    ex = kd_exp(kd_nabs(d));  // exp(-|d|) in (0, 1]: no overflow
+  }
+  W pos = d >= W(0);
+  if (FAST && NEED_P) {
+    W big = kd_exp(kd_where(pos, lp, lq));
+    W small = big * (ex * kd_where(pos, W(c.r_pq), W(c.r_qp)));
+    e.p = kd_where(pos, big, small);
+    e.q = kd_where(pos, small, big);
+  } else {
+    e.q = kd_exp(lq);
+    if (NEED_P) e.p = kd_exp(lp);
+  }
   W l1 = kd_log1p_unit(ex);
-  W dpos = kd_max(d, W(0));
-  W dneg = kd_max(W(0) - d, W(0));
-  e.lp_lm = W(-c.log_a) - (dneg + l1);
-  e.lq_lm = W(-c.log_1ma) - (dpos + l1);
-  if (c.unit_u) {
+  // softplus(-+d) = max(-+d, 0) + log1p(exp(-|d|))
+  e.sp_neg = kd_max(W(0) - d, W(0)) + l1;
+  e.sp_pos = kd_max(d, W(0)) + l1;
+  e.lp_lm = W(-c.log_a) - e.sp_neg;
+  e.lq_lm = W(-c.log_1ma) - e.sp_pos;
+  if (UNIT || c.unit_u) {
     e.u = W(1);
   } else {
-    W pos = d >= W(0);
     W inv = W(1) / (W(1) + ex);
     W sig_pos = kd_where(pos, inv, ex * inv);  // sigmoid(d)
     W sig_neg = kd_where(pos, ex * inv, inv);  // sigmoid(-d)
@@ -282,11 +337,21 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
   return e;
 }
 
-// Pass-2 sums of the mixture. Terms of a side whose coefficient is 0 are skipped: their
-// log-ratio may be inf (a = 0 or 1) and they are never used.
-template <class W, class S>
+// Pass-2 sums of the mixture. General path: terms of a side whose coefficient is 0 are
+// skipped (their log-ratio may be inf at a = 0 or 1 and they are never used). FAST: every
+// log-ratio is finite (see mix_elem), nothing is masked.
+template <bool FAST = false, bool UNIT = false, class W, class S>
 KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup) {
-  MixElem<W> e = mix_elem(lq, lp, c);
+  MixElem<W> e = mix_elem<true, FAST, UNIT>(lq, lp, c);
+  if (FAST) {
+    sa = sa + e.p * e.lp_lm;
+    sb = sb + e.q * e.lq_lm;
+    if (!(UNIT || c.unit_u)) {
+      suq = suq + e.q * e.u;
+      sup = sup + e.p * e.u;
+    }
+    return;
+  }
   W pm = e.p > W(0);
   W qm = e.q > W(0);
   if (c.cp != S(0)) sa = sa + kd_where(pm, e.p * e.lp_lm, W(0));
@@ -297,16 +362,29 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
   }
 }
 
-template <bool NEED_T = true, class W, class S>
+template <bool NEED_T = true, bool FAST = false, bool UNIT = false, class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt) {
-  MixElem<W> e = mix_elem(lq, lp, c);
-  W pm = e.p > W(0);
+  MixElem<W> e = mix_elem<NEED_T, FAST, UNIT>(lq, lp, c);
+  constexpr bool U = UNIT;
+  if (FAST) {
+    // cp or cq = 0 multiplies a finite term here; lq - lm - B = (-log(1-a) - B) - softplus(d)
+    // with the row constant formed once (one step less on the element's chain)
+    gs = (W(c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
+    if (!(U || c.unit_u)) gs = gs - W(S(1) - c.a) * e.q * (e.u - W(Uq));
+    gt = W(0);
+    if (NEED_T) {
+      gt = (W(c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
+      if (!(U || c.unit_u)) gt = gt - W(c.a) * e.p * (e.u - W(Up));
+    }
+    return;
+  }
   W qm = e.q > W(0);
   gs = W(0);
   gt = W(0);
   if (!c.unit_u) gs = kd_where(qm, W(S(0) - (S(1) - c.a)) * e.q * (e.u - W(Uq)), W(0));
   if (c.cq != S(0)) gs = gs + kd_where(qm, W(c.cq) * e.q * (e.lq_lm - W(B)), W(0));
   if (NEED_T) {
+    W pm = e.p > W(0);
     if (!c.unit_u) gt = kd_where(pm, W(S(0) - c.a) * e.p * (e.u - W(Up)), W(0));
     if (c.cp != S(0)) gt = gt + kd_where(pm, W(c.cp) * e.p * (e.lp_lm - W(A)), W(0));
   }
