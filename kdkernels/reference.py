@@ -105,12 +105,17 @@ def divergence_rows(lq, lp, div):
     if div.kind == "reverse_kl":
         d = _xlogy_masked(q, lq - lp).sum(-1)
         return d, (d,)
+    # Terms with a zero weight are skipped, not multiplied by 0: at mix = 1 (m = p) an entry
+    # with p = 0 < q has lm = -inf, so KL(q || m) and u are infinite there although their
+    # weight in D and in the gradient is 0 (and symmetrically at mix = 0).
     lm = _mixture_logs(lq, lp, div)
-    a = _xlogy_masked(p, lp - lm).sum(-1)
-    b = _xlogy_masked(q, lq - lm).sum(-1)
+    zero = lq.new_zeros(lq.shape[0])
+    a = _xlogy_masked(p, lp - lm).sum(-1) if div.coef_p else zero
+    b = _xlogy_masked(q, lq - lm).sum(-1) if div.coef_q else zero
     qu, pu = _mixture_u(lq, lp, lm, div)
-    d = div.coef_p * a + div.coef_q * b
-    return d, (a, b, qu.sum(-1), pu.sum(-1))
+    uq = qu.sum(-1) if div.mix < 1 else zero
+    up = pu.sum(-1) if div.mix > 0 else zero
+    return div.coef_p * a + div.coef_q * b, (a, b, uq, up)
 
 
 def divergence_grads(lq, lp, div, saved, need_teacher: bool):
@@ -132,11 +137,11 @@ def divergence_grads(lq, lp, div, saved, need_teacher: bool):
     a, b, uq, up = (x[:, None] for x in saved)
     lm = _mixture_logs(lq, lp, div)
     qu, pu = _mixture_u(lq, lp, lm, div)
-    ds = -(1.0 - div.mix) * (qu - q * uq)
+    ds = -(1.0 - div.mix) * (qu - q * uq) if div.mix < 1 else torch.zeros_like(q)
     if div.coef_q:
         ds += div.coef_q * _xlogy_masked(q, lq - lm - b)
     if need_teacher:
-        dt = -div.mix * (pu - p * up)
+        dt = -div.mix * (pu - p * up) if div.mix > 0 else torch.zeros_like(p)
         if div.coef_p:
             dt += div.coef_p * _xlogy_masked(p, lp - lm - a)
     return ds, dt

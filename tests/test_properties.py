@@ -344,6 +344,23 @@ def test_mixtures_finite_with_zero_probabilities(impl, divergence):
     assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
+@pytest.mark.parametrize("divergence", ["skew_forward_kl", "skew_reverse_kl"])
+def test_full_skew_is_zero_with_one_sided_padding(impl, divergence):
+    """skew = 1 mixes the skewed side with itself (KL(p || p), KL(q || q)): 0 with zero
+    gradients, even where the other distribution has zeros (there the zero-weight terms are
+    infinite and must be skipped, not multiplied by 0)."""
+    s, t = torch.randn(3, 20), torch.randn(3, 20)
+    s[:, 4] = -math.inf
+    t[1, 7] = -math.inf
+    s.requires_grad_()
+    t.requires_grad_()
+    out = kd.kd_loss(s, t, divergence=divergence, skew=1.0, reduction="none", impl=impl)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out.detach(), torch.zeros(3))
+    for g in (s.grad, t.grad):
+        assert torch.isfinite(g).all() and g.abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_inplace_backward(impl, divergence):
     """inplace_backward=True: the same loss and gradients; the logits buffer is consumed."""
