@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdkernels.triton._common import text_table
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 FUNCTIONS = ("kd_loss", "softmax", "log_softmax", "kl_div")
 DEFAULT_SHAPES = ("4x4096", "3x5003", "2x32000")  # 32000 > one tile: the two-pass paths
@@ -287,12 +289,7 @@ def format_table(results) -> str:
             f"{r.bwd.read / e:.2f}/{r.bwd.write / e:.2f}", f"{r.bwd_b:.2f}",
             f"{r.total_b:.2f}", tgt, ok,
         ))
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(head)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
+    return text_table(head, body)
 
 
 def _parse_shape(text: str) -> tuple[int, int]:

@@ -19,3 +19,13 @@ class AotKernel(NamedTuple):
     constexprs: dict[str, Any]  # constexpr arg name -> value
     num_warps: int
     num_stages: int = 1
+
+
+def text_table(head: tuple, body: list) -> str:
+    """Columns of strings padded to their widest cell, ` | `-separated, under a rule."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(head)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)

@@ -40,6 +40,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._common import text_table
+
 MODULES = ("kd", "softmax", "kl_div")
 DEFAULT_ARCHS = (80, 90)
 DEFAULT_VOCABS = (32000, 128256, 152064, 262144)
@@ -216,12 +218,7 @@ def format_table(rows: list[Row]) -> str:
             body.append((f"{r.module}.{r.kernel}", f"sm_{r.arch}", r.dtype, v, r.config,
                          str(r.registers), str(r.stack), str(r.local), str(r.spill),
                          str(r.shared)))
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(head)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
+    return text_table(head, body)
 
 
 def main(argv=None) -> int:
