@@ -97,7 +97,14 @@ import torch
 import torch.distributed as dist
 
 from ._spec import LossSpec
-from .reference import acc_dtype, chunk_rows, divergence_grads, divergence_rows
+from .reference import (
+    acc_dtype,
+    chunk_rows,
+    divergence_grads,
+    divergence_rows,
+    softmax_grad,
+    softmax_grad_sums,
+)
 
 __all__ = [
     "CollectiveRecord",
@@ -542,14 +549,12 @@ class ShardedSoftmax(torch.autograd.Function):
         step = chunk_rows(n, v)
         sums = torch.empty(n, device=y.device, dtype=dt)
         for i in range(0, n, step):
-            gc = g[i : i + step].to(dt)
-            sums[i : i + step] = gc.sum(-1) if ctx.log else (gc * y[i : i + step].to(dt)).sum(-1)
+            yc, gc = y[i : i + step].to(dt), g[i : i + step].to(dt)
+            sums[i : i + step] = softmax_grad_sums(yc, gc, ctx.log)
         sums = _all_reduce_sum(sums, ctx.group)
         for i in range(0, n, step):
             yc, gc = y[i : i + step].to(dt), g[i : i + step].to(dt)
-            sc = sums[i : i + step, None]
-            dx = gc - yc.exp() * sc if ctx.log else yc * (gc - sc)
-            gx[i : i + step] = dx * ctx.inv_t
+            gx[i : i + step] = softmax_grad(yc, gc, sums[i : i + step], ctx.log, ctx.inv_t)
         return gx, None, None, None
 
 

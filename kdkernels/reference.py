@@ -499,12 +499,21 @@ class TemperatureSoftmax(torch.autograd.Function):
         step = chunk_rows(n, v)
         for i in range(0, n, step):
             yc, gc = y[i : i + step].to(dt), g[i : i + step].to(dt)
-            if ctx.log:
-                dx = gc - yc.exp() * gc.sum(-1, keepdim=True)
-            else:
-                dx = yc * (gc - (gc * yc).sum(-1, keepdim=True))
-            gx[i : i + step] = dx * ctx.inv_t
+            sums = softmax_grad_sums(yc, gc, ctx.log)
+            gx[i : i + step] = softmax_grad(yc, gc, sums, ctx.log, ctx.inv_t)
         return gx, None, None
+
+
+def softmax_grad_sums(y, g, log: bool):
+    """Row sums the temperature-softmax backward needs: sum g (log_softmax), sum g y
+    (softmax). Over a sharded vocabulary these are all-reduced before softmax_grad."""
+    return g.sum(-1) if log else (g * y).sum(-1)
+
+
+def softmax_grad(y, g, sums, log: bool, inv_t: float):
+    """dx of y = (log_)softmax(x / T) for upstream g, given the row sums above."""
+    dx = g - y.exp() * sums[:, None] if log else y * (g - sums[:, None])
+    return dx * inv_t
 
 
 def softmax(x, inv_temperature: float, log: bool):
