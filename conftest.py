@@ -1,11 +1,11 @@
-"""Fixtures of the pytest-benchmark suite (`pytest bench`). tests/conftest.py does not apply
-here, so the GPU skip is repeated: tests marked `gpu` are skipped without CUDA."""
+"""Hooks shared by the test suite (tests/) and the benchmark suite (bench/)."""
 
 import pytest
 import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped without a CUDA device."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
