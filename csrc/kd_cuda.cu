@@ -446,18 +446,35 @@ __global__ void kl_div_kernel(const T* __restrict__ x,  // (n,) log-probabilitie
     out[i] = T(kl_div_term(to_a<A>(x[i]), to_a<A>(y[i]), log_target));
 }
 
+// The sum in two fixed-order stages, so it is bitwise reproducible (float atomics are not):
+// each block writes the float64 sum of its grid-strided terms to part[block], then one block
+// sums the partials. float64 accumulation keeps 10^9-term sums exact to float32 (a float32
+// running sum drifts by ~n * eps); one double add per element is free in this memory-bound
+// loop, even on GPUs with slow float64.
 template <class T, class A>
 __global__ void __launch_bounds__(THREADS) kl_div_sum_kernel(
-    const T* __restrict__ x,  // (n,) log-probabilities
-    const T* __restrict__ y,  // (n,) targets
-    A* __restrict__ out,      // () sum out (zeroed before the launch)
+    const T* __restrict__ x,    // (n,) log-probabilities
+    const T* __restrict__ y,    // (n,) targets
+    double* __restrict__ part,  // (gridDim.x,) per-block partial sums out
     int64_t n, bool log_target) {
-  A acc = 0;
+  double acc = 0;
+#pragma unroll 1  // unrolled, the float64 instance spills 16 bytes on sm_90
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    acc += kl_div_term(to_a<A>(x[i]), to_a<A>(y[i]), log_target);
+    acc += double(kl_div_term(to_a<A>(x[i]), to_a<A>(y[i]), log_target));
   acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(out, acc);
+  if (threadIdx.x == 0) part[blockIdx.x] = acc;
+}
+
+template <class A>
+__global__ void __launch_bounds__(THREADS) kl_div_sum_finish_kernel(
+    const double* __restrict__ part,  // (parts,) per-block partial sums
+    A* __restrict__ out,              // () the sum, in the accumulation dtype
+    int parts) {
+  double acc = 0;
+  for (int i = threadIdx.x; i < parts; i += THREADS) acc += part[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = A(acc);
 }
 
 template <class T, class A>
@@ -787,13 +804,18 @@ at::Tensor kl_div_sum_cuda(const at::Tensor& x_in, const at::Tensor& y_in, bool 
   auto out = at::zeros({}, x.options().dtype(acc));
   const int64_t n = x.numel();
   if (n == 0) return out;
+  const int blocks = int(std::min<int64_t>(blocks_for(n), 4096));
+  auto part = at::empty({blocks}, x.options().dtype(at::kDouble));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_all_types(st, "kl_div input", [&](auto tz) {
     using T = decltype(tz);
     using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const int blocks = int(std::min<int64_t>(blocks_for(n), 4096));
-    kl_div_sum_kernel<T, A><<<blocks, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    kl_div_sum_kernel<T, A><<<blocks, THREADS, 0, stream>>>(
         static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
-        static_cast<A*>(out.data_ptr()), n, log_target);
+        part.data_ptr<double>(), n, log_target);
+    KD_CUDA_CHECK(cudaGetLastError());
+    kl_div_sum_finish_kernel<A><<<1, THREADS, 0, stream>>>(
+        part.data_ptr<double>(), static_cast<A*>(out.data_ptr()), blocks);
     KD_CUDA_CHECK(cudaGetLastError());
   });
   return out;
