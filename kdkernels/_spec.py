@@ -72,3 +72,17 @@ class LossSpec:
     kd_scale: float  # kd_weight, times temperature**2 when temperature_scale
     ce_weight: float = 0.0  # weight of the hard-label cross-entropy (needs labels)
     ignore_index: int = -100
+
+    @property
+    def ce_shares_student(self) -> bool:
+        """Cross-entropy is taken at T = 1, so at inv_ts == 1 its (max, log-sum) pair is the
+        student's own and no third pair is accumulated."""
+        return self.inv_ts == 1.0
+
+    def as_args(self) -> tuple:
+        """The spec as the primitive arguments of the kernels' op schemas, in one order:
+        (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)."""
+        d = self.div
+        return (d.kind, float(d.mix), float(d.coef_p), float(d.coef_q), float(self.inv_ts),
+                float(self.inv_tt), float(self.kd_scale), float(self.ce_weight),
+                int(self.ignore_index))
