@@ -36,25 +36,16 @@ import math
 
 import torch
 
+from . import _common, _stats
+from ._common import acc_dtype, chunk_rows, row_chunks, scale_rows_
 from ._spec import LossSpec
+from ._stats import Col
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Elements per chunk: 2**22 float32 = 16 MiB for each of the ~8 temporaries of a chunk.
-CHUNK_ELEMENTS = 1 << 22
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunk_rows(n_rows: int, n_cols: int) -> int:
-    return max(1, min(n_rows, CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
 def _xlogy_masked(w: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
@@ -148,208 +139,217 @@ def divergence_grads(lq, lp, div, saved, need_teacher: bool):
 
 
 # --------------------------------------------------------------------------------------
-# kd_rows: autograd function over (N, V) logits
+# The row-statistics interface (_stats.py) on chunks of rows
 # --------------------------------------------------------------------------------------
 
 
-def _row_mask(labels, spec, n, device, dtype):
-    if labels is None:
-        return torch.ones(n, device=device, dtype=dtype)
-    return (labels != spec.ignore_index).to(dtype)
+def _shift(x, inv_t, out=None):
+    """(z - m, m) of a chunk: z = x / T shifted by its row maximum m (in z units).
 
-
-def _shift(x, inv_t, m=None, out=None):
-    """z = (x - m) * inv_t in acc dtype, m = max x per row (computed when not given).
-
-    Logits enter as their difference from the row maximum: exact near the maximum, where
-    the probability mass is, so log-probs (z - log sum e^z) keep full precision even at
-    |x| ~ 1e4, where m + log sum e^z would round by ~1e-3. Rows are never summed into a
-    single logsumexp; stats are kept as the pair (m, r = log sum e^z).
+    The maximum is taken on the raw logits and the difference formed before the scaling,
+    (x - max x) / T: exact near the maximum, where the probability mass is, so log-probs
+    (z - m) - log sum e^(z - m) keep full precision even at |x| ~ 1e4. A row with nothing
+    finite gets m = -inf and is shifted by 0 (never -inf - -inf).
     """
-    if m is None:
-        m = x.amax(-1).to(acc_dtype(x.dtype))
-        m = torch.where(m > -math.inf, m, 0.0)  # a row of -inf would give -inf - -inf
-    z = torch.sub(x, m[:, None], out=out)
-    return z.mul_(inv_t), m
+    m = x.amax(-1).to(acc_dtype(x.dtype))
+    finite = m > -math.inf
+    z = torch.sub(x, torch.where(finite, m, 0.0)[:, None], out=out).mul_(inv_t)
+    return z, m * inv_t
 
 
-def _log_probs(x, inv_t, stats=None):
-    """(log softmax(x * inv_t), (m, r)) of a chunk; see _shift."""
-    z, m = _shift(x, inv_t, None if stats is None else stats[0])
-    r = torch.exp(z).sum(-1).log_() if stats is None else stats[1]
-    return z.sub_(r[:, None]), (m, r)
+def _logs(x, inv_t, m, r, out=None):
+    """Log-probabilities x / T - m - r of a chunk given a (max, log-sum) pair in z units;
+    the pair is subtracted in two steps, never as one rounded logsumexp."""
+    z = x.to(m.dtype, copy=True) if out is None else out.copy_(x)
+    return z.mul_(inv_t).sub_(torch.where(m > -math.inf, m, 0.0)[:, None]).sub_(r[:, None])
 
 
-def _chunk_logs(s, t, spec, stats=None):
-    """(lq, lp, (m_s, r_s, m_t, r_t)) of one chunk; stats are computed when not given."""
-    lq, st_s = _log_probs(s, spec.inv_ts, None if stats is None else stats[:2])
-    lp, st_t = _log_probs(t, spec.inv_tt, None if stats is None else stats[2:])
-    return lq, lp, (*st_s, *st_t)
+def _label_logits(s, labels, spec, offset):
+    """s[label - offset] where the label falls in this chunk's columns, else 0."""
+    local = labels - offset
+    inside = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
+    if s.shape[1] == 0:
+        return torch.zeros(s.shape[0], device=s.device, dtype=acc_dtype(s.dtype))
+    picked = s.gather(1, torch.where(inside, local, 0)[:, None])[:, 0]
+    return torch.where(inside, picked.to(acc_dtype(s.dtype)), 0.0)
 
 
-def _ce_chunk(s, labels, spec):
-    """Cross-entropy at T = 1 of one chunk: (loss (rows,), (m1, r1)). Ignored rows -> 0.
-
-    CE = -log softmax(s)[label], read off the shifted log-probabilities (see _shift).
-    """
-    ls, st = _log_probs(s, 1.0)
-    valid = labels != spec.ignore_index
-    target = ls.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
-    return torch.where(valid, -target, 0.0), st
+# Forward / reverse KL take a lean path: a few in-place passes over preallocated chunk
+# buffers (`ws`, three (chunk, V) float32 tensors reused by every chunk: a fresh 16 MiB
+# buffer per op costs page faults on CPU). With the shifted logits z of _shift (w: the
+# weighting side, the teacher for forward KL; o: the other; l = sum_j e^(z_j)):
+#     acc = sum_j e^(zw_j) (zw_j - zo_j),    D = acc / lw - log lw + log lo
+# (log-probs are z - log l, and sum e^(zw) / lw = 1). Padding (-inf in both) gives 0 * nan
+# there, zeroed; zo = -inf where zw is finite gives +inf, the true value.
 
 
-def _ce_grad_chunk(s, labels, spec, stats):
-    g, _ = _log_probs(s, 1.0, stats)
-    g.exp_()
-    valid = labels != spec.ignore_index
-    g.scatter_add_(1, torch.where(valid, labels, 0)[:, None], -valid.to(g.dtype)[:, None])
-    return g
-
-
-# Row statistics saved by forward, in order: m_s, r_s, m_t, r_t (student / teacher
-# logsumexp as max and log-sum, see _shift), m1, r1 (student at T = 1, for CE), then the
-# divergence's scalars from divergence_rows.
-_N_LSE = 6
-
-
-# Forward / reverse KL with only the student's gradient, the common case, take a lean path:
-# a few in-place passes over preallocated chunk buffers (`ws`, three (chunk, V) float32
-# tensors reused by every chunk: a fresh 16 MiB buffer per op costs page faults on CPU).
-# The value uses the shifted logits z = (x - m) / T of _shift (w: the weighting side, the
-# teacher for forward KL; o: the other):
-#     D = sum_j e^(zw_j) (zw_j - zo_j) / lw - log lw + log lo,    l = sum_j e^(z_j)
-# (log-probs are z - log l and sum e^(zw) / lw = 1). Padding (-inf in both) gives
-# 0 * nan there, zeroed; zo = -inf where zw is finite gives +inf, the true value.
-
-
-def _lean(spec, need_teacher: bool) -> bool:
-    """The lean path serves KL kinds: always in forward, in backward without d/dt."""
-    return spec.div.kind in ("forward_kl", "reverse_kl") and not need_teacher
-
-
-def _kl_forward_chunk(s, t, spec, ws):
-    zs, m_s = _shift(s, spec.inv_ts, out=ws[0])
-    zt, m_t = _shift(t, spec.inv_tt, out=ws[1])
+def _kl_partial_chunk(s, t, spec, ws):
+    """(acc, (ms, ls, mt, lt)) of one chunk, the KL columns of the statistics table."""
+    zs, ms = _shift(s, spec.inv_ts, out=ws[0])
+    zt, mt = _shift(t, spec.inv_tt, out=ws[1])
     forward = spec.div.kind == "forward_kl"
     zw, zo = (zt, zs) if forward else (zs, zt)
     e = torch.exp(zo, out=ws[2])
-    log_lo = e.sum(-1).log_()
+    lo = e.sum(-1).log_()
     torch.exp(zw, out=e)
-    lw = e.sum(-1)
+    lw = e.sum(-1).log_()
     acc = torch.nan_to_num_(zw.sub_(zo).mul_(e), nan=0.0, posinf=math.inf, neginf=-math.inf)
-    d = acc.sum(-1) / lw - lw.log() + log_lo
-    r_s, r_t = (log_lo, lw.log()) if forward else (lw.log(), log_lo)
-    return d, (m_s, r_s, m_t, r_t)
+    ls, lt = (lo, lw) if forward else (lw, lo)
+    return acc.sum(-1), (ms, ls, mt, lt)
 
 
-def _kl_backward_chunk(s, t, spec, stats, ws):
+def _lse_pair(x, inv_t):
+    """(m, log sum e^(z - m)) of a chunk, z = x / T."""
+    z, m = _shift(x, inv_t)
+    return m, z.exp_().sum(-1).log_()
+
+
+def _workspace(s, n_rows):
+    return [torch.empty(n_rows, s.shape[1], device=s.device, dtype=acc_dtype(s.dtype))
+            for _ in range(3)]
+
+
+def partial(s, t, labels, spec: LossSpec, offset: int = 0):
+    """Pass-1 statistics (_stats.Col) of the columns [offset, offset + Vr) of each row.
+    # read 2 x N x Vr (3 with a separate cross-entropy pair), write N x NCOL"""
+    n, v = s.shape
+    out = _stats.empty(n, s.device, acc_dtype(s.dtype))
+    if n == 0 or v == 0:
+        return out
+    kl = spec.div.kind != "mixture"
+    ws = _workspace(s, chunk_rows(n, v)) if kl else None
+    for i, j in row_chunks(n, v):
+        sc, tc, o = s[i:j], t[i:j], out[i:j]
+        if kl:
+            o[:, Col.ACC], pairs = _kl_partial_chunk(sc, tc, spec, [w[: j - i] for w in ws])
+        else:
+            pairs = (*_lse_pair(sc, spec.inv_ts), *_lse_pair(tc, spec.inv_tt))
+        o[:, Col.MS], o[:, Col.LS], o[:, Col.MT], o[:, Col.LT] = pairs
+        if spec.ce_weight:
+            if spec.ce_shares_student:
+                o[:, Col.M1], o[:, Col.L1] = pairs[0], pairs[1]
+            else:
+                o[:, Col.M1], o[:, Col.L1] = _lse_pair(sc, 1.0)
+            o[:, Col.LABEL] = _label_logits(sc, labels[i:j], spec, offset)
+    return out
+
+
+def _chunk_logs(s, t, spec, stats, ws=None):
+    """(lq, lp) of a chunk from its rows of a (global) statistics table."""
+    lq = _logs(s, spec.inv_ts, stats[:, Col.MS], stats[:, Col.LS],
+               None if ws is None else ws[0])
+    lp = _logs(t, spec.inv_tt, stats[:, Col.MT], stats[:, Col.LT],
+               None if ws is None else ws[1])
+    return lq, lp
+
+
+def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0):
+    """The mixture's pass-2 sums (A, B, Uq, Up) of the columns [offset, offset + Vr), given
+    the GLOBAL statistics: (N, 4). # read 2 x N x Vr, write 4 x N"""
+    n, v = s.shape
+    out = torch.zeros(n, 4, device=s.device, dtype=acc_dtype(s.dtype))
+    for i, j in row_chunks(n, v) if v else ():
+        lq, lp = _chunk_logs(s[i:j], t[i:j], spec, stats[i:j])
+        out[i:j] = torch.stack(divergence_rows(lq, lp, spec.div)[1], 1)
+    return out
+
+
+def _ce_grad_chunk(s, labels, spec, stats, offset):
+    """softmax(s) - onehot(label - offset) of a chunk (CE at T = 1, global statistics)."""
+    g = _logs(s, 1.0, stats[:, Col.M1], stats[:, Col.L1]).exp_()
+    local = labels - offset
+    inside = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
+    if s.shape[1]:
+        g.scatter_add_(1, torch.where(inside, local, 0)[:, None], -inside.to(g.dtype)[:, None])
+    return g
+
+
+def _kl_grad_chunk(s, t, spec, stats, ws):
     """dD/dzs of forward KL (q - p) or reverse KL (q (lq - lp - D)), in ws[0]."""
-    m_s, r_s, m_t, r_t = stats[:4]
-    lq = _shift(s, spec.inv_ts, m_s, out=ws[0])[0].sub_(r_s[:, None])
-    lp = _shift(t, spec.inv_tt, m_t, out=ws[1])[0].sub_(r_t[:, None])
+    lq, lp = _chunk_logs(s, t, spec, stats, ws)
     if spec.div.kind == "forward_kl":
         return lq.exp_().sub_(lp.exp_())
-    (d,) = stats[_N_LSE:]
-    diff = torch.sub(lq, lp, out=ws[2]).sub_(d[:, None])
+    diff = torch.sub(lq, lp, out=ws[2]).sub_(stats[:, Col.DIV, None])
     return torch.nan_to_num_(lq.exp_().mul_(diff), nan=0.0, posinf=math.inf,
                              neginf=-math.inf)
 
 
-def _workspace(s, step, lean: bool):
-    if not lean:
-        return None
-    return [torch.empty(step, s.shape[1], device=s.device, dtype=acc_dtype(s.dtype))
-            for _ in range(3)]
+def _saved_scalars(stats, div):
+    if div.kind == "mixture":
+        return tuple(stats[:, c] for c in _stats.MIX_COLS)
+    return (stats[:, Col.DIV],)
 
 
-def _forward_chunk(s, t, labels, spec, ws=None):
-    """Row losses of one chunk and the per-row tensors backward needs."""
+def _grads_chunk(s, t, labels, spec, stats, offset, g, need_teacher, ws):
+    """(d loss_rows / d s, d / d t) of one chunk, times the upstream row gradient g (0 on
+    ignored rows). The student gradient may live in the workspace: copy it out before the
+    next chunk."""
     if ws is not None:
-        rows = s.shape[0]
-        d, st = _kl_forward_chunk(s, t, spec, [w[:rows] for w in ws])
-        saved = (d,)
+        ds, dt = _kl_grad_chunk(s, t, spec, stats, ws), None
     else:
-        lq, lp, st = _chunk_logs(s, t, spec)
-        d, saved = divergence_rows(lq, lp, spec.div)
-    loss = spec.kd_scale * d
-    st1 = st[:2]  # placeholder when CE is off; never read then
-    if spec.ce_weight:
-        ce, st1 = _ce_chunk(s, labels, spec)
-        loss = loss + spec.ce_weight * ce
-    if labels is not None:
-        loss = torch.where(labels != spec.ignore_index, loss, 0.0)
-    return loss, (*st, *st1, *saved)
-
-
-def _backward_chunk(s, t, labels, spec, stats, g, need_teacher, ws=None):
-    """(d loss_rows / d s, d / d t) of one chunk, times the upstream row gradient g.
-    The student gradient may live in the workspace: copy it out before the next chunk."""
-    if ws is not None:
-        ds, dt = _kl_backward_chunk(s, t, spec, stats, [w[: s.shape[0]] for w in ws]), None
-    else:
-        lq, lp, _ = _chunk_logs(s, t, spec, stats[:4])
-        ds, dt = divergence_grads(lq, lp, spec.div, stats[_N_LSE:], need_teacher)
+        lq, lp = _chunk_logs(s, t, spec, stats)
+        ds, dt = divergence_grads(lq, lp, spec.div, _saved_scalars(stats, spec.div),
+                                  need_teacher)
     gk = g * spec.kd_scale
     ds.mul_((gk * spec.inv_ts)[:, None])
     if spec.ce_weight:
-        ds += _ce_grad_chunk(s, labels, spec, stats[4:6]) * (g * spec.ce_weight)[:, None]
+        ds += _ce_grad_chunk(s, labels, spec, stats, offset) * (g * spec.ce_weight)[:, None]
     if dt is not None:
         dt.mul_((gk * spec.inv_tt)[:, None])
     return ds, dt
 
 
-def scale_rows_(grad_rows, *grads):
-    """Multiply gradients computed for an upstream gradient of 1 per row (inplace_backward)
-    by the real row gradients, in place; None entries pass through."""
-    g = grad_rows[:, None]
-    return tuple(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
+def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teacher: bool,
+          out=None):
+    """(grad_s, grad_t or None) of the columns [offset, offset + Vr) given the GLOBAL
+    finished statistics, times grad_rows; ignored rows get exactly 0. out: a buffer for
+    grad_s (the logits themselves for the in-place gradient: each chunk is read before it
+    is written). # read 2 x N x Vr, write (1 or 2) x N x Vr"""
+    n, v = s.shape
+    g = grad_rows if labels is None else torch.where(labels != spec.ignore_index, grad_rows, 0.0)
+    grad_s = torch.empty_like(s) if out is None else out
+    grad_t = torch.empty_like(t) if need_teacher else None
+    lean = spec.div.kind != "mixture" and not need_teacher
+    ws = _workspace(s, chunk_rows(n, v)) if lean and n and v else None
+    for i, j in row_chunks(n, v) if v else ():
+        lab = None if labels is None else labels[i:j]
+        w = None if ws is None else [x[: j - i] for x in ws]
+        ds, dt = _grads_chunk(s[i:j], t[i:j], lab, spec, stats[i:j], offset, g[i:j],
+                              need_teacher, w)
+        grad_s[i:j] = ds
+        if grad_t is not None:
+            grad_t[i:j] = dt
+    return grad_s, grad_t
+
+
+def forward_stats(s, t, labels, spec: LossSpec):
+    """(row losses, finished statistics) of whole rows: partial, the mixture's second pass
+    given the row's own statistics, finish."""
+    stats = partial(s, t, labels, spec)
+    mix = mix_partial(s, t, spec, stats) if spec.div.kind == "mixture" else None
+    return _stats.finish(stats, labels, spec, mix)
 
 
 class KDRows(torch.autograd.Function):
-    """Row losses of (N, V) logits; saves inputs + O(N) stats, recomputes in backward."""
+    """Row losses of (N, V) logits; saves the inputs and the (N, NCOL) statistics table,
+    recomputes each chunk's log-probabilities in backward."""
 
     @staticmethod
     def forward(ctx, s, t, labels, spec: LossSpec, inplace_backward: bool):
-        n, v = s.shape
-        dt = acc_dtype(s.dtype)
-        step = chunk_rows(n, v)
         need_teacher = ctx.needs_input_grad[1]
-        loss = torch.empty(n, device=s.device, dtype=dt)
-        stats = None
-        ws = _workspace(s, step, _lean(spec, False))
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            lab = None if labels is None else labels[i:j]
-            loss[i:j], st = _forward_chunk(s[i:j], t[i:j], lab, spec, ws)
-            if stats is None:
-                stats = [torch.empty(n, device=s.device, dtype=dt) for _ in st]
-            for buf, x in zip(stats, st, strict=True):
-                buf[i:j] = x
-        if stats is None:  # empty batch
-            stats = [torch.empty(0, device=s.device, dtype=dt)] * _N_LSE
+        loss, stats = forward_stats(s, t, labels, spec)
         if inplace_backward:
             # Gradient for an upstream gradient of 1 per row, written over the logits (they
             # are consumed); backward only rescales it by the row gradients. Writing under
             # forward's no-grad mode bumps s's version counter, so any other autograd use of
             # the logits fails loudly instead of reading gradients.
-            ones = _row_mask(labels, spec, n, s.device, dt)
-            grad_t = torch.empty_like(t) if need_teacher else None
-            ws = ws if _lean(spec, need_teacher) else None
-            for i in range(0, n, step):
-                j = min(i + step, n)
-                lab = None if labels is None else labels[i:j]
-                st = [x[i:j] for x in stats]
-                ds, dtc = _backward_chunk(s[i:j], t[i:j], lab, spec, st, ones[i:j],
-                                          need_teacher, ws)
-                s[i:j] = ds
-                if grad_t is not None:
-                    grad_t[i:j] = dtc
+            ones = torch.ones_like(loss)
             ctx.inplace = True
-            ctx.grads = (s, grad_t)
+            ctx.grads = grads(s, t, labels, spec, stats, 0, ones, need_teacher, out=s)
             return loss
         ctx.inplace = False
         ctx.spec = spec
-        ctx.save_for_backward(s, t, labels, *stats)
+        ctx.save_for_backward(s, t, labels, stats)
         return loss
 
     @staticmethod
@@ -358,23 +358,9 @@ class KDRows(torch.autograd.Function):
             grad_s, grad_t = scale_rows_(grad_loss, *ctx.grads)
             del ctx.grads
             return grad_s, grad_t, None, None, None
-        s, t, labels, *stats = ctx.saved_tensors
-        spec = ctx.spec
-        n, v = s.shape
-        need_teacher = ctx.needs_input_grad[1]
-        g = grad_loss * _row_mask(labels, spec, n, s.device, grad_loss.dtype)
-        grad_s = torch.empty_like(s)
-        grad_t = torch.empty_like(t) if need_teacher else None
-        step = chunk_rows(n, v)
-        ws = _workspace(s, step, _lean(spec, need_teacher))
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            lab = None if labels is None else labels[i:j]
-            st = [x[i:j] for x in stats]
-            ds, dt = _backward_chunk(s[i:j], t[i:j], lab, spec, st, g[i:j], need_teacher, ws)
-            grad_s[i:j] = ds
-            if grad_t is not None:
-                grad_t[i:j] = dt
+        s, t, labels, stats = ctx.saved_tensors
+        grad_s, grad_t = grads(s, t, labels, ctx.spec, stats, 0, grad_loss,
+                               ctx.needs_input_grad[1])
         return grad_s, grad_t, None, None, None
 
 
@@ -409,8 +395,8 @@ class KLDivSum(torch.autograd.Function):
     def forward(ctx, x, y, log_target: bool):
         dt = acc_dtype(torch.promote_types(x.dtype, y.dtype))
         total = torch.zeros((), device=x.device, dtype=dt)
-        for i in range(0, x.numel(), CHUNK_ELEMENTS):
-            j = i + CHUNK_ELEMENTS
+        for i in range(0, x.numel(), _common.CHUNK_ELEMENTS):
+            j = i + _common.CHUNK_ELEMENTS
             total += kl_div_terms(x[i:j].to(dt), y[i:j].to(dt), log_target).sum()
         ctx.log_target = log_target
         ctx.save_for_backward(x, y)
@@ -429,8 +415,8 @@ class KLDivTerms(torch.autograd.Function):
         out_dtype = torch.promote_types(x.dtype, y.dtype)
         dt = acc_dtype(out_dtype)
         out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
-        for i in range(0, x.numel(), CHUNK_ELEMENTS):
-            j = i + CHUNK_ELEMENTS
+        for i in range(0, x.numel(), _common.CHUNK_ELEMENTS):
+            j = i + _common.CHUNK_ELEMENTS
             out[i:j] = kl_div_terms(x[i:j].to(dt), y[i:j].to(dt), log_target)
         ctx.log_target = log_target
         ctx.save_for_backward(x, y)
@@ -448,8 +434,8 @@ def _kl_div_backward(ctx, g):
     need_x, need_y = ctx.needs_input_grad[:2]
     gx = torch.empty_like(x) if need_x else None
     gy = torch.empty_like(y) if need_y else None
-    for i in range(0, x.numel(), CHUNK_ELEMENTS):
-        j = i + CHUNK_ELEMENTS
+    for i in range(0, x.numel(), _common.CHUNK_ELEMENTS):
+        j = i + _common.CHUNK_ELEMENTS
         dx, dy = kl_div_grads(x[i:j].to(dt), y[i:j].to(dt), ctx.log_target)
         gi = g.to(dt) if g.dim() == 0 else g[i:j].to(dt)
         if gx is not None:

@@ -306,14 +306,14 @@ def empty_batch(rank, world):
 
 @case
 def chunked_rows(rank, world):
-    """Several row chunks with a ragged last one (reference.CHUNK_ELEMENTS made tiny), so the
+    """Several row chunks with a ragged last one (_common.CHUNK_ELEMENTS made tiny), so the
     chunk loops of forward, backward and softmax are exercised."""
-    from kdkernels import reference
+    from kdkernels import _common
 
     chk = Checks()
     widths = WIDTHS[world]
-    saved = reference.CHUNK_ELEMENTS
-    reference.CHUNK_ELEMENTS = 3 * max(widths)  # 3 rows per chunk: 11 rows = 3 + 3 + 3 + 2
+    saved = _common.CHUNK_ELEMENTS
+    _common.CHUNK_ELEMENTS = 3 * max(widths)  # 3 rows per chunk: 11 rows = 3 + 3 + 3 + 2
     try:
         S, T = gen_logits((11, VOCAB), 121), gen_logits((11, VOCAB), 122)
         labels = labels_on_every_shard((11,), widths, 123)
@@ -332,7 +332,7 @@ def chunked_rows(rank, world):
         chk.close("log_softmax grad", x.grad, xf.grad[:, o[rank] : o[rank + 1]],
                   *TOL[torch.float64])
     finally:
-        reference.CHUNK_ELEMENTS = saved
+        _common.CHUNK_ELEMENTS = saved
     chk.done()
 
 

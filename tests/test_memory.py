@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kdkernels as kd
-from kdkernels import reference
+from kdkernels import _common, reference
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
@@ -70,7 +70,7 @@ LIVE_ROW_VECTORS = 16
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", CHUNK_ROWS * VOCAB)
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", CHUNK_ROWS * VOCAB)
     assert reference.chunk_rows(ROWS, VOCAB) == CHUNK_ROWS
 
 
@@ -130,7 +130,7 @@ def test_kl_div_scalar_reductions_no_elementwise_tensor(monkeypatch, reduction):
     """Scalar reductions never build the elementwise terms: the forward allocates at most
     one chunk; backward allocates the two gradients and chunk temporaries only."""
     chunk = 256
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", chunk)
     x = torch.randn(60, 100, requires_grad=True)
     y = (torch.rand(60, 100) + 0.01).requires_grad_()
     rec = AllocationRecorder(keep_above=chunk * 4)

@@ -1,0 +1,33 @@
+"""Helpers every backend shares: accumulation dtype, row chunking, in-place gradient rescale."""
+
+from __future__ import annotations
+
+import torch
+
+# Elements per row chunk of the chunked torch paths: 2**22 float32 = 16 MiB for each of the
+# few temporaries of a chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(n_rows: int, n_cols: int) -> int:
+    """Rows per chunk so that a chunk holds about CHUNK_ELEMENTS elements (at least 1 row)."""
+    return max(1, min(n_rows, CHUNK_ELEMENTS // max(n_cols, 1)))
+
+
+def row_chunks(n_rows: int, n_cols: int):
+    """(i, j) bounds of the row chunks of an (n_rows, n_cols) tensor."""
+    step = chunk_rows(n_rows, n_cols)
+    for i in range(0, n_rows, step):
+        yield i, min(i + step, n_rows)
+
+
+def scale_rows_(grad_rows, *grads):
+    """Multiply gradients computed for an upstream gradient of 1 per row (inplace_backward)
+    by the real row gradients, in place; None entries pass through."""
+    g = grad_rows[:, None]
+    return tuple(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
