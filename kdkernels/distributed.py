@@ -96,15 +96,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import _stats, reference
+from ._common import acc_dtype, chunk_rows
 from ._spec import LossSpec
-from .reference import (
-    acc_dtype,
-    chunk_rows,
-    divergence_grads,
-    divergence_rows,
-    softmax_grad,
-    softmax_grad_sums,
-)
+from ._stats import NCOL, Col
+from .reference import softmax_grad, softmax_grad_sums
 
 __all__ = [
     "CollectiveRecord",
@@ -262,125 +258,40 @@ def vocab_size(s: torch.Tensor, process_group) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Shard primitives: the per-shard work. Torch math of reference.py for every backend in this
-# revision; a backend's fused shard kernels replace these three functions.
+# kd_rows: per-rank statistics through the backend, one gather, the exact merge
 # --------------------------------------------------------------------------------------
 
-# Columns of the per-row table gathered in pass 1 (only those the spec needs are present).
-_LS, _LT = 0, 1  # local logsumexps of zs, zt (header row: student, teacher width)
+# The gathered table: the NCOL statistics columns, then the row's label (NaN where ignored,
+# for the label check); one extra header row holds this rank's (student, teacher) widths.
+_LABEL_COL = NCOL
+_HEAD_S, _HEAD_T = 0, 1
+
+# Offsets of this rank's shard, per group and local width, learned on the group's first
+# (host-checked) call; later CUDA calls assert the gathered widths still give it.
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-@dataclass(frozen=True)
-class _Columns:
-    kl: int | None  # KL(p^r || q^r) (forward) or KL(q^r || p^r) (reverse): KL kinds only
-    lse1: int | None  # local logsumexp of s at T = 1 (CE)
-    label: int | None  # the row's label, NaN where ignored (label check)
-    count: int
-
-    @staticmethod
-    def of(spec: LossSpec, has_labels: bool) -> _Columns:
-        n = 2
-        kl = lse1 = label = None
-        if spec.div.kind != "mixture":
-            kl, n = n, n + 1
-        if spec.ce_weight:
-            lse1, n = n, n + 1
-        if has_labels:
-            label, n = n, n + 1
-        return _Columns(kl, lse1, label, n)
+def _offset(ws: torch.Tensor, rank: int, width: int, group, host: bool) -> int:
+    """Column offset of this rank's shard: the widths of the ranks before it."""
+    gathered = ws[:rank].sum().to(torch.int64)
+    known = _OFFSETS.setdefault(group, {})
+    if host or width not in known:
+        known[width] = int(gathered)
+    else:
+        torch._assert_async(gathered == known[width],
+                            "kdkernels: the shard widths of the process_group changed")
+    return known[width]
 
 
-def _local_labels(labels, spec: LossSpec, offset, width: int):
-    """(index into this shard, mask of rows whose label this shard holds); offset may be a
-    0-d tensor."""
+def _label_logits(s, labels, spec: LossSpec, offset: int):
+    """s[label] for the rows whose label this shard holds, else 0 (cross-entropy)."""
+    dt = acc_dtype(s.dtype)
     local = labels - offset
-    held = (labels != spec.ignore_index) & (local >= 0) & (local < width)
-    return torch.where(held, local, 0), held
-
-
-def _shard_stats(s, t, labels, spec: LossSpec, cols: _Columns):
-    """Pass 1 on one row chunk of this shard: the (rows, cols.count) table of local values.
-    # read 2 x rows x V_r, write rows x c
-    """
-    dt = acc_dtype(s.dtype)
-    zs = s.to(dt) * spec.inv_ts
-    zt = t.to(dt) * spec.inv_tt
-    out = torch.empty(s.shape[0], cols.count, device=s.device, dtype=dt)
-    ls = torch.logsumexp(zs, -1)  # -inf for an empty or all -inf shard
-    lt = torch.logsumexp(zt, -1)
-    out[:, _LS] = ls
-    out[:, _LT] = lt
-    if cols.kl is not None:
-        # KL of the shard's renormalized softmaxes; rows where a normalizer is -inf give
-        # nan/0 here and are masked in the merge (their shard weight is 0 or the term +inf).
-        out[:, cols.kl] = divergence_rows(zs - ls[:, None], zt - lt[:, None], spec.div)[0]
-    if cols.lse1 is not None:
-        out[:, cols.lse1] = torch.logsumexp(s.to(dt), -1)
-    if cols.label is not None:
-        out[:, cols.label] = torch.where(labels != spec.ignore_index, labels.to(dt), math.nan)
-    return out
-
-
-def _shard_target(s, labels, spec: LossSpec, offset):
-    """s[label] for the rows whose label this shard holds, else 0 (CE). # read rows"""
-    dt = acc_dtype(s.dtype)
-    idx, held = _local_labels(labels, spec, offset, s.shape[1])
+    held = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
     if s.shape[1] == 0:
         return torch.zeros(s.shape[0], device=s.device, dtype=dt)
-    return torch.where(held, s.gather(1, idx[:, None])[:, 0].to(dt), 0.0)
-
-
-def _shard_partials(s, t, spec: LossSpec, lse_s, lse_t):
-    """Mixture pass 2 on one row chunk: this shard's (rows, 4) partial sums of A, B, Uq, Up,
-    from the GLOBAL log-probs. # read 2 x rows x V_r, write 4 x rows"""
-    dt = acc_dtype(s.dtype)
-    lq = s.to(dt) * spec.inv_ts - lse_s[:, None]
-    lp = t.to(dt) * spec.inv_tt - lse_t[:, None]
-    _, saved = divergence_rows(lq, lp, spec.div)
-    return torch.stack(saved, 1)
-
-
-def _shard_grads(s, t, labels, spec, offset, stats, g, need_teacher):
-    """Backward on one row chunk: (d loss / d s, d loss / d t) of this shard, times the
-    upstream row gradient g (already 0 on ignored rows). No collective: everything global is
-    in the saved row statistics. # read 2 x rows x V_r, write (1 or 2) x rows x V_r"""
-    lse_s, lse_t, lse1, *saved = stats
-    dt = acc_dtype(s.dtype)
-    lq = s.to(dt) * spec.inv_ts - lse_s[:, None]
-    lp = t.to(dt) * spec.inv_tt - lse_t[:, None]
-    ds, dtc = divergence_grads(lq, lp, spec.div, saved, need_teacher)
-    gk = (g * spec.kd_scale)[:, None]
-    ds = ds * (gk * spec.inv_ts)
-    if spec.ce_weight:
-        # dCE/ds = softmax(s) - onehot(label): the one-hot lands on the shard holding it
-        p1 = torch.exp(s.to(dt) - lse1[:, None])
-        idx, held = _local_labels(labels, spec, offset, s.shape[1])
-        if p1.shape[1]:
-            p1.scatter_add_(1, idx[:, None], -held.to(dt)[:, None])
-        ds = ds + p1 * (g * spec.ce_weight)[:, None]
-    if dtc is not None:
-        dtc = dtc * (gk * spec.inv_tt)
-    return ds, dtc
-
-
-# --------------------------------------------------------------------------------------
-# Merge of the gathered pass-1 table (identical arithmetic on every rank)
-# --------------------------------------------------------------------------------------
-
-
-def _kl_merge(kl_r, log_w, log_v):
-    """sum_r w_r [kl_r + log w_r - log v_r] (eq. (1)); (W, rows) inputs, (rows,) out.
-
-    w_r = 0: the shard holds none of the outer distribution's mass -> 0 (whatever kl_r is).
-    w_r > 0, v_r = 0: the inner distribution is 0 where the outer is not -> +inf."""
-    w = torch.exp(log_w)
-    term = torch.where(log_v > -math.inf, w * (kl_r + log_w - log_v), math.inf)
-    return torch.where(w > 0, term, 0.0).sum(0)
-
-
-# --------------------------------------------------------------------------------------
-# kd_rows
-# --------------------------------------------------------------------------------------
+    picked = s.gather(1, torch.where(held, local, 0)[:, None])[:, 0]
+    return torch.where(held, picked.to(dt), 0.0)
 
 
 class ShardedKDRows(torch.autograd.Function):
@@ -388,110 +299,77 @@ class ShardedKDRows(torch.autograd.Function):
     (inside autograd.Function, so they are never differentiated)."""
 
     @staticmethod
-    def forward(ctx, s, t, labels, spec: LossSpec, group):
+    def forward(ctx, s, t, labels, spec: LossSpec, group, backend):
         n, v = s.shape
         dt = acc_dtype(s.dtype)
-        cols = _Columns.of(spec, labels is not None)
-        step = chunk_rows(n, v)
         rank = dist.get_rank(group)
-        ctx.spec, ctx.need_teacher = spec, ctx.needs_input_grad[1]
+        ctx.spec, ctx.backend = spec, backend
+        ctx.need_teacher = ctx.needs_input_grad[1]
         if n == 0:  # N is the same on every rank: all of them skip the collectives
             ctx.offset = 0
-            ctx.save_for_backward(s, t, labels)
+            ctx.save_for_backward(s, t, labels, _stats.empty(0, s.device, dt))
             return torch.zeros(0, device=s.device, dtype=dt)
 
-        # pass 1: local table + header row -> one all_gather -> layout, checks, normalizers
-        local = torch.zeros(n + 1, cols.count, device=s.device, dtype=dt)
+        # pass 1: this rank's statistics + header row -> one all_gather -> checks, merge
+        local = torch.zeros(n + 1, NCOL + 1, device=s.device, dtype=dt)
         local_ok = v == t.shape[1]  # else only the header is sent and every rank raises
-        if local_ok:
-            for i in range(0, n, step):
-                j = min(i + step, n)  # `local` has one more row: the header
-                lab = None if labels is None else labels[i:j]
-                local[i:j] = _shard_stats(s[i:j], t[i:j], lab, spec, cols)
-        local[n, _LS], local[n, _LT] = v, t.shape[1]
-        table = _all_gather(local, group)  # (W, n + 1, c)
+        # the offset is not known before the gather, so the LABEL column is filled later
+        local[:n, :NCOL] = (backend.partial(s, t, labels, spec, 0) if local_ok
+                            else _stats.empty(n, s.device, dt))
+        if labels is not None:
+            local[:n, _LABEL_COL] = torch.where(labels != spec.ignore_index, labels.to(dt),
+                                                math.nan)
+        local[n, _HEAD_S], local[n, _HEAD_T] = v, t.shape[1]
+        table = _all_gather(local, group)  # (W, n + 1, NCOL + 1)
         host = _host_checks(s, group)
-        ws, wt = table[:, n, _LS], table[:, n, _LT]
+        ws, wt = table[:, n, _HEAD_S], table[:, n, _HEAD_T]
         _check_layout(ws, wt, host)
-        offset = (ws[:rank].sum() if rank else ws.new_zeros(())).to(torch.int64)
-        if cols.label is not None:
-            _check_labels(table[:, :n, cols.label], ws.sum(), labels, spec, host)
-        table = table[:, :n]
-        ls, lt = table[:, :, _LS], table[:, :, _LT]
-        lse_s = torch.logsumexp(ls, 0)
-        lse_t = torch.logsumexp(lt, 0)
+        offset = _offset(ws, rank, v, group, host)
+        if labels is not None:
+            _check_labels(table[:, :n, _LABEL_COL], ws.sum(), labels, spec, host)
+        parts = table[:, :n, :NCOL].clone()
+        parts[:, :, Col.LABEL] = 0.0
+        stats = _stats.merge_all(parts, spec)
 
-        # pass 2: what needs the global normalizers or the offsets -> one all_reduce
-        need_sum = spec.div.kind == "mixture" or spec.ce_weight
-        if need_sum:
-            width = 4 if spec.div.kind == "mixture" else 0
+        # pass 2: what needs the global statistics or the offsets -> one all_reduce
+        mixture = spec.div.kind == "mixture"
+        mix_sums = None
+        if mixture or spec.ce_weight:
+            width = 4 if mixture else 0
             part = torch.zeros(n, width + bool(spec.ce_weight), device=s.device, dtype=dt)
-            for i in range(0, n if local_ok else 0, step):
-                j = i + step
-                if width:
-                    part[i:j, :4] = _shard_partials(s[i:j], t[i:j], spec, lse_s[i:j],
-                                                    lse_t[i:j])
-                if spec.ce_weight:
-                    part[i:j, width] = _shard_target(s[i:j], labels[i:j], spec, offset)
+            if local_ok and mixture:
+                part[:, :4] = backend.mix_partial(s, t, spec, stats, offset)
+            if local_ok and spec.ce_weight:
+                part[:, width] = _label_logits(s, labels, spec, offset)
             part = _all_reduce_sum(part, group)
+            mix_sums = part[:, :4] if mixture else None
+            if spec.ce_weight:
+                stats[:, Col.LABEL] = part[:, width]
         if not local_ok:  # reached only where the checks are device asserts (CUDA, not the
             # group's first call): this rank joined every collective, now it stops
             raise ValueError(
                 "student_logits and teacher_logits must have the same shard width on every "
                 f"rank: this rank holds {v} student and {t.shape[1]} teacher columns"
             )
-
-        if spec.div.kind == "forward_kl":
-            d = _kl_merge(table[:, :, cols.kl], lt - lse_t, ls - lse_s)
-            saved = (d,)
-        elif spec.div.kind == "reverse_kl":
-            d = _kl_merge(table[:, :, cols.kl], ls - lse_s, lt - lse_t)
-            saved = (d,)
-        else:
-            a, b, uq, up = part[:, :4].unbind(1)
-            d = spec.div.coef_p * a + spec.div.coef_q * b
-            saved = (a, b, uq, up)
-
-        loss = spec.kd_scale * d
-        lse1 = lse_s  # placeholder when CE is off; never read then
-        if spec.ce_weight:
-            lse1 = torch.logsumexp(table[:, :, cols.lse1], 0)
-            loss = loss + spec.ce_weight * (lse1 - part[:, -1])  # part[:, -1]: s[label]
-        if labels is not None:
-            loss = torch.where(labels != spec.ignore_index, loss, 0.0)
+        loss, stats = _stats.finish(stats, labels, spec, mix_sums)
         ctx.offset = offset
-        ctx.save_for_backward(s, t, labels, lse_s, lse_t, lse1, *saved)
+        ctx.save_for_backward(s, t, labels, stats)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        spec, need_teacher = ctx.spec, ctx.need_teacher
-        s, t, labels, *stats = ctx.saved_tensors
-        n, v = s.shape
-        g = grad_loss
-        if labels is not None:
-            g = torch.where(labels != spec.ignore_index, g, 0.0)
-        grad_s = torch.empty_like(s)
-        grad_t = torch.empty_like(t) if need_teacher else None
-        step = chunk_rows(n, v)
-        for i in range(0, n, step):
-            j = i + step
-            lab = None if labels is None else labels[i:j]
-            st = [x[i:j] for x in stats]
-            ds, dtc = _shard_grads(s[i:j], t[i:j], lab, spec, ctx.offset, st, g[i:j],
-                                   need_teacher)
-            grad_s[i:j] = ds
-            if grad_t is not None:
-                grad_t[i:j] = dtc
-        return grad_s, grad_t, None, None, None
+        s, t, labels, stats = ctx.saved_tensors
+        grad_s, grad_t = ctx.backend.grads(s, t, labels, ctx.spec, stats, ctx.offset,
+                                           grad_loss, ctx.need_teacher)
+        return grad_s, grad_t, None, None, None, None
 
 
-def kd_rows(s, t, labels, spec: LossSpec, process_group, backend=None):
+def kd_rows(s, t, labels, spec: LossSpec, process_group, backend=reference):
     """(N,) row losses of this rank's (N, V_r) shards s, t (see the module docstring).
 
     labels: (N,) int64 GLOBAL vocabulary ids or None. Returns the unsharded row losses,
     identical on every rank; autograd gives this rank's shard gradients. `backend` is the
-    resolved impl module; the shard math is reference.py's for every impl in this revision.
+    resolved impl module: its partial / mix_partial / grads kernels do the per-shard work.
     A student/teacher width mismatch is not checked here: the header of the first collective
     carries it, so that every rank raises, not only the one that holds the bad shard.
     """
@@ -503,7 +381,7 @@ def kd_rows(s, t, labels, spec: LossSpec, process_group, backend=None):
         )
     if labels is not None and labels.shape != (s.shape[0],):
         raise ValueError(f"labels must have {s.shape[0]} rows, got shape {tuple(labels.shape)}")
-    return ShardedKDRows.apply(s, t, labels, spec, process_group)
+    return ShardedKDRows.apply(s, t, labels, spec, process_group, backend)
 
 
 # --------------------------------------------------------------------------------------

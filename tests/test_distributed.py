@@ -721,33 +721,9 @@ def _results(world):
     return per_case
 
 
-def _functional_has(name: str) -> bool:
-    import inspect
-
-    from kdkernels import functional
-
-    return name in inspect.getsource(functional)
-
-
-# Cases that need a change to kdkernels/functional.py (owned by the lead; the exact diff is in
-# the DIST report): expected to fail until functional.py calls the named distributed.py
-# function, and then required to pass (strict).
-_NEEDS_FUNCTIONAL = {
-    "reduction_mean": ("vocab_size", "functional.py divides 'mean' by the LOCAL numel"),
-    "dtensor_public_api": ("unwrap_dtensor", "functional.py has no DTensor hook"),
-}
-
-
 def _params():
-    out = []
-    for world in (2, 4):
-        for name in CASES:
-            marks = []
-            if name in _NEEDS_FUNCTIONAL:
-                hook, why = _NEEDS_FUNCTIONAL[name]
-                marks = [pytest.mark.xfail(not _functional_has(hook), reason=why, strict=True)]
-            out.append(pytest.param(world, name, id=f"W{world}-{name}", marks=marks))
-    return out
+    return [pytest.param(world, name, id=f"W{world}-{name}")
+            for world in (2, 4) for name in CASES]
 
 
 @pytest.mark.parametrize(("world", "name"), _params())
