@@ -75,7 +75,7 @@ def _without_kineto_log():
                     sys.stderr.write(line)
 
 
-def _profile_peak(fn):
+def profile_peak(fn):
     """Run fn() under torch.profiler(profile_memory=True).
 
     Returns (fn's result, peak of the running sum of allocations minus frees, final sum), in
@@ -124,10 +124,10 @@ def measure_memory(step, device: torch.device, backward: bool):
         torch.cuda.synchronize()
         bwd = torch.cuda.max_memory_allocated() - mid
         return loss, Memory(fwd, bwd, max(fwd, mid - base + bwd))
-    loss, fwd, net = _profile_peak(step)
+    loss, fwd, net = profile_peak(step)
     if not backward:
         return loss, Memory(fwd, None, None)
-    _, bwd, _ = _profile_peak(loss.backward)
+    _, bwd, _ = profile_peak(loss.backward)
     return loss, Memory(fwd, bwd, max(fwd, net + bwd))
 
 

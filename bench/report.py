@@ -138,7 +138,7 @@ def target_line(name: str, formula: str, value, op: str, target: float,
     """One target: what it measures, the measured ratio, the bound and the verdict."""
     shown = "n/a" if value is None else f"{value:.2f}"
     said = verdict(value, op, target) if checked else "(not the target shape)"
-    return f"  {name:<38} {formula:<44} {shown:>8}   target {op} {target:<5} {said}"
+    return f"  {name:<42} {formula:<40} {shown:>8}   target {op} {target:<5} {said}"
 
 
 def targets(rows, cfg: Config) -> list[str]:
@@ -215,7 +215,7 @@ def targets(rows, cfg: Config) -> list[str]:
                 if p == "kd-ext" and d in ("reverse_kl", "jsd"):
                     line(name, formula, v, "<=", 1.5)
                 else:
-                    lines.append(f"  {name:<38} {formula:<44} {v:>8.2f}")
+                    lines.append(f"  {name:<42} {formula:<40} {v:>8.2f}")
     return lines
 
 

@@ -244,14 +244,14 @@ def test_cpu_memory_meter_is_exact():
         c = torch.empty(4 * mib, dtype=torch.uint8)
         return [b, c]
 
-    held, peak, net = measure._profile_peak(f)
+    held, peak, net = measure.profile_peak(f)
     assert (peak, net) == (24 * mib, 20 * mib)
 
     def g():
         held.pop(0)  # frees b, allocated during the previous call
         return torch.empty(6 * mib, dtype=torch.uint8)
 
-    d, peak, net = measure._profile_peak(g)
+    d, peak, net = measure.profile_peak(g)
     assert (peak, net) == (0, 6 * mib - 16 * mib)
     del d
 
@@ -347,3 +347,60 @@ def test_targets_are_ratios_of_the_rows_with_verdicts():
     assert verdict("extension memory") == ("met", pytest.approx(1.0, abs=0.01))
     assert verdict("extension jsd vs its forward KL") == ("MISSED", pytest.approx(2.0, abs=0.01))
     assert "kd-ext jsd / forward_kl" in text  # the formula is shown next to the name
+
+
+# --------------------------------------------------------------------------------------
+# python -m bench distributed: the plumbing at a tiny shape, and the targets
+# --------------------------------------------------------------------------------------
+
+
+def test_distributed_compares_impls_on_the_same_shards(tmp_path, capsys):
+    """Two gloo ranks, an uneven split (67 = 34 + 33), both impls: one row per impl with
+    the same loss (the same sharded problem), a peak that counts at least the rank's
+    gradient, the two targets shown without a verdict (not their shape), and a CSV."""
+    import csv
+
+    from bench import distributed as bd
+
+    out = tmp_path / "dist.csv"
+    rc = bd.main(["--world", "2", "--rows", "8", "--vocab", "67", "--steps", "2",
+                  "--warmup", "0", "--impl", "torch", "ext", "--csv", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [r["impl"] for r in rows] == ["torch", "ext"]
+    for r in rows:
+        assert (r["world"], r["rows"], r["vocab"], r["widths"]) == ("2", "8", "67", "34/33")
+        assert float(r["step_ms"]) > 0 and float(r["unsharded_ms"]) > 0
+        assert int(r["peak_extra_B"]) >= 8 * 34 * 4  # the larger rank's gradient, at least
+        assert float(r["peak_x_local_nv_fp32"]) >= 1.0
+        assert r["ops"] == "all_gather"
+        for key in ("machine", "cpu", "torch", "date", "command"):
+            assert r[key], key
+    assert float(rows[0]["loss"]) == pytest.approx(float(rows[1]["loss"]), rel=1e-5)
+    for name in ("vocab-parallel extension vs reference",
+                 "vocab-parallel extension memory per rank"):
+        line = next(x for x in text.splitlines() if name in x)
+        assert line.endswith("(not the target shape)"), line
+
+
+def test_distributed_targets_at_their_shape():
+    """At the stated shape the targets carry verdicts from the measured ratios."""
+    from bench import distributed as bd
+
+    base = {**bd.TARGET, "widths": "64128/64128"}
+    rows = [{**base, "impl": "torch", "step_ms": 900.0, "peak_x_local_nv_fp32": 1.3},
+            {**base, "impl": "ext", "step_ms": 250.0, "peak_x_local_nv_fp32": 1.12}]
+
+    def verdict(lines, name):
+        words = next(x for x in lines if name in x).split()
+        return words[-1], float(words[-5])
+
+    lines = bd.targets(rows)
+    assert verdict(lines, "extension vs reference") == ("met", pytest.approx(3.6))
+    assert verdict(lines, "memory per rank") == ("MISSED", pytest.approx(1.12))
+    rows[1]["step_ms"], rows[1]["peak_x_local_nv_fp32"] = 450.0, 1.0
+    lines = bd.targets(rows)
+    assert verdict(lines, "extension vs reference") == ("MISSED", pytest.approx(2.0))
+    assert verdict(lines, "memory per rank") == ("met", pytest.approx(1.0))
+    assert bd.targets(rows[:1])[1].split()[-5] == "n/a"  # no ext row: no ratio
