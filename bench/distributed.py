@@ -71,7 +71,7 @@ IMPLS = ("torch", "ext", "triton", "auto")
 TARGET = {"world": 2, "rows": 1024, "vocab": 128256, "divergence": "forward_kl",
           "dtype": "float32", "temperature": 2.0, "threads": 1, "ce_weight": 0.0,
           "teacher_grad": False}
-QUICK = {"rows": [128], "vocab": [8192], "steps": 3, "warmup": 1}
+QUICK = {"rows": [128], "vocab": [8192], "steps": 5, "warmup": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=TARGET["threads"],
                    help="torch threads per process (default %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="a small shape for a smoke test (N=128, V=8192, 3 steps) unless "
+                   help="a small shape for a smoke test (N=128, V=8192, 5 steps) unless "
                         "--rows / --vocab / --steps are given")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds per world size before the processes are killed")
@@ -192,7 +192,7 @@ def _worker(rank, world, init, out_path, args):
                 times.append(time.perf_counter() - t0)
             s.grad = None
             t.grad = None
-            # the group's step time is its slowest rank's; memory is reported per rank
+            # the group's step time is its slowest rank's; memory is per rank (the largest shown)
             all_times = [None] * world
             dist.all_gather_object(all_times, times, group=group)
             step_s = [max(ts[i] for ts in all_times) for i in range(args.steps)]
@@ -267,14 +267,14 @@ COLUMNS = ("impl", "world", "rows", "vocab", "divergence", "widths", "loss", "st
            "collectives", "ops", "payload_B", "wire_B", "gather_logits_B")
 
 
-def _fmt(x):
+def _fmt(x, column=""):
     if isinstance(x, float):
-        return f"{x:.6g}" if abs(x) < 0.01 else f"{x:.2f}"
+        return f"{x:.7g}" if column == "loss" or abs(x) < 0.01 else f"{x:.2f}"
     return str(x)
 
 
 def format_table(rows) -> str:
-    table = [COLUMNS] + [tuple(_fmt(r[c]) for c in COLUMNS) for r in rows]
+    table = [COLUMNS] + [tuple(_fmt(r[c], c) for c in COLUMNS) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True))
                      for row in table)
