@@ -9,8 +9,8 @@
 Each world size is one spawn of W processes (gloo over a file rendezvous). Every rank holds
 an uneven contiguous vocabulary shard (torch.chunk's split, as DTensor's Shard(-1)), and one
 step is kd_loss(..., process_group=WORLD, impl=...) forward + backward (teacher gradient
-with --teacher-grad). Every impl runs on the very same shards, labels and group, one after
-the other. Reported per configuration and impl:
+with --teacher-grad). Every impl runs on the very same shards, labels and group; their timed
+steps take turns (torch, ext, torch, ext, ...). Reported per configuration and impl:
 
   step_ms           median over steps of the slowest rank's step time (a barrier starts each
                     step, so it is the time the group spends), with 20% / 80% quantiles
@@ -173,65 +173,77 @@ def _worker(rank, world, init, out_path, args):
         if rank != 0:
             del S, T  # only rank 0 runs the unsharded baseline
         # the same shards, labels and group for every impl: one sharded problem, compared
-        for impl in args.impl:
-            step = _step_fn(s, t, labels, args, divergence, impl, group)
+        steps = {impl: _step_fn(s, t, labels, args, divergence, impl, group)
+                 for impl in args.impl}
+        losses, calls, peaks = {}, {}, {}
+        for impl, step in steps.items():
             for _ in range(args.warmup):
                 step()
-            with kdd.count_collectives() as calls:
-                loss = float(step().detach())
+            with kdd.count_collectives() as calls[impl]:
+                losses[impl] = float(step().detach())
             s.grad = None
             t.grad = None
             gc.collect()
             dist.barrier(group)
-            _, peak, _ = profile_peak(step)
-            times = []
-            for _ in range(args.steps):
+            _, peaks[impl], _ = profile_peak(step)
+            s.grad = None
+            t.grad = None
+        # the impls take turns step by step, so that a change of load on a shared machine
+        # or a late warm-up lands on all of them alike rather than on whichever ran first
+        times = {impl: [] for impl in steps}
+        for _ in range(args.steps):
+            for impl, step in steps.items():
                 dist.barrier(group)
                 t0 = time.perf_counter()
                 step()
-                times.append(time.perf_counter() - t0)
-            s.grad = None
-            t.grad = None
-            # the group's step time is its slowest rank's; memory is per rank (the largest shown)
-            all_times = [None] * world
-            dist.all_gather_object(all_times, times, group=group)
-            step_s = [max(ts[i] for ts in all_times) for i in range(args.steps)]
-            peaks = [None] * world
-            dist.all_gather_object(peaks, peak, group=group)
+                times[impl].append(time.perf_counter() - t0)
+        s.grad = None
+        t.grad = None
+        # the group's step time is its slowest rank's; memory is per rank (the largest shown)
+        all_times = [None] * world
+        dist.all_gather_object(all_times, times, group=group)
+        all_peaks = [None] * world
+        dist.all_gather_object(all_peaks, peaks, group=group)
 
-            unsharded = []
-            if rank == 0:  # the other ranks wait at the barrier below
-                Sf = S.clone().requires_grad_(True)
-                Tf = T.clone().requires_grad_(args.teacher_grad)
-                full = _step_fn(Sf, Tf, labels, args, divergence, impl, None)
+        unsharded = {impl: [] for impl in steps}
+        if rank == 0:  # the other ranks wait at the barrier below
+            Sf = S.clone().requires_grad_(True)
+            Tf = T.clone().requires_grad_(args.teacher_grad)
+            full = {impl: _step_fn(Sf, Tf, labels, args, divergence, impl, None)
+                    for impl in steps}
+            for step in full.values():
                 for _ in range(args.warmup):
-                    full()
-                for _ in range(args.steps):
+                    step()
+            for _ in range(args.steps):
+                for impl, step in full.items():
                     t0 = time.perf_counter()
-                    full()
-                    unsharded.append(time.perf_counter() - t0)
-                del Sf, Tf, full
-            dist.barrier(group)
-            if rank == 0:
-                # one local N x V_shard float32 tensor (the gradient's size in float32) per rank
-                local_nv32 = [n * w * 4 for w in widths]
+                    step()
+                    unsharded[impl].append(time.perf_counter() - t0)
+            del Sf, Tf, full
+        dist.barrier(group)
+        if rank == 0:
+            # one local N x V_shard float32 tensor (the gradient's size in float32) per rank
+            local_nv32 = [n * w * 4 for w in widths]
+            for impl in steps:
+                step_s = [max(ts[impl][i] for ts in all_times) for i in range(args.steps)]
+                peak = [p[impl] for p in all_peaks]
                 results.append({
                     "impl": impl, "world": world, "rows": n, "vocab": v,
                     "divergence": divergence, "dtype": args.dtype,
                     "temperature": args.temperature, "ce_weight": args.ce_weight,
                     "teacher_grad": args.teacher_grad, "threads": args.threads,
-                    "widths": "/".join(map(str, widths)), "loss": loss,
+                    "widths": "/".join(map(str, widths)), "loss": losses[impl],
                     "step_ms": 1e3 * statistics.median(step_s),
                     "step_ms_p20": 1e3 * _quantile(step_s, 0.2),
                     "step_ms_p80": 1e3 * _quantile(step_s, 0.8),
-                    "unsharded_ms": 1e3 * statistics.median(unsharded),
-                    "peak_extra_B": max(peaks),
-                    "peak_x_local_nv_fp32": max(p / b for p, b in zip(peaks, local_nv32,
+                    "unsharded_ms": 1e3 * statistics.median(unsharded[impl]),
+                    "peak_extra_B": max(peak),
+                    "peak_x_local_nv_fp32": max(p / b for p, b in zip(peak, local_nv32,
                                                                        strict=True)),
-                    "collectives": len(calls),
-                    "ops": "+".join(c.op for c in calls),
-                    "payload_B": sum(c.payload_bytes for c in calls),
-                    "wire_B": sum(c.wire_bytes for c in calls),
+                    "collectives": len(calls[impl]),
+                    "ops": "+".join(c.op for c in calls[impl]),
+                    "payload_B": sum(c.payload_bytes for c in calls[impl]),
+                    "wire_B": sum(c.wire_bytes for c in calls[impl]),
                     "gather_logits_B": (world - 1) * 2 * n * max(widths) * elem,
                 })
         del s, t
