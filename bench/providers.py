@@ -65,7 +65,7 @@ class Config:
     skew: float = 0.1
 
 
-def _log(x: float) -> float:
+def log_or_minus_inf(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
@@ -99,14 +99,14 @@ def eager_loss(s, t, divergence: str, cfg: Config, reduction: str = "batchmean")
         lq = F.log_softmax(s / T, -1)
         lp = F.log_softmax(t / T, -1)
         if kind == "jsd":  # a KL(p || m) + (1 - a) KL(q || m), m = a p + (1 - a) q
-            lm = torch.logaddexp(lp + _log(a), lq + _log(1.0 - a))
+            lm = torch.logaddexp(lp + log_or_minus_inf(a), lq + log_or_minus_inf(1.0 - a))
             loss = (a * F.kl_div(lm, lp, reduction=reduction, log_target=True)
                     + (1.0 - a) * F.kl_div(lm, lq, reduction=reduction, log_target=True))
         elif kind == "skew_forward_kl":  # KL(p || a p + (1 - a) q)
-            lm = torch.logaddexp(lp + _log(a), lq + _log(1.0 - a))
+            lm = torch.logaddexp(lp + log_or_minus_inf(a), lq + log_or_minus_inf(1.0 - a))
             loss = F.kl_div(lm, lp, reduction=reduction, log_target=True)
         else:  # skew_reverse_kl: KL(q || a q + (1 - a) p)
-            lm = torch.logaddexp(lq + _log(a), lp + _log(1.0 - a))
+            lm = torch.logaddexp(lq + log_or_minus_inf(a), lp + log_or_minus_inf(1.0 - a))
             loss = F.kl_div(lm, lq, reduction=reduction, log_target=True)
     return loss * (T * T)
 

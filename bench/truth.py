@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .providers import Config, _log, canonical
+from .providers import Config, canonical, log_or_minus_inf
 
 # Elements per chunk of the float64 ground truth: 2**22 float64 = 32 MiB per temporary.
 F64_CHUNK_ELEMENTS = 1 << 22
@@ -37,13 +37,13 @@ def rows_float64(s, t, divergence: str, cfg: Config):
         return (lq.exp() * (lq - lp)).sum(-1) * (T * T)
     q, p = lq.exp(), lp.exp()
     if kind == "jsd":
-        lm = torch.logaddexp(lp + _log(a), lq + _log(1.0 - a))
+        lm = torch.logaddexp(lp + log_or_minus_inf(a), lq + log_or_minus_inf(1.0 - a))
         d = a * (p * (lp - lm)).sum(-1) + (1.0 - a) * (q * (lq - lm)).sum(-1)
     elif kind == "skew_forward_kl":
-        lm = torch.logaddexp(lp + _log(a), lq + _log(1.0 - a))
+        lm = torch.logaddexp(lp + log_or_minus_inf(a), lq + log_or_minus_inf(1.0 - a))
         d = (p * (lp - lm)).sum(-1)
     else:
-        lm = torch.logaddexp(lq + _log(a), lp + _log(1.0 - a))
+        lm = torch.logaddexp(lq + log_or_minus_inf(a), lp + log_or_minus_inf(1.0 - a))
         d = (q * (lq - lm)).sum(-1)
     return d * (T * T)
 
