@@ -1,6 +1,6 @@
 """python -m bench [traffic | distributed] [options]
 
-Without a subcommand: the provider benchmark of bench/core.py (`python -m bench --help`).
+Without a subcommand: the provider benchmark of bench/cli.py (`python -m bench --help`).
 `traffic` and `distributed` hand the rest of the command line to bench/traffic.py and
 bench/distributed.py, imported only when asked for: traffic.py must set TRITON_INTERPRET
 before any Triton kernel is imported, and neither should pay for the other's imports.
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
             return 2
         sys.argv = [f"python -m bench {name}", *rest]
         return int(module.main(rest) or 0)
-    from .core import main as bench_main
+    from .cli import main as bench_main
 
     return bench_main(argv)
 

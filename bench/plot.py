@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .report import read_csv  # noqa: E402
+
 COLORS = {
     "kd-torch": "#4c72b0", "kd-triton": "#8172b2", "kd-ext": "#2ca02c", "eager": "#c44e52",
     "compile": "#dd8452", "compile_chunked": "#937860", "copy_floor": "#7f7f7f",
@@ -96,7 +98,7 @@ def _title(info: dict, n, v, dtype, temperature) -> str:
 
 
 def plot_rows(rows, cfg, path: Path, info: dict) -> Path:
-    """Plot the Row objects of a run (bench.core) to `path`."""
+    """Plot the Row objects of a run (bench.measure.Row) to `path`."""
     records = [{"provider": r.provider, "divergence": r.divergence, "mode": r.mode,
                 "median_s": r.median(), "q20_s": r.quantiles()[0], "q80_s": r.quantiles()[1],
                 "peak_extra_bytes": r.peak} for r in rows]
@@ -107,8 +109,6 @@ def plot_rows(rows, cfg, path: Path, info: dict) -> Path:
 
 def plot_csv(csv_path: Path, png_path: Path | None = None) -> Path:
     """Plot a CSV written by `python -m bench`."""
-    from .core import read_csv
-
     info, body = read_csv(csv_path)
 
     def num(x):

@@ -4,7 +4,7 @@
     pytest bench --benchmark-disable     # every target once: only the correctness checks
     pytest bench -m gpu                  # on a GPU machine: the real shapes, GB/s in extra_info
 
-Every benchmark first checks its provider's loss and gradient against float64 (bench.core's
+Every benchmark first checks its provider's loss and gradient against float64 (bench.truth's
 ground truth, DESIGN.md §1 written in float64). Error model: a provider may be off by at most
 twice the error of the eager float32/bf16 pipeline on the same inputs, plus a floor of
 2 * eps(dtype) * |value| * log2(terms summed) -- the bound of a pairwise-summed reduction
@@ -22,19 +22,20 @@ import math
 import pytest
 import torch
 
-from bench import core
+from bench import cli, measure, providers, report
+from bench.truth import ground_truth
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
 
 CPU_CASE = (128, 8192, torch.float32)  # N, V, dtype: ~10-50 ms per eager step on 2 cores
-GPU_CASES = [  # the issue's GPU shape and two other real vocabularies
+GPU_CASES = [  # the GPU targets' shape and two other real vocabularies
     (8192, 128256, torch.bfloat16),
     (4096, 152064, torch.bfloat16),
     (8192, 32000, torch.float32),
 ]
 MODES = ("forward", "full")
-STEP_PROVIDERS = [p for p in core.PROVIDERS if p not in core.COPIES]
+STEP_PROVIDERS = [p for p in providers.PROVIDERS if p not in providers.COPIES]
 
 _INPUTS: dict = {}
 _TRUTH: dict = {}
@@ -43,7 +44,7 @@ _EAGER_ERR: dict = {}
 
 
 def _cfg(n, v, dtype, device):
-    return core.Config(n, v, dtype, device, temperature=2.0)
+    return providers.Config(n, v, dtype, device, temperature=2.0)
 
 
 def _inputs(cfg):
@@ -53,7 +54,7 @@ def _inputs(cfg):
         _TRUTH.clear()
         _FNS.clear()
         _EAGER_ERR.clear()
-        _INPUTS[key] = core.make_inputs(cfg, seed=0)
+        _INPUTS[key] = providers.make_inputs(cfg, seed=0)
     return _INPUTS[key]
 
 
@@ -61,7 +62,7 @@ def _truth(cfg, divergence):
     key = (cfg, divergence)
     if key not in _TRUTH:
         s, t = _inputs(cfg)
-        _TRUTH[key] = core.ground_truth(s, t, divergence, cfg, grad_rows=64, need_grad=True)
+        _TRUTH[key] = ground_truth(s, t, divergence, cfg, grad_rows=64, need_grad=True)
     return _TRUTH[key]
 
 
@@ -69,7 +70,7 @@ def _fn(provider, cfg, divergence):
     """Loss functions are cached so a compiled provider compiles once for all its modes."""
     key = (provider, cfg, divergence)
     if key not in _FNS:
-        _FNS[key] = core.make_loss(provider, divergence, cfg)
+        _FNS[key] = providers.make_loss(provider, divergence, cfg)
     return _FNS[key]
 
 
@@ -102,7 +103,7 @@ def _check_accuracy(provider, cfg, divergence):
 
 
 def _bench_step(benchmark, provider, cfg, divergence, mode, rounds):
-    ok, why = core.availability(provider, cfg, explicit=False)
+    ok, why = providers.availability(provider, cfg, explicit=False)
     if not ok:
         pytest.skip(f"{provider}: {why}")
     _check_accuracy(provider, cfg, divergence)
@@ -120,15 +121,15 @@ def _bench_step(benchmark, provider, cfg, divergence, mode, rounds):
         if cfg.device.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.group = f"{cfg.n}x{cfg.v} {core._dtype_name(cfg.dtype)} {divergence} {mode}"
-    benchmark.extra_info["bytes_moved"] = core.bytes_moved(divergence, mode, cfg)
+    benchmark.group = f"{cfg.n}x{cfg.v} {providers.dtype_name(cfg.dtype)} {divergence} {mode}"
+    benchmark.extra_info["bytes_moved"] = providers.bytes_moved(divergence, mode, cfg)
     benchmark.pedantic(target, setup=reset, rounds=rounds, warmup_rounds=1)
     reset()
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         median = stats.stats.median
         benchmark.extra_info["GBps"] = benchmark.extra_info["bytes_moved"] / median / 1e9
-        bw = core.peak_bandwidth(cfg.device)
+        bw = measure.peak_bandwidth(cfg.device)
         if bw:
             benchmark.extra_info["bw_fraction"] = benchmark.extra_info["bytes_moved"] / median / bw
 
@@ -144,8 +145,8 @@ def _bench_copy(benchmark, provider, cfg, rounds):
         if cfg.device.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.group = f"{cfg.n}x{cfg.v} {core._dtype_name(cfg.dtype)} copy"
-    benchmark.extra_info["bytes_moved"] = core.bytes_moved("forward_kl", "copy", cfg)
+    benchmark.group = f"{cfg.n}x{cfg.v} {providers.dtype_name(cfg.dtype)} copy"
+    benchmark.extra_info["bytes_moved"] = providers.bytes_moved("forward_kl", "copy", cfg)
     benchmark.pedantic(target, rounds=rounds, warmup_rounds=1)
     torch.testing.assert_close(out["y"], sd + t, rtol=0, atol=0)
 
@@ -167,7 +168,7 @@ def test_cpu_other_divergences(benchmark, provider, divergence):
     _bench_step(benchmark, provider, _cfg(*CPU_CASE, CPU), divergence, "full", rounds=3)
 
 
-@pytest.mark.parametrize("provider", core.COPIES)
+@pytest.mark.parametrize("provider", providers.COPIES)
 def test_cpu_copy_floor(benchmark, provider):
     _bench_copy(benchmark, provider, _cfg(*CPU_CASE, CPU), rounds=3)
 
@@ -193,7 +194,7 @@ def test_gpu_other_divergences(benchmark, provider, divergence):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", core.COPIES)
+@pytest.mark.parametrize("provider", providers.COPIES)
 def test_gpu_copy_floor(benchmark, provider):
     _bench_copy(benchmark, provider, _cfg(*GPU_CASES[0], CUDA), rounds=20)
 
@@ -203,19 +204,19 @@ def test_gpu_copy_floor(benchmark, provider):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("divergence", core.DIVERGENCES)
+@pytest.mark.parametrize("divergence", providers.DIVERGENCES)
 def test_ground_truth_matches_eager_and_reference(divergence):
     """The three formulas of one loss agree in float64: bench's ground truth (logsumexp
     written out), the eager F.kl_div pipeline, and kdkernels' reference; beta and skew are
     asymmetric so a swapped convention would show."""
     import kdkernels as kd
 
-    cfg = core.Config(16, 1000, torch.float32, CPU, temperature=2.0, beta=0.3, skew=0.2)
-    s, t = core.make_inputs(cfg, seed=1)
-    truth = core.ground_truth(s, t, divergence, cfg, grad_rows=8, need_grad=True)
+    cfg = providers.Config(16, 1000, torch.float32, CPU, temperature=2.0, beta=0.3, skew=0.2)
+    s, t = providers.make_inputs(cfg, seed=1)
+    truth = ground_truth(s, t, divergence, cfg, grad_rows=8, need_grad=True)
     assert truth.rows.numel() == 8
     candidates = {
-        "eager": lambda x: core.eager_loss(x, t.double(), divergence, cfg),
+        "eager": lambda x: providers.eager_loss(x, t.double(), divergence, cfg),
         "reference": lambda x: kd.kd_loss(
             x, t.double(), divergence=divergence, beta=cfg.beta, skew=cfg.skew,
             temperature=cfg.temperature, reduction="batchmean", impl="torch"),
@@ -243,14 +244,14 @@ def test_cpu_memory_meter_is_exact():
         c = torch.empty(4 * mib, dtype=torch.uint8)
         return [b, c]
 
-    held, peak, net = core._profile_peak(f)
+    held, peak, net = measure.profile_peak(f)
     assert (peak, net) == (24 * mib, 20 * mib)
 
     def g():
         held.pop(0)  # frees b, allocated during the previous call
         return torch.empty(6 * mib, dtype=torch.uint8)
 
-    d, peak, net = core._profile_peak(g)
+    d, peak, net = measure.profile_peak(g)
     assert (peak, net) == (0, 6 * mib - 16 * mib)
     del d
 
@@ -261,7 +262,7 @@ def test_cpu_memory_meter_sees_backward_and_step():
     x = torch.randn(1 << 18, requires_grad=True)  # 1 MiB float32
     nbytes = x.numel() * 4
 
-    loss, mem = core.measure_memory(lambda: (x * 2).exp().sum(), CPU, backward=True)
+    loss, mem = measure.measure_memory(lambda: (x * 2).exp().sum(), CPU, backward=True)
     assert x.grad is not None and torch.isfinite(loss)
     assert 2 * nbytes <= mem.forward < 2 * nbytes + 4096  # x*2 and exp() live together
     assert nbytes <= mem.backward  # the gradient, at least
@@ -269,19 +270,19 @@ def test_cpu_memory_meter_sees_backward_and_step():
 
 
 def test_cli_quick_run(tmp_path, capsys):
-    """`python -m bench --quick` end to end: table, ratios, CSV with the machine comment
+    """`python -m bench --quick` end to end: table, targets, CSV with the machine comment
     lines, and a PNG; the rows it reports are accurate and count the gradient's memory."""
     out = tmp_path / "run.csv"
-    rc = core.main(["--quick", "--providers", "kd-torch,eager,copy_floor", "--reps", "2",
+    rc = cli.main(["--quick", "--providers", "kd-torch,eager,copy_floor", "--reps", "2",
                     "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "Ratios (same run;" in text and "kd-torch time / eager time" in text
-    info, rows = core.read_csv(out)
+    assert "Targets (same run;" in text and "kd-torch time / eager time" in text
+    info, rows = report.read_csv(out)
     for key in ("machine", "cpu", "torch", "triton", "date", "command"):
         assert key in info, key
     got = {(r["provider"], r["mode"]) for r in rows}
-    want = {(p, m) for p in ("kd-torch", "eager") for m in core.MODES}
+    want = {(p, m) for p in ("kd-torch", "eager") for m in providers.MODES}
     assert want | {("copy_floor", "full")} == got
     nv32 = 128 * 4096 * 4
     for r in rows:
@@ -321,25 +322,85 @@ def test_subcommand_dispatch(monkeypatch, capsys):
     assert seen["argv"] == ["--a", "1"]
 
 
-def test_ratios_check_the_issue_targets():
-    """The closing ratios are computed from the rows and compared with the targets."""
-    cfg = core.Config(2048, 128256, torch.float32, CPU)
+def test_targets_are_ratios_of_the_rows_with_verdicts():
+    """The closing targets are computed from the rows and compared with their bounds."""
+    cfg = providers.Config(2048, 128256, torch.float32, CPU)
     nv = 2048 * 128256 * 4
-    rows = [core.Row("eager", "forward_kl", "full", [4.9], 5 * nv),
-            core.Row("kd-torch", "forward_kl", "full", [5.0], int(1.2 * nv)),
-            core.Row("kd-ext", "forward_kl", "full", [0.7], nv),
-            core.Row("compile_chunked", "forward_kl", "full", [0.93], 2 * nv),
-            core.Row("copy_floor", "-", "full", [0.38], nv),
-            core.Row("kd-ext", "jsd", "full", [1.4], nv)]
-    text = "\n".join(core.ratios(rows, cfg))
+    rows = [measure.Row("eager", "forward_kl", "full", [4.9], 5 * nv),
+            measure.Row("kd-torch", "forward_kl", "full", [5.0], int(1.2 * nv)),
+            measure.Row("kd-ext", "forward_kl", "full", [0.7], nv),
+            measure.Row("compile_chunked", "forward_kl", "full", [0.93], 2 * nv),
+            measure.Row("copy_floor", "-", "full", [0.38], nv),
+            measure.Row("kd-ext", "jsd", "full", [1.4], nv)]
+    text = "\n".join(report.targets(rows, cfg))
 
     def verdict(label):
         words = next(x for x in text.splitlines() if label in x).split()
         return words[-1], float(words[-5])  # "... <value> target <op> <target> <verdict>"
 
-    assert verdict("kd-torch time / eager time") == ("MISSED", pytest.approx(5.0 / 4.9, abs=0.01))
-    assert verdict("kd-torch peak extra") == ("met", pytest.approx(1.2, abs=0.01))
-    assert verdict("eager time / kd-ext time") == ("met", pytest.approx(7.0, abs=0.01))
-    assert verdict("compile_chunked time / kd-ext") == ("met", pytest.approx(0.93 / 0.7, abs=0.01))
-    assert verdict("kd-ext time / copy_floor") == ("met", pytest.approx(0.7 / 0.38, abs=0.01))
-    assert verdict("kd-ext jsd / forward_kl") == ("MISSED", pytest.approx(2.0, abs=0.01))
+    assert verdict("reference time vs eager") == ("MISSED", pytest.approx(5.0 / 4.9, abs=0.01))
+    assert verdict("reference memory") == ("met", pytest.approx(1.2, abs=0.01))
+    assert verdict("extension vs eager") == ("met", pytest.approx(7.0, abs=0.01))
+    assert verdict("extension vs compiled chunked loss") == (
+        "met", pytest.approx(0.93 / 0.7, abs=0.01))
+    assert verdict("extension vs copy floor") == ("met", pytest.approx(0.7 / 0.38, abs=0.01))
+    assert verdict("extension memory") == ("met", pytest.approx(1.0, abs=0.01))
+    assert verdict("extension jsd vs its forward KL") == ("MISSED", pytest.approx(2.0, abs=0.01))
+    assert "kd-ext jsd / forward_kl" in text  # the formula is shown next to the name
+
+
+# --------------------------------------------------------------------------------------
+# python -m bench distributed: the plumbing at a tiny shape, and the targets
+# --------------------------------------------------------------------------------------
+
+
+def test_distributed_compares_impls_on_the_same_shards(tmp_path, capsys):
+    """Two gloo ranks, an uneven split (67 = 34 + 33), both impls: one row per impl with
+    the same loss (the same sharded problem), a peak that counts at least the rank's
+    gradient, the two targets shown without a verdict (not their shape), and a CSV."""
+    import csv
+
+    from bench import distributed as bd
+
+    out = tmp_path / "dist.csv"
+    rc = bd.main(["--world", "2", "--rows", "8", "--vocab", "67", "--steps", "2",
+                  "--warmup", "0", "--impl", "torch", "ext", "--csv", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [r["impl"] for r in rows] == ["torch", "ext"]
+    for r in rows:
+        assert (r["world"], r["rows"], r["vocab"], r["widths"]) == ("2", "8", "67", "34/33")
+        assert float(r["step_ms"]) > 0 and float(r["unsharded_ms"]) > 0
+        assert int(r["peak_extra_B"]) >= 8 * 34 * 4  # the larger rank's gradient, at least
+        assert float(r["peak_x_local_nv_fp32"]) >= 1.0
+        assert r["ops"] == "all_gather"
+        for key in ("machine", "cpu", "torch", "date", "command"):
+            assert r[key], key
+    assert float(rows[0]["loss"]) == pytest.approx(float(rows[1]["loss"]), rel=1e-5)
+    for name in ("vocab-parallel extension vs reference",
+                 "vocab-parallel extension memory per rank"):
+        line = next(x for x in text.splitlines() if name in x)
+        assert line.endswith("(not the target shape)"), line
+
+
+def test_distributed_targets_at_their_shape():
+    """At the stated shape the targets carry verdicts from the measured ratios."""
+    from bench import distributed as bd
+
+    base = {**bd.TARGET, "widths": "64128/64128"}
+    rows = [{**base, "impl": "torch", "step_ms": 900.0, "peak_x_local_nv_fp32": 1.3},
+            {**base, "impl": "ext", "step_ms": 250.0, "peak_x_local_nv_fp32": 1.12}]
+
+    def verdict(lines, name):
+        words = next(x for x in lines if name in x).split()
+        return words[-1], float(words[-5])
+
+    lines = bd.targets(rows)
+    assert verdict(lines, "extension vs reference") == ("met", pytest.approx(3.6))
+    assert verdict(lines, "memory per rank") == ("MISSED", pytest.approx(1.12))
+    rows[1]["step_ms"], rows[1]["peak_x_local_nv_fp32"] = 450.0, 1.0
+    lines = bd.targets(rows)
+    assert verdict(lines, "extension vs reference") == ("MISSED", pytest.approx(2.0))
+    assert verdict(lines, "memory per rank") == ("met", pytest.approx(1.0))
+    assert bd.targets(rows[:1])[1].split()[-5] == "n/a"  # no ext row: no ratio
