@@ -8,78 +8,49 @@ have the same width on each rank; labels hold GLOBAL vocabulary ids (the same on
 as in Megatron where the batch is replicated across the tensor-parallel group). Padding the
 last shard with -inf in both logits is exact: those entries have p = q = 0 and contribute 0.
 
-Math (one row; zs = s / Ts, zt = t / Tt; q = softmax(zs), p = softmax(zt) over all V).
-Local normalizers of shard r:  ls_r = logsumexp_{i in r} zs_i,  lt_r = logsumexp_{i in r} zt_i,
-global ones:                   lse_s = logsumexp_r ls_r,       lse_t = logsumexp_r lt_r.
-The shard weights v_r = exp(ls_r - lse_s) (student) and w_r = exp(lt_r - lse_t) (teacher) are
-the masses of shard r; q = v_r q^r and p = w_r p^r with q^r, p^r the shard's renormalized
-softmaxes. The chain rule of KL then splits the forward KL exactly into per-shard terms:
+A shard is a column range of the row-statistics interface (_stats.py), so the per-shard work
+is the resolved backend's own kernels (`impl=`: the reference, Triton or the extension):
 
-    KL(p || q) = sum_r w_r [ KL(p^r || q^r) + log w_r - log v_r ]          (1)
-
-(expand sum_{i in r} p_i (log p_i - log q_i) with log p_i = log w_r + log p^r_i). Reverse KL is
-(1) with the roles of (p, w) and (q, v) swapped. So each rank computes (ls_r, lt_r,
-KL(p^r || q^r)) locally with reference.divergence_rows on its shard's LOCAL log-probs, ONE
-all_gather brings every rank the (W, N, c) table of these per-row values, and every rank
-evaluates the logsumexps and (1) itself, in the same order, so the result is bitwise identical
-on every rank (an all_reduce also leaves the same bits on every rank; the tests check both).
-Terms with w_r = 0 (a shard the teacher gives no mass) are 0; w_r > 0 with v_r = 0 is +inf,
-the true value.
-
-The mixture kind (jsd, skew) has log m = logaddexp(log a + lp, log(1-a) + lq), not separable
-by shard, so it takes two rounds: the all_gather above yields lse_s, lse_t; then each rank runs
-reference.divergence_rows on its columns with the GLOBAL log-probs lq = zs - lse_s,
-lp = zt - lse_t, which returns exactly its partial sums of A = sum p (lp - lm),
-B = sum q (lq - lm), Uq = sum q u, Up = sum p u (see _spec.py); one all_reduce SUM of the
-(N, 4) partials gives the row values D = cp A + cq B and the scalars its gradient needs.
+  pass 1   backend.partial on this rank's (N, V_r) columns: each side's (max, log-sum) pair,
+           the KL accumulator, the T = 1 pair for cross-entropy. ONE all_gather brings every
+           rank the (W, N+1, NCOL+1) tables, and every rank folds them with _stats.merge_all
+           in rank order, so the merged statistics (and the loss) are bitwise identical on
+           every rank. The pairs are never collapsed into one rounded logsumexp, so logits of
+           +-1e4 keep the unsharded precision.
+  pass 2   only what needs the merged statistics or the offsets: the mixture's sums
+           (backend.mix_partial given the global statistics) and s[label] for cross-entropy
+           (from the rank that holds the label), in ONE all_reduce SUM of (N, 4 | 5 | 1).
+  finish   _stats.finish: row values, identical on every rank.
+  backward backend.grads given the saved global statistics, with labels rebased by this
+           rank's offset: exactly this rank's slice of the unsharded gradient (DESIGN.md §1:
+           d/dzs = q - p etc. are elementwise given the row scalars). No collective.
 
 Layout and label checks, every call, in band. The last row of the gathered table is a header
 holding each rank's (student width, teacher width); every rank reads the same header, so every
-rank derives the same offsets o_r and V (as device tensors: no host sync) and, when a rank's
-student and teacher widths differ or the shards do not add up to the same V, raises the same
-ValueError right after that collective, before any other. A rank whose widths are wrong still
-joins the all_gather (with an empty table) so that no rank is left waiting. Nothing is cached
-across calls, so a layout may change between calls freely. A table column carries each row's
-label (NaN where ignored): every rank checks every rank's labels against the global V, so even
-labels that differ across ranks (a bug) make every rank raise. On CUDA the checks after the
-first call of a group are device-side asserts (no host sync per step); on CPU they are
-ValueErrors always.
+rank derives the same offsets o_r and V and, when a rank's student and teacher widths differ
+or the shards do not add up to the same V, raises the same ValueError right after that
+collective, before any other. A rank whose widths are wrong still joins the all_gather (with
+an empty table) so that no rank is left waiting. A table column carries each row's label (NaN
+where ignored): every rank checks every rank's labels against the global V, so even labels
+that differ across ranks (a bug) make every rank raise. On CUDA the checks after the first
+call of a group are device-side asserts (no host sync per step), and the offset learned on
+that first call is asserted unchanged; on CPU they are ValueErrors always.
 Floats carry widths and labels exactly below 2**24 (float32 tables), far above real vocabularies.
 
-Cross-entropy at T = 1 (ce_weight != 0): CE = logsumexp(s) - s[label]. The local logsumexp of s
-rides in the gather (logsumexp over r). s[label] comes from the rank holding the label
-(o_r <= label < o_r + V_r), which is known only once the header has given o_r: it is summed by
-the second collective (the mixture's all_reduce, or an all_reduce of its own for KL kinds).
+Collectives (W = world size, N = rows, floats in the accumulation dtype: float32, or float64
+for float64 logits; NCOL = 12 statistics columns + the label column):
 
-Backward needs no collective: given the saved global (lse_s, lse_t, logsumexp(s)) and row
-scalars (D, or A, B, Uq, Up), reference.divergence_grads on the shard's global log-probs is
-exactly the shard's slice of the unsharded gradient (DESIGN.md §1: d/dzs = q - p etc. are
-elementwise given the row scalars). Each rank gets the gradient of its own shard (and of its
-teacher shard when the teacher requires grad), scaled by grad_output.
-
-Collectives (W = world size, N = rows, c <= 5 per-row columns, floats in the accumulation
-dtype: float32, or float64 for float64 logits):
-
-    kd_rows  forward_kl / reverse_kl        forward: 1 all_gather (N+1, c)            backward: 0
+    kd_rows  forward_kl / reverse_kl        forward: 1 all_gather (N+1, 13)           backward: 0
     kd_rows  forward_kl / reverse_kl + CE   forward: 1 all_gather + 1 all_reduce (N,) backward: 0
     kd_rows  jsd / skew_* (+ CE)            forward: 1 all_gather + 1 all_reduce (N, 4 | 5)
                                                                                       backward: 0
-    softmax / log_softmax                   forward: 1 all_gather (N, 1)
+    softmax / log_softmax                   forward: 1 all_gather (N, 2)
                                             backward: 1 all_reduce (N,)  (sum g y, or sum g)
 
-None is of N x V size and logits are never gathered. The all_gather moves W x (N+1) x c floats
-per rank instead of the 2 x N x c of a max-then-sum all_reduce pair; for tensor-parallel groups
-(W <= 8) one round trip is cheaper than two. Precondition: the same row count N on every rank
-(a mismatch is a collective size mismatch, which the backend reports or times out on: pass
-`timeout=` to init_process_group). An empty batch (N = 0 everywhere) skips the collectives.
-
-Backends. kd_rows/softmax receive the backend resolved for the logits (`impl=`), but in this
-revision the per-shard work is the chunked torch math of reference.py for every impl: the
-functions under "Shard primitives" below (_shard_stats: pass 1; _shard_partials: the mixture's
-pass 2; _shard_target: s[label]; _shard_grads: backward) are where a backend's fused shard
-kernels will plug in (they produce per-row (lse, partial) values from a column slice, which is
-what the fused kernels compute per vocabulary tile; the backward is the fused backward given
-global row statistics). Memory is O(chunk_rows x V_r), as in reference.py.
+None is of N x V size and logits are never gathered. Precondition: the same row count N on
+every rank (a mismatch is a collective size mismatch, which the backend reports or times out
+on: pass `timeout=` to init_process_group). An empty batch (N = 0 everywhere) skips the
+collectives.
 
 DTensor. Logits that are DTensors placed Shard(-1) on a 1-D DeviceMesh take this path with
 the mesh's group: see unwrap_dtensor / unwrap_dtensor_input.
@@ -392,7 +363,7 @@ def kd_rows(s, t, labels, spec: LossSpec, process_group, backend=reference):
 class ShardedSoftmax(torch.autograd.Function):
     """y = softmax(x / T) (or log_softmax) of (N, V_r) shards over the global vocabulary.
 
-    Forward: local logsumexps, one all_gather, global lse = logsumexp over ranks.
+    Forward: local (max, log-sum) pairs, one all_gather, the pairs merged over ranks.
     Backward (z = x / T): softmax     dx = y (g - S) / T,        S = sum_V g y
                           log_softmax dx = (g - exp(y) S) / T,   S = sum_V g
     S is a sum over the whole vocabulary: one all_reduce of the (N,) local sums.
@@ -406,12 +377,19 @@ class ShardedSoftmax(torch.autograd.Function):
         ctx.inv_t, ctx.log, ctx.group = inv_t, log, group
         y = torch.empty_like(x)
         if n:
-            local = torch.empty(n, device=x.device, dtype=dt)
-            for i in range(0, n, step):
-                local[i : i + step] = torch.logsumexp(x[i : i + step].to(dt) * inv_t, -1)
-            lse = torch.logsumexp(_all_gather(local, group), 0)
-            for i in range(0, n, step):
-                z = x[i : i + step].to(dt) * inv_t - lse[i : i + step, None]
+            # each rank's (max, log-sum) pair of z = x / T, merged exactly (never one
+            # rounded logsumexp: log-probs keep full precision at |x| ~ 1e4)
+            local = torch.full((n, 2), -math.inf, device=x.device, dtype=dt)
+            for i in range(0, n if v else 0, step):
+                local[i : i + step, 0], local[i : i + step, 1] = reference.lse_pair(
+                    x[i : i + step], inv_t)
+            pairs = _all_gather(local, group)  # (W, n, 2)
+            m = pairs[:, :, 0].amax(0)
+            shift = torch.where(pairs[:, :, 0] == m, 0.0, pairs[:, :, 0] - m)
+            lse_rest = torch.logsumexp(pairs[:, :, 1] + shift, 0)
+            for i in range(0, n if v else 0, step):
+                z = reference.log_probs(x[i : i + step], inv_t, m[i : i + step],
+                                    lse_rest[i : i + step])
                 y[i : i + step] = z if log else torch.exp(z)
         ctx.save_for_backward(y)
         return y

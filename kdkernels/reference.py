@@ -157,7 +157,7 @@ def _shift(x, inv_t, out=None):
     return z, m * inv_t
 
 
-def _logs(x, inv_t, m, r, out=None):
+def log_probs(x, inv_t, m, r, out=None):
     """Log-probabilities x / T - m - r of a chunk given a (max, log-sum) pair in z units;
     the pair is subtracted in two steps, never as one rounded logsumexp."""
     z = x.to(m.dtype, copy=True) if out is None else out.copy_(x)
@@ -198,7 +198,7 @@ def _kl_partial_chunk(s, t, spec, ws):
     return acc.sum(-1), (ms, ls, mt, lt)
 
 
-def _lse_pair(x, inv_t):
+def lse_pair(x, inv_t):
     """(m, log sum e^(z - m)) of a chunk, z = x / T."""
     z, m = _shift(x, inv_t)
     return m, z.exp_().sum(-1).log_()
@@ -223,22 +223,22 @@ def partial(s, t, labels, spec: LossSpec, offset: int = 0):
         if kl:
             o[:, Col.ACC], pairs = _kl_partial_chunk(sc, tc, spec, [w[: j - i] for w in ws])
         else:
-            pairs = (*_lse_pair(sc, spec.inv_ts), *_lse_pair(tc, spec.inv_tt))
+            pairs = (*lse_pair(sc, spec.inv_ts), *lse_pair(tc, spec.inv_tt))
         o[:, Col.MS], o[:, Col.LS], o[:, Col.MT], o[:, Col.LT] = pairs
         if spec.ce_weight:
             if spec.ce_shares_student:
                 o[:, Col.M1], o[:, Col.L1] = pairs[0], pairs[1]
             else:
-                o[:, Col.M1], o[:, Col.L1] = _lse_pair(sc, 1.0)
+                o[:, Col.M1], o[:, Col.L1] = lse_pair(sc, 1.0)
             o[:, Col.LABEL] = _label_logits(sc, labels[i:j], spec, offset)
     return out
 
 
 def _chunk_logs(s, t, spec, stats, ws=None):
     """(lq, lp) of a chunk from its rows of a (global) statistics table."""
-    lq = _logs(s, spec.inv_ts, stats[:, Col.MS], stats[:, Col.LS],
+    lq = log_probs(s, spec.inv_ts, stats[:, Col.MS], stats[:, Col.LS],
                None if ws is None else ws[0])
-    lp = _logs(t, spec.inv_tt, stats[:, Col.MT], stats[:, Col.LT],
+    lp = log_probs(t, spec.inv_tt, stats[:, Col.MT], stats[:, Col.LT],
                None if ws is None else ws[1])
     return lq, lp
 
@@ -256,7 +256,7 @@ def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0):
 
 def _ce_grad_chunk(s, labels, spec, stats, offset):
     """softmax(s) - onehot(label - offset) of a chunk (CE at T = 1, global statistics)."""
-    g = _logs(s, 1.0, stats[:, Col.M1], stats[:, Col.L1]).exp_()
+    g = log_probs(s, 1.0, stats[:, Col.M1], stats[:, Col.L1]).exp_()
     local = labels - offset
     inside = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
     if s.shape[1]:
