@@ -310,10 +310,20 @@ def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
     if wrapped is not None:
         x_local, group, rewrap = wrapped
         return rewrap(_temperature_softmax(name, x_local, temperature, dim, impl, log, group))
-    _check_logits(name, x, process_group is not None)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     temperature = _check_positive("temperature", temperature)
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    rank = max(x.dim(), 1)  # as torch.softmax: a 0-d tensor has the one dim -1 (or 0)
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank:
+        raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim!r}")
+    if x.dim() == 0:  # one entry: softmax 1, log_softmax 0
+        y = _temperature_softmax(name, x.reshape(1), temperature, -1, impl, log, process_group)
+        return y.reshape(())
+    if x.numel() == 0 and process_group is None:
+        # nothing to normalize (as torch.softmax: an empty result that keeps autograd)
+        return x * 0.0
     moved = dim not in (-1, x.dim() - 1)
     if moved:
         x = x.movedim(dim, -1)

@@ -157,7 +157,7 @@ def test_kl_div_errors(no_work, args, kwargs, error, match):
 
 SOFTMAX_CASES = [
     ("int", (torch.arange(6).reshape(2, 3),), {}, TypeError, r"x must be a floating"),
-    ("0d", (torch.tensor(1.0),), {}, ValueError, r"x must have a vocabulary"),
+    ("0d-dim", (torch.tensor(1.0),), {"dim": 1}, ValueError, r"dim must be an int in \[-1, 1\)"),
     ("temperature", (X, 0.0), {}, ValueError, r"temperature"),
     ("temperature-nan", (X, math.nan), {}, ValueError, r"temperature"),
     ("dim", (X,), {"dim": 2}, ValueError, r"dim must be an int"),
