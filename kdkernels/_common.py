@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Elements per row chunk of the chunked torch paths: 2**22 float32 = 16 MiB for each of the
@@ -31,3 +33,34 @@ def scale_rows_(grad_rows, *grads):
     by the real row gradients, in place; None entries pass through."""
     g = grad_rows[:, None]
     return tuple(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
+
+
+def take_inplace_grads(ctx):
+    """The gradients an inplace_backward forward left on ctx, once: they live in the
+    student's buffer, so a second backward (retain_graph=True) has nothing left to return."""
+    grads = getattr(ctx, "grads", None)
+    if grads is None:
+        raise RuntimeError(
+            "inplace_backward=True: the gradient was written over student_logits and is "
+            "consumed by the first backward; a second backward through the same loss "
+            "(retain_graph=True) needs inplace_backward=False"
+        )
+    del ctx.grads
+    return grads
+
+
+def first_order_only(backward):
+    """Decorates an autograd backward that is not itself differentiable: under
+    create_graph=True (double backward, Hessian-vector products) it raises instead of
+    returning gradients whose own derivatives would be silently wrong or zero."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "kdkernels losses provide first derivatives only: backward with "
+                "create_graph=True (double backward) is not supported"
+            )
+        return backward(ctx, *grads)
+
+    return wrapper

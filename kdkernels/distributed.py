@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from . import _stats, reference
-from ._common import acc_dtype, chunk_rows
+from ._common import acc_dtype, chunk_rows, first_order_only
 from ._spec import LossSpec
 from ._stats import NCOL, Col
 from .reference import softmax_grad, softmax_grad_sums
@@ -328,6 +328,7 @@ class ShardedKDRows(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         s, t, labels, stats = ctx.saved_tensors
         grad_s, grad_t = ctx.backend.grads(s, t, labels, ctx.spec, stats, ctx.offset,

@@ -37,7 +37,14 @@ import math
 import torch
 
 from . import _common, _stats
-from ._common import acc_dtype, chunk_rows, row_chunks, scale_rows_
+from ._common import (
+    acc_dtype,
+    chunk_rows,
+    first_order_only,
+    row_chunks,
+    scale_rows_,
+    take_inplace_grads,
+)
 from ._spec import LossSpec
 from ._stats import Col
 
@@ -296,6 +303,13 @@ def _grads_chunk(s, t, labels, spec, stats, offset, g, need_teacher, ws):
         ds += _ce_grad_chunk(s, labels, spec, stats, offset) * (g * spec.ce_weight)[:, None]
     if dt is not None:
         dt.mul_((gk * spec.inv_tt)[:, None])
+    if labels is not None:
+        # exactly 0 on ignored rows, whatever their logits: a 0 upstream gradient times a
+        # non-finite element gradient would be nan
+        ignored = (labels == spec.ignore_index)[:, None]
+        ds.masked_fill_(ignored, 0.0)
+        if dt is not None:
+            dt.masked_fill_(ignored, 0.0)
     return ds, dt
 
 
@@ -353,10 +367,10 @@ class KDRows(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         if ctx.inplace:
-            grad_s, grad_t = scale_rows_(grad_loss, *ctx.grads)
-            del ctx.grads
+            grad_s, grad_t = scale_rows_(grad_loss, *take_inplace_grads(ctx))
             return grad_s, grad_t, None, None, None
         s, t, labels, stats = ctx.saved_tensors
         grad_s, grad_t = grads(s, t, labels, ctx.spec, stats, 0, grad_loss,
