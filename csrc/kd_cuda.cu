@@ -15,6 +15,10 @@
 //   forward/reverse KL   stats kernel -> finalize                      (1 read of s, t)
 //   mixture              stats -> finalize -> mixture sums -> finalize (2 reads)
 //   backward             one elementwise kernel: read s, t, write grad_s (, grad_t)
+//   kd_partial           stats -> finalize (no loss): a column range's statistics
+//   kd_mix_partial       mixture sums -> their per-row sum, given global statistics
+// The stats table is kd_layout.h's (N, NSTAT) float32; labels are global vocabulary ids and
+// `offset` is the tensors' first column in the row.
 // float64 logits are served by the PyTorch path (kdkernels/ext.py); a teacher whose dtype
 // differs from the student's is converted to it first.
 #include <ATen/core/Tensor.h>
@@ -32,6 +36,8 @@
 #include <string>
 #include <type_traits>
 
+#include "kd_checks.h"
+#include "kd_layout.h"
 #include "kd_math.h"
 
 namespace kd {
@@ -40,9 +46,7 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int PACK = 8;
-constexpr int NPART = 8;   // floats per partial state: ms, ss, mt, st, acc, m1, s1, (pad)
-constexpr int NSTAT = 11;  // columns of the stats tensor (kd_cpu.cpp: enum Stat)
-enum : int { ST_MS = 0, ST_LS, ST_MT, ST_LT, ST_M1, ST_L1, ST_SLAB, ST_D, ST_B, ST_UQ, ST_UP };
+constexpr int NPART = 8;  // floats per partial state: ms, ss, mt, st, acc, m1, s1, (pad)
 
 #define KD_CUDA_CHECK(expr)                                                               \
   do {                                                                                    \
@@ -250,16 +254,18 @@ __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
   }
 }
 
-// A thread per row: merge the splits, write the statistics and (except mixture) the loss.
+// A thread per row: merge the splits and write the statistics of the row's range (columns
+// [offset, offset + v) of the vocabulary, layout kd_layout.h); with `loss` (whole rows,
+// offset 0) also DIV = D and, except for the mixture, the loss.
 template <int K, class T>
 __global__ void kd_finalize_kernel(
     const T* __restrict__ s,              // (N, V) student logits (for s[label])
-    const int64_t* __restrict__ labels,   // (N,) or nullptr
+    const int64_t* __restrict__ labels,   // (N,) global ids, or nullptr
     const float* __restrict__ part,       // (N, splits, NPART)
     float* __restrict__ stats,            // (N, NSTAT) out
-    float* __restrict__ loss,             // (N,) out
-    int64_t n, int64_t v, int splits, bool ce, bool ce_sep, int64_t ignore_index,
-    float kd_scale, float ce_weight) {
+    float* __restrict__ loss,             // (N,) out, or nullptr (a range's statistics)
+    int64_t n, int64_t v, int64_t offset, int splits, bool ce, bool ce_sep,
+    int64_t ignore_index, float kd_scale, float ce_weight) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n) return;
@@ -267,7 +273,7 @@ __global__ void kd_finalize_kernel(
   const int64_t lab = labels ? labels[row] : -1;
   if (labels && lab == ignore_index) {
     for (int c = 0; c < NSTAT; ++c) st[c] = 0.f;
-    loss[row] = 0.f;
+    if (loss) loss[row] = 0.f;
     return;
   }
   KLPart<float> p = kl_part_empty<float>();
@@ -285,13 +291,15 @@ __global__ void kd_finalize_kernel(
   st[ST_LT] = kd_log(p.st);
   st[ST_M1] = ce_sep ? m1 : p.ms;
   st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
-  st[ST_SLAB] = ce ? to_f(s[row * v + lab]) : 0.f;
-  st[ST_B] = st[ST_UQ] = st[ST_UP] = 0.f;
-  if (K != MIXTURE) {
+  const int64_t col = lab - offset;  // the label's column in the range
+  st[ST_LABEL] = labels && col >= 0 && col < v ? to_f(s[row * v + col]) : 0.f;
+  st[ST_DIV] = st[ST_B] = st[ST_UQ] = st[ST_UP] = 0.f;
+  st[ST_ACC] = K == MIXTURE ? 0.f : p.acc;
+  if (K != MIXTURE && loss) {
     const float d = kl_value<REV>(p.ss, p.st, p.acc);
-    st[ST_D] = d;
+    st[ST_DIV] = d;
     float l = kd_scale * d;
-    if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+    if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
     loss[row] = l;
   }
 }
@@ -303,10 +311,10 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
     const T* __restrict__ s,              // (N, V) student logits
     const T* __restrict__ t,              // (N, V) teacher logits
     const int64_t* __restrict__ labels,   // (N,) or nullptr
-    const float* __restrict__ stats,      // (N, NSTAT) from kd_finalize_kernel
+    const float* __restrict__ stats,      // (N, NSTAT) the rows' global statistics
     float* __restrict__ part,             // (N, splits, 4) partial A, B, Uq, Up out
     int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, bool vec,
-    float mix, float coef_p, float coef_q) {
+    float mix, float coef_p, float coef_q, bool unit_sums) {
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   if (labels && labels[row] == ignore_index) return;
@@ -323,7 +331,14 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
     load_any(tr + i, cnt, itt, zt);
 #pragma unroll
     for (int k = 0; k < PACK; ++k)
-      if (k < cnt) mix_add((zs[k] - ms) - ls, (zt[k] - mt) - lt, c, sa, sb, suq, sup);
+      if (k < cnt) {
+        const float lq = (zs[k] - ms) - ls, lp = (zt[k] - mt) - lt;
+        mix_add(lq, lp, c, sa, sb, suq, sup);
+        if (unit_sums && c.unit_u) {  // u = 1: the range's sum q u is its sum of q
+          suq += kd_exp(lq);
+          sup += kd_exp(lp);
+        }
+      }
   });
   sa = block_sum(sa);
   sb = block_sum(sb);
@@ -352,11 +367,25 @@ __global__ void kd_mix_finalize_kernel(
   }
   float* st = stats + row * NSTAT;
   // jsd (unit_u): u = 1, so sum q u = sum q = 1 (the kernel skipped those sums)
-  st[ST_D] = a, st[ST_B] = bb, st[ST_UQ] = unit_u ? 1.f : uq, st[ST_UP] = unit_u ? 1.f : up;
+  st[ST_DIV] = a, st[ST_B] = bb, st[ST_UQ] = unit_u ? 1.f : uq, st[ST_UP] = unit_u ? 1.f : up;
   const float d = (coef_p != 0.f ? coef_p * a : 0.f) + (coef_q != 0.f ? coef_q * bb : 0.f);
   float l = kd_scale * d;
-  if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+  if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
   loss[row] = l;
+}
+
+// A thread per row: the mixture's pass-2 sums of a range, the splits added in order.
+__global__ void kd_mix_sums_kernel(const float* __restrict__ part,  // (N, splits, 4)
+                                   float* __restrict__ out,         // (N, 4) out
+                                   int64_t n, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  float a = 0.f, b = 0.f, uq = 0.f, up = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    const float* q = part + (row * splits + k) * 4;
+    a += q[0], b += q[1], uq += q[2], up += q[3];
+  }
+  out[row * 4] = a, out[row * 4 + 1] = b, out[row * 4 + 2] = uq, out[row * 4 + 3] = up;
 }
 
 // ---- backward ----------------------------------------------------------------------------------
@@ -370,8 +399,9 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
     const float* __restrict__ stats,      // (N, NSTAT)
     T* gs,                                // (N, V) grad of s out
     T* __restrict__ gt,                   // (N, V) grad of t out, or nullptr
-    int64_t v, int64_t chunk, float its, float itt, bool ce, bool ce_sep, int64_t ignore_index,
-    bool vec, float kd_scale, float ce_weight, float mix, float coef_p, float coef_q) {
+    int64_t v, int64_t offset, int64_t chunk, float its, float itt, bool ce, bool ce_sep,
+    int64_t ignore_index, bool vec, float kd_scale, float ce_weight, float mix, float coef_p,
+    float coef_q) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
@@ -398,7 +428,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
   const float cs = g * kd_scale * its, ct = g * kd_scale * itt, cce = ce ? g * ce_weight : 0.f;
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const float m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
-  const float D = st[ST_D], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
+  const float D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
   for_elements(b, e, vec, [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK], z1[PACK], os[PACK], ot[PACK];
@@ -418,7 +448,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
         a *= cs;
         if (ce) {
           const float x1 = ce_sep ? z1[k] : zs[k];
-          a += cce * ce_grad(x1, m1, l1, (i + k == lab) ? 1.f : 0.f);
+          a += cce * ce_grad(x1, m1, l1, (i + k == lab - offset) ? 1.f : 0.f);
         }
         os[k] = a;
         ot[k] = bt * ct;
@@ -562,12 +592,10 @@ void dispatch_all_types(at::ScalarType st, const char* what, F&& f) {
 }
 
 template <class F>
-void dispatch_kind(const std::string& kind, F&& f) {
-  if (kind == "forward_kl") return f(std::integral_constant<int, FORWARD_KL>{});
-  if (kind == "reverse_kl") return f(std::integral_constant<int, REVERSE_KL>{});
-  if (kind == "mixture") return f(std::integral_constant<int, MIXTURE>{});
-  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl or mixture, got '", kind,
-              "'");
+void dispatch_kind(int kind, F&& f) {
+  if (kind == FORWARD_KL) return f(std::integral_constant<int, FORWARD_KL>{});
+  if (kind == REVERSE_KL) return f(std::integral_constant<int, REVERSE_KL>{});
+  return f(std::integral_constant<int, MIXTURE>{});
 }
 
 int sm_count(int device) {
@@ -589,113 +617,116 @@ Split choose_split(int64_t n, int64_t v, int device) {
   if (n < want) splits = std::min<int64_t>((want + n - 1) / std::max<int64_t>(n, 1),
                                            std::max<int64_t>(1, v / 4096));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
-  int64_t chunk = (v + splits - 1) / splits;
+  // chunk >= PACK, so an empty row (v = 0: an empty range) is one block with no elements
+  int64_t chunk = std::max<int64_t>((v + splits - 1) / splits, 1);
   chunk = (chunk + PACK - 1) / PACK * PACK;
-  splits = (v + chunk - 1) / chunk;
+  splits = std::max<int64_t>((v + chunk - 1) / chunk, 1);
   return {int(std::max<int64_t>(splits, 1)), std::max<int64_t>(chunk, PACK)};
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-struct Spec {
-  std::string kind;
-  double mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight;
-  int64_t ignore_index;
-};
-
-#define KD_PARAMS_DECL                                                                   \
-  const std::string &kind, double mix, double coef_p, double coef_q, double inv_ts,      \
-      double inv_tt, double kd_scale, double ce_weight, int64_t ignore_index
-#define KD_SPEC {kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index}
-
 void check_cuda_inputs(const at::Tensor& s, const at::Tensor& t,
-                       const c10::optional<at::Tensor>& labels, const Spec& sp) {
+                       const c10::optional<at::Tensor>& labels, const Params& pr) {
   TORCH_CHECK(s.is_cuda() && t.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
-  TORCH_CHECK(s.device() == t.device(), "kdkernels: s and t must be on the same device");
-  TORCH_CHECK(s.dim() == 2, "kdkernels: s must be 2-D (rows, V), got ", s.sizes());
-  TORCH_CHECK(t.sizes() == s.sizes(), "kdkernels: t must have s's shape ", s.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(s.is_contiguous() && t.is_contiguous(), "kdkernels: s and t must be contiguous");
-  TORCH_CHECK(sp.inv_ts > 0 && sp.inv_tt > 0, "kdkernels: inv_ts and inv_tt must be > 0");
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 &&
-                    labels->size(0) == s.size(0) && labels->is_contiguous() &&
-                    labels->device() == s.device(),
-                "kdkernels: labels must be a contiguous int64 (", s.size(0),
-                ",) tensor on s's device, got ", labels->sizes(), " ", labels->scalar_type());
-  } else {
-    TORCH_CHECK(sp.ce_weight == 0, "kdkernels: ce_weight=", sp.ce_weight, " needs labels");
-  }
+  check_inputs(s, t, labels, pr, false);
 }
 
-// Forward kernels; fills loss (N,) and stats (N, NSTAT).
-void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Spec& sp,
-                 at::Tensor& loss, at::Tensor& stats) {
+// Pass 1 over the columns [offset, offset + v) of rows: fills stats (N, NSTAT); with `loss`
+// (whole rows, offset 0) also the loss and, for the mixture, pass 2.
+void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Params& pr,
+                 int64_t offset, at::Tensor* loss, at::Tensor& stats) {
   const int64_t n = s.size(0), v = s.size(1);
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
   const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && v % PACK == 0;
-  const bool ce = sp.ce_weight != 0 && lab != nullptr;
-  const bool ce_sep = ce && sp.inv_ts != 1.0;
+  const bool ce = pr.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
   auto part = at::empty({n, sp_.splits, NPART}, s.options().dtype(at::kFloat));
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
   const int fin_blocks = int((n + 127) / 128);
+  float* lossp = loss ? loss->data_ptr<float>() : nullptr;
   dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
     using T = decltype(tz);
     const T* sp_s = static_cast<const T*>(s.data_ptr());
     const T* sp_t = static_cast<const T*>(t.data_ptr());
-    dispatch_kind(sp.kind, [&](auto kz) {
+    dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
       kd_stats_kernel<K, T><<<grid, THREADS, 0, stream>>>(
-          sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(sp.inv_ts),
-          float(sp.inv_tt), ce_sep, sp.ignore_index, vec);
+          sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
+          float(pr.inv_tt), ce_sep, pr.ignore_index, vec);
       KD_CUDA_CHECK(cudaGetLastError());
       kd_finalize_kernel<K, T><<<fin_blocks, 128, 0, stream>>>(
-          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(),
-          n, v, sp_.splits, ce, ce_sep, sp.ignore_index, float(sp.kd_scale),
-          float(sp.ce_weight));
+          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v, offset,
+          sp_.splits, ce, ce_sep, pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight));
       KD_CUDA_CHECK(cudaGetLastError());
       if constexpr (K == MIXTURE) {
-        auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
-        kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
-            sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
-            float(sp.inv_ts), float(sp.inv_tt), sp.ignore_index, vec, float(sp.mix),
-            float(sp.coef_p), float(sp.coef_q));
-        KD_CUDA_CHECK(cudaGetLastError());
-        kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
-            lab, part2.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(), n,
-            sp_.splits, ce, sp.ignore_index, float(sp.kd_scale), float(sp.ce_weight),
-            float(sp.coef_p), float(sp.coef_q),
-            mix_coef(float(sp.mix), float(sp.coef_p), float(sp.coef_q)).unit_u);
-        KD_CUDA_CHECK(cudaGetLastError());
+        if (lossp) {
+          auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
+          kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
+              sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
+              float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, vec, float(pr.mix),
+              float(pr.coef_p), float(pr.coef_q), false);
+          KD_CUDA_CHECK(cudaGetLastError());
+          kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
+              lab, part2.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, sp_.splits, ce,
+              pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight), float(pr.coef_p),
+              float(pr.coef_q), mix_coef(float(pr.mix), float(pr.coef_p), float(pr.coef_q)).unit_u);
+          KD_CUDA_CHECK(cudaGetLastError());
+        }
       }
     });
   });
 }
 
+// The mixture's pass-2 sums (N, 4) of a range given the rows' global statistics.
+void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
+                  const at::Tensor& stats, at::Tensor& out) {
+  const int64_t n = s.size(0), v = s.size(1);
+  if (n == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Split sp_ = choose_split(n, v, s.get_device());
+  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && v % PACK == 0;
+  auto part = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
+  const dim3 grid(unsigned(n), unsigned(sp_.splits));
+  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
+    using T = decltype(tz);
+    kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
+        static_cast<const T*>(s.data_ptr()), static_cast<const T*>(t.data_ptr()), nullptr,
+        stats.data_ptr<float>(), part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
+        float(pr.inv_tt), pr.ignore_index, vec, float(pr.mix), float(pr.coef_p),
+        float(pr.coef_q), true);
+    KD_CUDA_CHECK(cudaGetLastError());
+    kd_mix_sums_kernel<<<int((n + 127) / 128), 128, 0, stream>>>(part.data_ptr<float>(),
+                                                               out.data_ptr<float>(), n,
+                                                               sp_.splits);
+    KD_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
 void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
-                  const int64_t* lab, const at::Tensor& stats, const Spec& sp, void* gs,
-                  void* gt) {
+                  const int64_t* lab, const at::Tensor& stats, const Params& pr, int64_t offset,
+                  void* gs, void* gt) {
   const int64_t n = s.size(0), v = s.size(1);
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
   const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && aligned16(gs) &&
                    (gt == nullptr || aligned16(gt)) && v % PACK == 0;
-  const bool ce = sp.ce_weight != 0 && lab != nullptr;
-  const bool ce_sep = ce && sp.inv_ts != 1.0;
+  const bool ce = pr.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
   dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
     using T = decltype(tz);
-    dispatch_kind(sp.kind, [&](auto kz) {
+    dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
       kd_grad_kernel<K, T><<<grid, THREADS, 0, stream>>>(
           grad, static_cast<const T*>(s.data_ptr()), static_cast<const T*>(t.data_ptr()), lab,
-          stats.data_ptr<float>(), static_cast<T*>(gs), static_cast<T*>(gt), v, sp_.chunk,
-          float(sp.inv_ts), float(sp.inv_tt), ce, ce_sep, sp.ignore_index, vec,
-          float(sp.kd_scale), float(sp.ce_weight), float(sp.mix), float(sp.coef_p),
-          float(sp.coef_q));
+          stats.data_ptr<float>(), static_cast<T*>(gs), static_cast<T*>(gt), v, offset,
+          sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, ce_sep, pr.ignore_index, vec,
+          float(pr.kd_scale), float(pr.ce_weight), float(pr.mix), float(pr.coef_p),
+          float(pr.coef_q));
       KD_CUDA_CHECK(cudaGetLastError());
     });
   });
@@ -705,33 +736,66 @@ at::Tensor same_dtype(const at::Tensor& t, const at::Tensor& s) {
   return t.scalar_type() == s.scalar_type() ? t : t.to(s.scalar_type());
 }
 
+const int64_t* labels_ptr(const c10::optional<at::Tensor>& labels) {
+  return labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& s, const at::Tensor& t_in,
                                                    const c10::optional<at::Tensor>& labels,
                                                    KD_PARAMS_DECL) {
-  const Spec sp KD_SPEC;
-  check_cuda_inputs(s, t_in, labels, sp);
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr);
   const c10::cuda::CUDAGuard guard(s.device());
   const at::Tensor t = same_dtype(t_in, s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(at::kFloat));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  run_forward(s, t, lab, sp, loss, stats);
+  run_forward(s, t, labels_ptr(labels), pr, 0, &loss, stats);
   return {loss, stats};
+}
+
+at::Tensor kd_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
+                           const c10::optional<at::Tensor>& labels, KD_PARAMS_DECL,
+                           int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = same_dtype(t_in, s);
+  auto stats = at::empty({s.size(0), NSTAT}, s.options().dtype(at::kFloat));
+  run_forward(s, t, labels_ptr(labels), pr, offset, nullptr, stats);
+  return stats;
+}
+
+at::Tensor kd_mix_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
+                               const at::Tensor& stats, KD_PARAMS_DECL, int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  TORCH_CHECK(s.is_cuda() && t_in.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
+  check_logits(s, t_in, pr, false);
+  TORCH_CHECK(pr.kind == MIXTURE, "kdkernels: mix_partial needs kind 'mixture', got '", kind,
+              "'");
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  check_stats(stats, s.size(0), at::kFloat);
+  TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = same_dtype(t_in, s);
+  auto out = at::empty({s.size(0), 4}, s.options().dtype(at::kFloat));
+  run_mix_sums(s, t, pr, stats, out);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
                                                     const at::Tensor& s, const at::Tensor& t_in,
                                                     const c10::optional<at::Tensor>& labels,
                                                     const at::Tensor& stats, KD_PARAMS_DECL,
-                                                    bool need_teacher) {
-  const Spec sp KD_SPEC;
-  check_cuda_inputs(s, t_in, labels, sp);
+                                                    int64_t offset, bool need_teacher) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t n = s.size(0);
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == n &&
-                  stats.size(1) == NSTAT && stats.is_contiguous(),
-              "kdkernels: stats must be kd_forward's (", n, ", ", NSTAT, ") float32 tensor");
+  check_stats(stats, n, at::kFloat);
+  TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
               "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
   const at::Tensor t = same_dtype(t_in, s);
@@ -739,8 +803,7 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
   auto gs = at::empty_like(s);
   // the kernel writes grad_t in s's dtype; converted back to t's below when they differ
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  run_backward(g.data_ptr<float>(), s, t, lab, stats, sp, gs.data_ptr(),
+  run_backward(g.data_ptr<float>(), s, t, labels_ptr(labels), stats, pr, offset, gs.data_ptr(),
                need_teacher ? gt.data_ptr() : nullptr);
   if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
   return {gs, gt};
@@ -749,18 +812,18 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
 std::tuple<at::Tensor, at::Tensor> kd_fused_cuda(at::Tensor& s, const at::Tensor& t_in,
                                                  const c10::optional<at::Tensor>& labels,
                                                  KD_PARAMS_DECL, bool need_teacher) {
-  const Spec sp KD_SPEC;
-  check_cuda_inputs(s, t_in, labels, sp);
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr);
   const c10::cuda::CUDAGuard guard(s.device());
   const at::Tensor t = same_dtype(t_in, s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(at::kFloat));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  run_forward(s, t, lab, sp, loss, stats);
+  const int64_t* lab = labels_ptr(labels);
+  run_forward(s, t, lab, pr, 0, &loss, stats);
   // each element is read before it is overwritten, by the same thread
-  run_backward(nullptr, s, t, lab, stats, sp, s.data_ptr(),
+  run_backward(nullptr, s, t, lab, stats, pr, 0, s.data_ptr(),
                need_teacher ? gt.data_ptr() : nullptr);
   if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
   return {loss, gt};
@@ -896,6 +959,8 @@ at::Tensor softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, do
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("kd_forward", &kd::kd_forward_cuda);
+  m.impl("kd_partial", &kd::kd_partial_cuda);
+  m.impl("kd_mix_partial", &kd::kd_mix_partial_cuda);
   m.impl("kd_backward", &kd::kd_backward_cuda);
   m.impl("kd_fused_", &kd::kd_fused_cuda);
   m.impl("kl_div", &kd::kl_div_cuda);

@@ -15,12 +15,17 @@ $KDKERNELS_CACHE_DIR):
 Ops (torch.ops.kdkernels.*; fake and autograd registrations below):
 
     kd_forward(s, t, labels, <spec>) -> (row losses (N,), stats (N, NSTAT))
-    kd_backward(grad_loss, s, t, labels, stats, <spec>, need_teacher) -> (grad_s, grad_t)
+    kd_partial(s, t, labels, <spec>, offset) -> stats (N, NSTAT) of a column range
+    kd_mix_partial(s, t, stats, <spec>, offset) -> the mixture's pass-2 sums (N, 4)
+    kd_backward(grad_loss, s, t, labels, stats, <spec>, offset, need_teacher)
+        -> (grad_s, grad_t) of a column range
     kd_fused_(s!, t, labels, <spec>, need_teacher) -> (row losses, grad_t)  [s <- grad_s]
     kl_div / kl_div_sum / kl_div_backward, softmax / softmax_backward
 
-<spec> is the LossSpec as primitives: kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale,
-ce_weight, ignore_index. A build failure makes is_available() return (False, message) and
+<spec> is the LossSpec as primitives (LossSpec.as_args()): kind, mix, coef_p, coef_q, inv_ts,
+inv_tt, kd_scale, ce_weight, ignore_index. stats is the table of kdkernels/_stats.py (columns
+Col, mirrored in csrc/kd_layout.h); partial / mix_partial / grads below are this backend's
+side of its interface. A build failure makes is_available() return (False, message) and
 warns once; impl="auto" then falls back to the PyTorch path.
 
 CLI: python -m kdkernels.ext [--cuda] [--check-spills] builds the libraries, prints the
@@ -47,15 +52,17 @@ from pathlib import Path
 import torch
 
 from ._spec import LossSpec
+from ._stats import NCOL
 from .reference import scale_rows_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ("kd_cpu.cpp", "kd_math.h")
-CUDA_SOURCES = ("kd_cuda.cu", "kd_math.h")
+HEADERS = ("kd_math.h", "kd_layout.h", "kd_checks.h")
+CPU_SOURCES = ("kd_cpu.cpp", *HEADERS)
+CUDA_SOURCES = ("kd_cuda.cu", *HEADERS)
 CUDA_ARCHS = ("80", "90")
-NSTAT = 11  # columns of kd_forward's stats (csrc/kd_cpu.cpp: enum Stat)
+NSTAT = NCOL  # columns of the ops' stats (csrc/kd_layout.h: enum Stat)
 
 _lock = threading.RLock()
 _status: dict[str, tuple[bool, str] | None] = {"cpu": None, "cuda": None}
@@ -246,6 +253,14 @@ def _kd_forward_fake(s, t, labels, *spec):
     return s.new_empty((n,), dtype=acc), s.new_empty((n, NSTAT), dtype=acc)
 
 
+def _kd_partial_fake(s, t, labels, *spec_and_offset):
+    return s.new_empty((s.shape[0], NSTAT), dtype=_acc(s.dtype))
+
+
+def _kd_mix_partial_fake(s, t, stats, *spec_and_offset):
+    return s.new_empty((s.shape[0], 4), dtype=_acc(s.dtype))
+
+
 def _kd_backward_fake(grad_loss, s, t, labels, stats, *spec_and_need):
     need_teacher = spec_and_need[-1]
     return torch.empty_like(s), (torch.empty_like(t) if need_teacher else t.new_empty((0,)))
@@ -268,7 +283,8 @@ def _kd_backward(ctx, grad_loss, grad_stats):
     need_t = ctx.needs_input_grad[1]
     if grad_loss is None:
         grad_loss = stats.new_zeros((s.shape[0],))
-    gs, gt = torch.ops.kdkernels.kd_backward(grad_loss, s, t, labels, stats, *ctx.spec, need_t)
+    gs, gt = torch.ops.kdkernels.kd_backward(grad_loss, s, t, labels, stats, *ctx.spec, 0,
+                                             need_t)
     return (gs, gt if need_t else None, None) + (None,) * len(ctx.spec)
 
 
@@ -322,6 +338,8 @@ def _register() -> None:
         return
     lib = torch.library
     lib.register_fake("kdkernels::kd_forward", _kd_forward_fake)
+    lib.register_fake("kdkernels::kd_partial", _kd_partial_fake)
+    lib.register_fake("kdkernels::kd_mix_partial", _kd_mix_partial_fake)
     lib.register_fake("kdkernels::kd_backward", _kd_backward_fake)
     lib.register_fake("kdkernels::kd_fused_", _kd_fused_fake)
     lib.register_fake("kdkernels::kl_div", _kl_div_fake)
@@ -339,14 +357,6 @@ def _register() -> None:
 # --------------------------------------------------------------------------------------
 # backend interface (see kdkernels/_dispatch.py)
 # --------------------------------------------------------------------------------------
-
-
-def spec_args(spec: LossSpec) -> tuple:
-    """The LossSpec as the primitive arguments of the ops' schemas."""
-    d = spec.div
-    return (d.kind, float(d.mix), float(d.coef_p), float(d.coef_q), float(spec.inv_ts),
-            float(spec.inv_tt), float(spec.kd_scale), float(spec.ce_weight),
-            int(spec.ignore_index))
 
 
 class _FusedRows(torch.autograd.Function):
@@ -369,11 +379,42 @@ class _FusedRows(torch.autograd.Function):
 
 def kd_rows(s, t, labels, spec: LossSpec, inplace_backward: bool = False):
     _require(s.device)
-    args = spec_args(spec)
+    args = spec.as_args()
     if inplace_backward:
         return _FusedRows.apply(s, t, labels, args)
     loss, _ = torch.ops.kdkernels.kd_forward(s, t, labels, *args)
     return loss
+
+
+def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
+    """Statistics (N, NSTAT) of the columns [offset, offset + Vr) of rows: s, t (N, Vr),
+    labels (N,) GLOBAL ids or None (kdkernels/_stats.py)."""
+    _require(s.device)
+    return torch.ops.kdkernels.kd_partial(s.contiguous(), t.contiguous(), _labels(labels),
+                                          *spec.as_args(), int(offset))
+
+
+def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0) -> torch.Tensor:
+    """The mixture's pass-2 sums (N, 4) = (A, B, Uq, Up) over the columns [offset,
+    offset + Vr), given the rows' GLOBAL (merged) statistics. For jsd (u = 1) Uq and Up are
+    the range's sums of q and p, so the ranges of a row add up to 1."""
+    _require(s.device)
+    return torch.ops.kdkernels.kd_mix_partial(s.contiguous(), t.contiguous(),
+                                              stats.contiguous(), *spec.as_args(), int(offset))
+
+
+def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teacher: bool):
+    """(grad_s, grad_t or None) of the columns [offset, offset + Vr) given the rows' GLOBAL
+    finished statistics (DIV set), times grad_rows (N,); ignored rows get 0."""
+    _require(s.device)
+    gs, gt = torch.ops.kdkernels.kd_backward(grad_rows, s.contiguous(), t.contiguous(),
+                                             _labels(labels), stats.contiguous(),
+                                             *spec.as_args(), int(offset), bool(need_teacher))
+    return gs, (gt if need_teacher else None)
+
+
+def _labels(labels):
+    return None if labels is None else labels.contiguous()
 
 
 def kl_div(x, y, log_target: bool, reduce_sum: bool):
