@@ -95,4 +95,18 @@ inline void check_label(int64_t l, int64_t row, int64_t v, const Params& pr) {
               ") and is not ignore_index=", pr.ignore_index);
 }
 
+// Every label's value (check_label) for labels the kernels cannot check as they go (the
+// CUDA kernels: a device cannot raise): one pass over the N labels and one host sync.
+inline void check_label_values(const c10::optional<at::Tensor>& labels, int64_t v,
+                               const Params& pr) {
+  if (!labels.has_value() || labels->numel() == 0) return;
+  const at::Tensor& l = *labels;
+  at::Tensor bad = l.lt(0);
+  if (v >= 0) bad = bad.logical_or(l.ge(v));
+  bad = bad.logical_and(l.ne(pr.ignore_index));
+  if (!bad.any().item<bool>()) return;
+  const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+  check_label(l[row].item<int64_t>(), row, v, pr);
+}
+
 }  // namespace kd

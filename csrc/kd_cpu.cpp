@@ -680,7 +680,6 @@ template <class A>
 struct Job {
   Op op;
   int64_t offset;   // the tensors' first column in the row's vocabulary (labels are global)
-  int64_t label_v;  // labels are checked in [0, label_v); -1: only >= 0 (range ops)
   A* loss;          // (N,)
   A* stats;         // (N, NSTAT): out (FORWARD, PARTIAL, FUSED), in (MIX, BACKWARD)
   A* sums;          // (N, 4) out (MIX)
@@ -714,8 +713,7 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
       r.label = -1;
       bool ignored = false;
       if (lab) {
-        const int64_t l = lab[i];
-        check_label(l, i, job.label_v, pr);
+        const int64_t l = lab[i];  // checked by check_label_values
         ignored = l == pr.ignore_index;
         r.ce = !ignored && pr.ce_weight != 0;
         if (!ignored && l - job.offset >= 0 && l - job.offset < v) r.label = l - job.offset;
@@ -753,16 +751,17 @@ void dispatch_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab,
   }
 }
 
-// Runs `job` with its pointers filled from these tensors in the accumulation type.
+// Runs `job` with its pointers filled from these tensors in the accumulation type. whole:
+// the tensors are whole rows, so labels are checked in [0, V); else (a column range) >= 0.
 void run_job(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
              const Params& pr, Op op, int64_t offset, bool whole, at::Tensor* loss,
              at::Tensor* stats, at::Tensor* sums, const at::Tensor* grad, void* gs, void* gt) {
+  check_label_values(labels, whole ? s.size(1) : -1, pr);
   const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   auto fill = [&](auto zero) {
     using A = decltype(zero);
     Job<A> j{op,
              offset,
-             whole ? s.size(1) : -1,
              loss ? loss->data_ptr<A>() : nullptr,
              stats ? stats->data_ptr<A>() : nullptr,
              sums ? sums->data_ptr<A>() : nullptr,

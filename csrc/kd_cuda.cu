@@ -7,7 +7,8 @@
 // Work layout. Grid (rows, splits): a block of THREADS threads handles one vocabulary chunk
 // of one row; splits > 1 only when there are too few rows to fill the GPU (the vocab split).
 // Each thread walks its elements in packs of PACK = 8 (128-bit loads: 2 x float4 for float32,
-// 1 x uint4 for 16-bit types, when the row is 16-byte aligned), moves its references once per
+// 1 x uint4 for 16-bit types) from the row's first 16-byte-aligned column on, with single
+// elements before it and after the last pack (for_elements), moves its references once per
 // pack and accumulates with kd_math.h's element functions. Threads merge their partial
 // triples exactly (kl_merge) through warp shuffles and shared memory; a block writes one
 // partial state per (row, split) and a finalize kernel (a thread per row) merges the splits
@@ -19,8 +20,9 @@
 //   kd_mix_partial       mixture sums -> their per-row sum, given global statistics
 // The stats table is kd_layout.h's (N, NSTAT) float32; labels are global vocabulary ids and
 // `offset` is the tensors' first column in the row.
-// float64 logits are served by the PyTorch path (kdkernels/ext.py); a teacher whose dtype
-// differs from the student's is converted to it first.
+// float64 logits are served by the PyTorch path (kdkernels/ext.py). Student and teacher are
+// read each in its own dtype when the teacher's is the student's or float32 (the kernels are
+// instantiated for those pairs); a teacher of another 16-bit dtype is converted to float32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -163,17 +165,49 @@ __device__ A block_sum(A x) {
   return x;
 }
 
-// Elements [b, e) of a row: packs of PACK (when `vec`) then single elements, thread-strided.
+// The first column h of a row at which a pack is 16-byte aligned in x (elements of es
+// bytes), or -1 when no column is (x not even element-aligned). A pack is PACK elements of
+// 2 or 4 bytes, a multiple of 16 bytes, so every column h + k PACK is aligned too.
+__device__ __forceinline__ int64_t pack_head(const void* x, int es) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(x);
+  if (a % es != 0) return -1;
+  return int64_t((16 - a % 16) % 16 / es);
+}
+
+// Whether packs starting at column h are 16-byte aligned in x too (nullptr: no array).
+__device__ __forceinline__ bool packs_aligned(const void* x, int es, int64_t h) {
+  return x == nullptr || (reinterpret_cast<uintptr_t>(x) + uint64_t(h) * es) % 16 == 0;
+}
+
+// The column from which packs are aligned in every array of a row (s and t, gs and gt when
+// written), or -1 when none is: then the row is read element by element.
+template <class TS, class TT>
+__device__ __forceinline__ int64_t row_pack_head(const TS* s, const TT* t,
+                                                 const TS* gs = nullptr,
+                                                 const TT* gt = nullptr) {
+  const int64_t h = pack_head(s, sizeof(TS));
+  if (h < 0) return -1;
+  const bool ok = packs_aligned(t, sizeof(TT), h) && packs_aligned(gs, sizeof(TS), h) &&
+                  packs_aligned(gt, sizeof(TT), h);
+  return ok ? h : -1;
+}
+
+// Elements [b, e) of a row, thread-strided: single elements up to the first pack-aligned
+// column (h + k PACK, h from row_pack_head; none when h < 0), packs of PACK (128-bit loads),
+// then single elements. Any V and any row offset (V = 50257, a sliced shard) keeps the
+// packs; only up to PACK - 1 elements at each end of a block's range go one by one.
 // f(offset, count) is called with count == PACK or 1.
 template <class F>
-__device__ __forceinline__ void for_elements(int64_t b, int64_t e, bool vec, F&& f) {
-  int64_t i = b;
-  if (vec) {
-    const int64_t npk = (e - b) / PACK;
-    for (int64_t k = threadIdx.x; k < npk; k += THREADS) f(b + k * PACK, PACK);
-    i = b + npk * PACK;
+__device__ __forceinline__ void for_elements(int64_t b, int64_t e, int64_t h, F&& f) {
+  int64_t a = e;  // start of the packs
+  int64_t npk = 0;
+  if (h >= 0) {
+    a = min(e, b + ((h - b) % PACK + PACK) % PACK);
+    npk = (e - a) / PACK;
   }
-  for (int64_t j = i + threadIdx.x; j < e; j += THREADS) f(j, 1);
+  for (int64_t j = b + threadIdx.x; j < a; j += THREADS) f(j, 1);
+  for (int64_t k = threadIdx.x; k < npk; k += THREADS) f(a + k * PACK, PACK);
+  for (int64_t j = a + npk * PACK + threadIdx.x; j < e; j += THREADS) f(j, 1);
 }
 
 template <class T>
@@ -197,24 +231,23 @@ __device__ __forceinline__ float pack_max(const float* x, int cnt) {
 
 // ---- forward: statistics pass ----------------------------------------------------------------
 
-template <int K, class T>
+template <int K, class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
-    const T* __restrict__ s,              // (N, V) student logits
-    const T* __restrict__ t,              // (N, V) teacher logits
+    const TS* __restrict__ s,             // (N, V) student logits
+    const TT* __restrict__ t,             // (N, V) teacher logits
     const int64_t* __restrict__ labels,   // (N,) labels or nullptr
     float* __restrict__ part,             // (N, splits, NPART) partial states out
-    int64_t v, int64_t chunk, float its, float itt, bool ce_sep, int64_t ignore_index,
-    bool vec) {
+    int64_t v, int64_t chunk, float its, float itt, bool ce_sep, int64_t ignore_index) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   float* out = part + (row * gridDim.y + blockIdx.y) * NPART;
   if (labels && labels[row] == ignore_index) return;  // finalize writes 0 for ignored rows
-  const T* sr = s + row * v;
-  const T* tr = t + row * v;
+  const TS* sr = s + row * v;
+  const TT* tr = t + row * v;
   KLPart<float> p = kl_part_empty<float>();
   float m1 = kd_neg_inf<float>(), s1 = 0.f;
-  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+  for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK];
     load_any(sr + i, cnt, its, zs);
     load_any(tr + i, cnt, itt, zt);
@@ -306,15 +339,15 @@ __global__ void kd_finalize_kernel(
 
 // ---- forward: mixture pass 2 -------------------------------------------------------------------
 
-template <class T>
+template <class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
-    const T* __restrict__ s,              // (N, V) student logits
-    const T* __restrict__ t,              // (N, V) teacher logits
+    const TS* __restrict__ s,             // (N, V) student logits
+    const TT* __restrict__ t,             // (N, V) teacher logits
     const int64_t* __restrict__ labels,   // (N,) or nullptr
     const float* __restrict__ stats,      // (N, NSTAT) the rows' global statistics
     float* __restrict__ part,             // (N, splits, 4) partial A, B, Uq, Up out
-    int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, bool vec,
-    float mix, float coef_p, float coef_q, bool unit_sums) {
+    int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, float mix,
+    float coef_p, float coef_q, bool unit_sums) {
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   if (labels && labels[row] == ignore_index) return;
@@ -322,10 +355,10 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
   // lq = (zs - ms) - log Ss: never through a rounded lse (cancellation at |z| ~ 1e4)
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
-  const T* sr = s + row * v;
-  const T* tr = t + row * v;
+  const TS* sr = s + row * v;
+  const TT* tr = t + row * v;
   float sa = 0.f, sb = 0.f, suq = 0.f, sup = 0.f;
-  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+  for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK];
     load_any(sr + i, cnt, its, zs);
     load_any(tr + i, cnt, itt, zt);
@@ -390,35 +423,36 @@ __global__ void kd_mix_sums_kernel(const float* __restrict__ part,  // (N, split
 
 // ---- backward ----------------------------------------------------------------------------------
 
-template <int K, class T>
+template <int K, class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
     const float* __restrict__ grad,       // (N,) upstream row gradients, nullptr = 1
-    const T* s,                           // (N, V) student logits (may alias gs: fused op)
-    const T* __restrict__ t,              // (N, V) teacher logits
-    const int64_t* __restrict__ labels,   // (N,) or nullptr
-    const float* __restrict__ stats,      // (N, NSTAT)
-    T* gs,                                // (N, V) grad of s out
-    T* __restrict__ gt,                   // (N, V) grad of t out, or nullptr
+    const TS* s,                          // (N, V) student logits (may alias gs: fused op)
+    const TT* __restrict__ t,             // (N, V) teacher logits
+    const int64_t* __restrict__ labels,   // (N,) global ids, or nullptr
+    const float* __restrict__ stats,      // (N, NSTAT) the rows' global finished statistics
+    TS* gs,                               // (N, V) grad of s out
+    TT* __restrict__ gt,                  // (N, V) grad of t out, or nullptr
     int64_t v, int64_t offset, int64_t chunk, float its, float itt, bool ce, bool ce_sep,
-    int64_t ignore_index, bool vec, float kd_scale, float ce_weight, float mix, float coef_p,
+    int64_t ignore_index, float kd_scale, float ce_weight, float mix, float coef_p,
     float coef_q) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
-  const T* sr = s + row * v;
-  const T* tr = t + row * v;
-  T* gsr = gs + row * v;
-  T* gtr = gt ? gt + row * v : nullptr;
+  const TS* sr = s + row * v;
+  const TT* tr = t + row * v;
+  TS* gsr = gs + row * v;
+  TT* gtr = gt ? gt + row * v : nullptr;
+  const int64_t h = row_pack_head(sr, tr, gsr, gtr);
   const int64_t lab = labels ? labels[row] : -1;
   if (labels && lab == ignore_index) {
     const float zero[PACK] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for_elements(b, e, vec, [&](int64_t i, int cnt) {
+    for_elements(b, e, h, [&](int64_t i, int cnt) {
       if (cnt == PACK) {
         store_pack(gsr + i, zero);
         if (gtr) store_pack(gtr + i, zero);
       } else {
-        gsr[i] = T(0.f);
-        if (gtr) gtr[i] = T(0.f);
+        gsr[i] = TS(0.f);
+        if (gtr) gtr[i] = TT(0.f);
       }
     });
     return;
@@ -430,7 +464,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
   const float m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
   const float D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
-  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+  for_elements(b, e, h, [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK], z1[PACK], os[PACK], ot[PACK];
     load_any(sr + i, cnt, its, zs);
     load_any(tr + i, cnt, itt, zt);
@@ -458,8 +492,8 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
       store_pack(gsr + i, os);
       if (gtr) store_pack(gtr + i, ot);
     } else {
-      gsr[i] = T(os[0]);
-      if (gtr) gtr[i] = T(ot[0]);
+      gsr[i] = TS(os[0]);
+      if (gtr) gtr[i] = TT(ot[0]);
     }
   });
 }
@@ -624,12 +658,24 @@ Split choose_split(int64_t n, int64_t v, int device) {
   return {int(std::max<int64_t>(splits, 1)), std::max<int64_t>(chunk, PACK)};
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+// Calls f(TS{}, TT{}) with the element types of s and t (t from teacher_for: s's dtype or
+// float32).
+template <class F>
+void dispatch_pair(const at::Tensor& s, const at::Tensor& t, F&& f) {
+  dispatch_half_types(s.scalar_type(), "s", [&](auto sz) {
+    if (t.scalar_type() == s.scalar_type()) return f(sz, sz);
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "kdkernels CUDA: t must be s's dtype or ",
+                "float32 here, got ", t.scalar_type());
+    f(sz, float{});
+  });
+}
 
+// whole: the tensors are whole rows (labels in [0, V)); else a column range (labels >= 0)
 void check_cuda_inputs(const at::Tensor& s, const at::Tensor& t,
-                       const c10::optional<at::Tensor>& labels, const Params& pr) {
+                       const c10::optional<at::Tensor>& labels, const Params& pr, bool whole) {
   TORCH_CHECK(s.is_cuda() && t.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
   check_inputs(s, t, labels, pr, false);
+  check_label_values(labels, whole ? s.size(1) : -1, pr);
 }
 
 // Pass 1 over the columns [offset, offset + v) of rows: fills stats (N, NSTAT); with `loss`
@@ -640,33 +686,33 @@ void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, c
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
-  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && v % PACK == 0;
   const bool ce = pr.ce_weight != 0 && lab != nullptr;
   const bool ce_sep = ce && pr.inv_ts != 1.0;
   auto part = at::empty({n, sp_.splits, NPART}, s.options().dtype(at::kFloat));
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
   const int fin_blocks = int((n + 127) / 128);
   float* lossp = loss ? loss->data_ptr<float>() : nullptr;
-  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
-    using T = decltype(tz);
-    const T* sp_s = static_cast<const T*>(s.data_ptr());
-    const T* sp_t = static_cast<const T*>(t.data_ptr());
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
+    const TS* sp_s = static_cast<const TS*>(s.data_ptr());
+    const TT* sp_t = static_cast<const TT*>(t.data_ptr());
     dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
-      kd_stats_kernel<K, T><<<grid, THREADS, 0, stream>>>(
+      kd_stats_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
           sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
-          float(pr.inv_tt), ce_sep, pr.ignore_index, vec);
+          float(pr.inv_tt), ce_sep, pr.ignore_index);
       KD_CUDA_CHECK(cudaGetLastError());
-      kd_finalize_kernel<K, T><<<fin_blocks, 128, 0, stream>>>(
+      kd_finalize_kernel<K, TS><<<fin_blocks, 128, 0, stream>>>(
           sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v, offset,
           sp_.splits, ce, ce_sep, pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight));
       KD_CUDA_CHECK(cudaGetLastError());
       if constexpr (K == MIXTURE) {
         if (lossp) {
           auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
-          kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
+          kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
               sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
-              float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, vec, float(pr.mix),
+              float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, float(pr.mix),
               float(pr.coef_p), float(pr.coef_q), false);
           KD_CUDA_CHECK(cudaGetLastError());
           kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
@@ -687,16 +733,16 @@ void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
-  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && v % PACK == 0;
   auto part = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
-  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
-    using T = decltype(tz);
-    kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
-        static_cast<const T*>(s.data_ptr()), static_cast<const T*>(t.data_ptr()), nullptr,
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
+    kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
+        static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()), nullptr,
         stats.data_ptr<float>(), part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
-        float(pr.inv_tt), pr.ignore_index, vec, float(pr.mix), float(pr.coef_p),
-        float(pr.coef_q), true);
+        float(pr.inv_tt), pr.ignore_index, float(pr.mix), float(pr.coef_p), float(pr.coef_q),
+        true);
     KD_CUDA_CHECK(cudaGetLastError());
     kd_mix_sums_kernel<<<int((n + 127) / 128), 128, 0, stream>>>(part.data_ptr<float>(),
                                                                out.data_ptr<float>(), n,
@@ -712,19 +758,18 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
-  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && aligned16(gs) &&
-                   (gt == nullptr || aligned16(gt)) && v % PACK == 0;
   const bool ce = pr.ce_weight != 0 && lab != nullptr;
   const bool ce_sep = ce && pr.inv_ts != 1.0;
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
-  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
-    using T = decltype(tz);
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
     dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
-      kd_grad_kernel<K, T><<<grid, THREADS, 0, stream>>>(
-          grad, static_cast<const T*>(s.data_ptr()), static_cast<const T*>(t.data_ptr()), lab,
-          stats.data_ptr<float>(), static_cast<T*>(gs), static_cast<T*>(gt), v, offset,
-          sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, ce_sep, pr.ignore_index, vec,
+      kd_grad_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
+          grad, static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()),
+          lab, stats.data_ptr<float>(), static_cast<TS*>(gs), static_cast<TT*>(gt), v, offset,
+          sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, ce_sep, pr.ignore_index,
           float(pr.kd_scale), float(pr.ce_weight), float(pr.mix), float(pr.coef_p),
           float(pr.coef_q));
       KD_CUDA_CHECK(cudaGetLastError());
@@ -732,8 +777,12 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
   });
 }
 
-at::Tensor same_dtype(const at::Tensor& t, const at::Tensor& s) {
-  return t.scalar_type() == s.scalar_type() ? t : t.to(s.scalar_type());
+// The teacher as the kernels read it: in its own dtype when that is the student's or float32
+// (the pairs with kernels: no copy, no rounding of a float32 teacher to the student's
+// dtype), else converted to float32 (exact for the 16-bit dtypes).
+at::Tensor teacher_for(const at::Tensor& t, const at::Tensor& s) {
+  const auto tt = t.scalar_type();
+  return tt == s.scalar_type() || tt == at::kFloat ? t : t.to(at::kFloat);
 }
 
 const int64_t* labels_ptr(const c10::optional<at::Tensor>& labels) {
@@ -744,9 +793,9 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& s, const at
                                                    const c10::optional<at::Tensor>& labels,
                                                    KD_PARAMS_DECL) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_cuda_inputs(s, t_in, labels, pr);
+  check_cuda_inputs(s, t_in, labels, pr, true);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(at::kFloat));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
@@ -758,10 +807,10 @@ at::Tensor kd_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
                            const c10::optional<at::Tensor>& labels, KD_PARAMS_DECL,
                            int64_t offset) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_cuda_inputs(s, t_in, labels, pr);
+  check_cuda_inputs(s, t_in, labels, pr, false);
   TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   auto stats = at::empty({s.size(0), NSTAT}, s.options().dtype(at::kFloat));
   run_forward(s, t, labels_ptr(labels), pr, offset, nullptr, stats);
   return stats;
@@ -778,7 +827,7 @@ at::Tensor kd_mix_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
   check_stats(stats, s.size(0), at::kFloat);
   TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   auto out = at::empty({s.size(0), 4}, s.options().dtype(at::kFloat));
   run_mix_sums(s, t, pr, stats, out);
   return out;
@@ -790,7 +839,7 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
                                                     const at::Tensor& stats, KD_PARAMS_DECL,
                                                     int64_t offset, bool need_teacher) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_cuda_inputs(s, t_in, labels, pr);
+  check_cuda_inputs(s, t_in, labels, pr, false);
   TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t n = s.size(0);
@@ -798,10 +847,10 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
   TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
               "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   auto g = grad_loss.to(at::kFloat).contiguous();
   auto gs = at::empty_like(s);
-  // the kernel writes grad_t in s's dtype; converted back to t's below when they differ
+  // grad_t is written in the dtype the kernel reads t in; converted back below if it differs
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
   run_backward(g.data_ptr<float>(), s, t, labels_ptr(labels), stats, pr, offset, gs.data_ptr(),
                need_teacher ? gt.data_ptr() : nullptr);
@@ -813,9 +862,9 @@ std::tuple<at::Tensor, at::Tensor> kd_fused_cuda(at::Tensor& s, const at::Tensor
                                                  const c10::optional<at::Tensor>& labels,
                                                  KD_PARAMS_DECL, bool need_teacher) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_cuda_inputs(s, t_in, labels, pr);
+  check_cuda_inputs(s, t_in, labels, pr, true);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(at::kFloat));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));

@@ -8,9 +8,11 @@ $KDKERNELS_CACHE_DIR):
                     whenever a C++ compiler is present; vectorized for the CPU capability
                     ATen reports on this machine (AVX512 / AVX2 / none), which is part of
                     the cache key, so a library is never run on a CPU it was not built for.
-    kdkernels_cuda  csrc/kd_cuda.cu: TORCH_LIBRARY_IMPL(kdkernels, CUDA) kernels for sm_80 and
-                    sm_90. Built when torch has CUDA, nvcc is found and
-                    KDKERNELS_SKIP_CUDA_BUILD is unset; loaded when a CUDA tensor needs it.
+    kdkernels_cuda  csrc/kd_cuda.cu: TORCH_LIBRARY_IMPL(kdkernels, CUDA) kernels: machine code
+                    for sm_80 and sm_90 plus compute_90 PTX, which the driver compiles for
+                    newer GPUs. GPUs older than sm_80 cannot run it (is_available says so).
+                    Built when torch has CUDA, nvcc is found and KDKERNELS_SKIP_CUDA_BUILD is
+                    unset; loaded when a CUDA tensor needs it.
 
 Ops (torch.ops.kdkernels.*; fake and autograd registrations below):
 
@@ -61,7 +63,8 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 HEADERS = ("kd_math.h", "kd_layout.h", "kd_checks.h")
 CPU_SOURCES = ("kd_cpu.cpp", *HEADERS)
 CUDA_SOURCES = ("kd_cuda.cu", *HEADERS)
-CUDA_ARCHS = ("80", "90")
+CUDA_ARCHS = ("80", "90")  # machine code; PTX of the last one too (see _cuda_flags)
+MIN_CAPABILITY = (8, 0)  # the oldest GPU the machine code or the PTX runs on
 NSTAT = NCOL  # columns of the ops' stats (csrc/kd_layout.h: enum Stat)
 
 _lock = threading.RLock()
@@ -170,16 +173,38 @@ def _build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Pat
         raise RuntimeError("nvcc was not found (set CUDA_HOME to the CUDA toolkit folder)")
     os.environ["CUDA_HOME"] = home
     cpp_extension.CUDA_HOME = home  # read at call time; torch may have guessed another one
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
-    flags = ["-O3", "-DNDEBUG", "-lineinfo", *gencode]
-    if ptxas_verbose:
-        flags += ["-Xptxas", "-v"]
+    flags = _cuda_flags(ptxas_verbose)
     d = _cache_dir("cuda", CUDA_SOURCES, flags)
     cpp_extension.load(name="kdkernels_cuda", sources=[str(CSRC / "kd_cuda.cu")],
                        extra_cflags=["-O3", "-DNDEBUG"], extra_cuda_cflags=flags,
                        extra_include_paths=[str(CSRC)], build_directory=str(d),
                        is_python_module=False, verbose=verbose, with_cuda=True)
     return d
+
+
+def _cuda_flags(ptxas_verbose: bool = False) -> list[str]:
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    # PTX of the newest target: a GPU newer than every sm_ listed JIT-compiles it (without
+    # it, every launch there fails with "no kernel image")
+    newest = CUDA_ARCHS[-1]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    flags = ["-O3", "-DNDEBUG", "-lineinfo", *gencode]
+    if ptxas_verbose:
+        flags += ["-Xptxas", "-v"]
+    return flags
+
+
+def _device_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA library has code this GPU runs (machine code or PTX it can JIT)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = torch.cuda.get_device_capability(idx)
+    if cap < MIN_CAPABILITY:
+        return False, (f"the kdkernels CUDA library needs a GPU of compute capability >= "
+                       f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, cuda:{idx} "
+                       f"({torch.cuda.get_device_name(idx)}) is {cap[0]}.{cap[1]}")
+    return True, ""
 
 
 def _ensure(kind: str) -> tuple[bool, str]:
@@ -214,7 +239,12 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return False, f"the extension has kernels for cpu and cuda, not {device.type}"
-    ok, why = _ensure("cuda" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        ok, why = _device_supported(device)
+        if ok:
+            ok, why = _ensure("cuda")
+    else:
+        ok, why = _ensure("cpu")
     if not ok and not _warned:
         _warned = True
         warnings.warn(f"kdkernels: {why}\nimpl='auto' falls back to another implementation.",

@@ -127,6 +127,14 @@ def test_op_errors_name_the_argument():
         ops.kd_backward(torch.ones(3), s, t, None, torch.zeros(3, 2), *args, 0, False)
     with pytest.raises(RuntimeError, match="needs labels"):
         ops.kd_forward(s, t, None, *args[:7], 0.5, args[8])
+    # label values: whole rows know V; a column range only knows ids are >= 0
+    with pytest.raises(RuntimeError, match=r"labels\[1\] = 8 is outside \[0, 8\)"):
+        ops.kd_forward(s, t, torch.tensor([1, 8, -100]), *args)
+    with pytest.raises(RuntimeError, match=r"labels\[2\] = -1 is outside \[0, V\)"):
+        ops.kd_partial(s, t, torch.tensor([1, 80, -1]), *args, 0)
+    ops.kd_partial(s, t, torch.tensor([1, 80, -100]), *args, 0)  # 80: another range's
+    with pytest.raises(RuntimeError, match="mix must be in"):
+        ops.kd_forward(s, t, None, "mixture", 1.5, *args[2:])
 
 
 # --------------------------------------------------------------------------------------

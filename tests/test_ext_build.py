@@ -7,8 +7,10 @@ is absent (CI has both)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +35,32 @@ def test_cuda_library_builds_without_spills():
     for kernel in ("kd_stats_kernel", "kd_grad_kernel", "kd_mix_kernel", "softmax_kernel"):
         assert any(kernel in line for line in report), f"{kernel} missing:\n{out}"
     assert not any("SPILL" in line for line in report)
+    # the library embeds compute_90 PTX besides the machine code: GPUs newer than sm_90 run it
+    folder = re.search(r"^cuda: built/loaded in .* s \((.+?), CUDA_HOME=", r.stdout, re.M)
+    assert folder, out
+    ninja = (Path(folder.group(1)) / "build.ninja").read_text()
+    assert "arch=compute_90,code=compute_90" in ninja
+    for arch in ext.CUDA_ARCHS:
+        assert f"arch=compute_{arch},code=sm_{arch}" in ninja
+
+
+def test_cuda_flags_embed_ptx_of_the_newest_target():
+    flags = ext._cuda_flags()
+    newest = ext.CUDA_ARCHS[-1]
+    assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
+    assert sum("code=compute_" in f for f in flags) == 1
+
+
+def test_older_gpu_is_reported_unavailable(monkeypatch):
+    # a GPU below sm_80 runs neither the machine code nor the PTX: is_available says why,
+    # so impl="auto" picks another implementation (nothing is built or launched)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx=None: "Tesla T4")
+    monkeypatch.setattr(ext, "_warned", True)
+    ok, why = ext.is_available(torch.device("cuda", 0))
+    assert not ok
+    assert "compute capability >= 8.0" in why and "7.5" in why and "Tesla T4" in why
 
 
 def test_ptxas_report_parser():
