@@ -511,3 +511,75 @@ print("OK")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------------------
+# the CUDA kernels against the CPU kernel (marked gpu: the root conftest skips them without a
+# CUDA device)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+@pytest.mark.parametrize("v", [4099, 50257])  # not a multiple of the pack: scalar heads/tails
+def test_cuda_ranges_match_cpu(divergence, v):
+    n = 6
+    s, t = logits((n, v), scale=3.0), logits((n, v), scale=3.0)
+    lab = torch.tensor([3, -100, 1010, v - 1, 2000, 17])
+    spec = range_spec(divergence, 2.0, 0.7)
+    ranges = ((0, 1003), (1003, 1003), (1003, v))
+    cpu = ranged_stats(s, t, lab, spec, ranges)
+    gpu = ranged_stats(s.cuda(), t.cuda(), lab.cuda(), spec, ranges)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
+    fin = cpu[1]
+    g = torch.rand(n) + 0.5
+    for a, b in ranges:
+        want = ext.grads(s[:, a:b], t[:, a:b], lab, spec, fin, a, g, True)
+        got = ext.grads(s[:, a:b].cuda(), t[:, a:b].cuda(), lab.cuda(), spec, fin.cuda(), a,
+                        g.cuda(), True)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float16)], ids=str)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_cuda_teacher_in_its_own_dtype(divergence, dtypes):
+    # the teacher is read in its dtype (float32: no rounding to the student's), so the CUDA
+    # op matches the CPU op, which reads each tensor in its own dtype; rows start at every
+    # misalignment (one row more than needed, then sliced off)
+    ds, dt = dtypes
+    n, v = 5, 50257
+    s, t = logits((n + 1, v), ds)[1:], logits((n + 1, v), dt)[1:]
+    lab = torch.tensor([3, -100, 5000, v - 1, 7])
+    kw = dict(divergence=divergence, temperature=2.0, ce_weight=0.3, impl="ext")
+    res = {}
+    for dev in ("cpu", "cuda"):
+        sd = s.to(dev).requires_grad_()
+        td = t.to(dev).requires_grad_()
+        out = kd.kd_loss(sd, td, lab.to(dev), **kw)
+        out.backward()
+        assert sd.grad.dtype == ds and td.grad.dtype == dt
+        res[dev] = (out.cpu(), sd.grad.cpu().float(), td.grad.cpu().float())
+    torch.testing.assert_close(res["cuda"][0], res["cpu"][0], rtol=1e-5, atol=1e-5)
+    for x, y, d in zip(res["cuda"][1:], res["cpu"][1:], (ds, dt), strict=True):
+        # one rounding of the stored gradient apart at most (gradients are ~1e-5 here:
+        # an absolute floor of 1e-7, below float16's subnormal spacing doubled)
+        rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[d]
+        torch.testing.assert_close(x, y, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_empty_range_labels_and_mix():
+    ops = torch.ops.kdkernels
+    spec = range_spec("forward_kl", 2.0, 1.0)
+    z = torch.zeros(3, 0, device="cuda")
+    lab = torch.tensor([1, 5, -100], device="cuda")
+    torch.testing.assert_close(ext.partial(z, z, lab, spec, 4).cpu(),
+                               ext.partial(z.cpu(), z.cpu(), lab.cpu(), spec, 4))
+    s, t = logits((3, 8)).cuda(), logits((3, 8)).cuda()
+    with pytest.raises(RuntimeError, match=r"labels\[1\] = 8 is outside \[0, 8\)"):
+        ops.kd_forward(s, t, torch.tensor([1, 8, -100], device="cuda"), *spec.as_args())
+    with pytest.raises(RuntimeError, match="mix must be in"):
+        ops.kd_forward(s, t, None, "mixture", 1.5, *spec.as_args()[2:])
