@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkernels import ext
+from kdkernels import ext, ext_build
 
 
 def test_cuda_library_builds_without_spills():
     if torch.version.cuda is None:
         pytest.skip("torch has no CUDA support")
-    if ext.find_cuda_home() is None:
+    if ext_build.find_cuda_home() is None:
         pytest.skip("nvcc not found")
     env = dict(os.environ)
     env.pop("KDKERNELS_SKIP_CUDA_BUILD", None)
@@ -40,13 +40,13 @@ def test_cuda_library_builds_without_spills():
     assert folder, out
     ninja = (Path(folder.group(1)) / "build.ninja").read_text()
     assert "arch=compute_90,code=compute_90" in ninja
-    for arch in ext.CUDA_ARCHS:
+    for arch in ext_build.CUDA_ARCHS:
         assert f"arch=compute_{arch},code=sm_{arch}" in ninja
 
 
 def test_cuda_flags_embed_ptx_of_the_newest_target():
-    flags = ext._cuda_flags()
-    newest = ext.CUDA_ARCHS[-1]
+    flags = ext_build.cuda_flags()
+    newest = ext_build.CUDA_ARCHS[-1]
     assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
     assert sum("code=compute_" in f for f in flags) == 1
 
@@ -70,6 +70,6 @@ def test_ptxas_report_parser():
         "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
         "ptxas info    : Used 40 registers, used 1 barriers\n"
     )
-    (rec,) = ext.parse_ptxas(log)
+    (rec,) = ext_build.parse_ptxas(log)
     assert rec == {"kernel": "_Z3fooPf", "arch": "sm_90", "registers": 40, "stack": 0,
                    "spill_stores": 8, "spill_loads": 4}
