@@ -95,15 +95,20 @@ inline void check_label(int64_t l, int64_t row, int64_t v, const Params& pr) {
               ") and is not ignore_index=", pr.ignore_index);
 }
 
-// Every label's value (check_label) for labels the kernels cannot check as they go (the
-// CUDA kernels: a device cannot raise): one pass over the N labels and one host sync.
+// The rows whose label is neither ignore_index nor an id check_label accepts: (N,) bool.
+inline at::Tensor bad_labels(const at::Tensor& l, int64_t v, const Params& pr) {
+  at::Tensor bad = l.lt(0);
+  if (v >= 0) bad = bad.logical_or(l.ge(v));
+  return bad.logical_and(l.ne(pr.ignore_index));
+}
+
+// Every label's value (check_label), before any kernel runs: one pass over the N labels
+// and, on a GPU, one host sync (a device cannot raise an error naming the row).
 inline void check_label_values(const c10::optional<at::Tensor>& labels, int64_t v,
                                const Params& pr) {
   if (!labels.has_value() || labels->numel() == 0) return;
   const at::Tensor& l = *labels;
-  at::Tensor bad = l.lt(0);
-  if (v >= 0) bad = bad.logical_or(l.ge(v));
-  bad = bad.logical_and(l.ne(pr.ignore_index));
+  const at::Tensor bad = bad_labels(l, v, pr);
   if (!bad.any().item<bool>()) return;
   const int64_t row = bad.nonzero()[0][0].item<int64_t>();
   check_label(l[row].item<int64_t>(), row, v, pr);

@@ -24,9 +24,11 @@
 // read each in its own dtype when the teacher's is the student's or float32 (the kernels are
 // instantiated for those pairs); a teacher of another 16-bit dtype is converted to float32.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -675,7 +677,16 @@ void check_cuda_inputs(const at::Tensor& s, const at::Tensor& t,
                        const c10::optional<at::Tensor>& labels, const Params& pr, bool whole) {
   TORCH_CHECK(s.is_cuda() && t.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
   check_inputs(s, t, labels, pr, false);
-  check_label_values(labels, whole ? s.size(1) : -1, pr);
+  const int64_t v = whole ? s.size(1) : -1;
+  if (labels.has_value() && labels->numel() > 0 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    // a CUDA graph is being captured, where a host sync is not allowed: a device-side
+    // assert instead (as F.cross_entropy's), which names no row
+    at::_assert_async(bad_labels(*labels, v, pr).any().logical_not(),
+                      "kdkernels: a label is outside the vocabulary and is not ignore_index");
+  } else {
+    check_label_values(labels, v, pr);
+  }
 }
 
 // Pass 1 over the columns [offset, offset + v) of rows: fills stats (N, NSTAT); with `loss`
