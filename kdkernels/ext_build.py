@@ -38,7 +38,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 HEADERS = ("kd_math.h", "kd_layout.h", "kd_checks.h")
-CPU_SOURCES = ("kd_cpu.cpp", *HEADERS)
+CPU_SOURCES = ("kd_cpu.cpp", "kd_cpu_simd.h", *HEADERS)
 CUDA_SOURCES = ("kd_cuda.cu", *HEADERS)
 CUDA_ARCHS = ("80", "90")  # machine code; PTX of the last one too (see cuda_flags)
 MIN_CAPABILITY = (8, 0)  # the oldest GPU the machine code or the PTX runs on
