@@ -232,6 +232,23 @@ def test_partial_label_column_and_ce_statistics():
         ext.mix_partial(s, t, spec, part, 0)
 
 
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+def test_partial_of_padding_and_of_zero_probability_columns(divergence):
+    # a shard of vocabulary padding (-inf in both logits) contributes exactly nothing; a
+    # shard where the student is -inf and the teacher finite gives forward KL its true +inf
+    v = 40
+    s, t = logits((3, v)), logits((3, v))
+    s[:, 30:] = t[:, 30:] = -math.inf
+    s[2, 20:30] = -math.inf
+    lab = torch.tensor([4, 25, 3])
+    spec = range_spec(divergence, 2.0, 1.0)
+    ref_loss, _ = torch.ops.kdkernels.kd_forward(s, t, lab, *spec.as_args())
+    loss, _ = ranged_stats(s, t, lab, spec, ((0, 20), (20, 30), (30, v)))
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
+    assert torch.isfinite(loss[:2]).all()
+    assert loss[2] == math.inf if divergence == "forward_kl" else math.isfinite(loss[2])
+
+
 # The merge of a range whose accumulator is +inf (q = 0 where p > 0) into one whose maximum
 # is far larger: the factor e^(m - M) underflows and the range must contribute 0 (its
 # probabilities underflow to 0 in the unsplit sum), never 0 * inf = NaN, in any order.
