@@ -15,8 +15,8 @@
 // Speed of the mixture's element loops: an element is one long dependency chain (exp(-|d|),
 // log1p, softplus, the sum or the gradient) and the out-of-order window holds only a few
 // vectors' chains, so these loops are bound by the chain's depth, not by operation counts.
-// Hence the Estrin polynomials (kd_math.h log1p_unit_poly, kd_exp below), the one-instruction
-// -|d| and clamp, and row constants folded before the loop.
+// Hence the Estrin polynomials (kd_math.h log1p_unit_poly, kd_cpu_simd.h kd_exp), the
+// one-instruction -|d| and clamp, and row constants folded before the loop.
 //
 // Passes over memory (N x V each):
 //   forward  forward/reverse KL: 1 read of s and t.  mixture: 2 (pass 2 needs lse_s, lse_t;
@@ -28,19 +28,21 @@
 // Memory: no N x V temporaries; outputs are written once, float32 ones with non-temporal
 // stores (store_vec), and fresh gradient buffers are advised to transparent huge pages
 // (first-touch page faults of a 1 GB gradient otherwise cost about as much as writing it).
-// Threads: at::parallel_for is OpenMP in torch's CPU builds, so ext.py builds with -fopenmp.
-// Per-row statistics (the `stats` output, N x NSTAT in the accumulation type) hold what
-// backward needs: references and log-sums of both sides (never lse = m + log S rounded into
-// one number: lp = (zt - mt) - log St keeps precision for logits of +-1e4), the T = 1
-// statistics for CE, s[label], and the divergence scalars.
+// Threads: at::parallel_for is OpenMP in torch's CPU builds, so ext_build.py builds with
+// -fopenmp.
+// Per-row statistics (the `stats` table, N x NSTAT in the accumulation type, columns of
+// kd_layout.h = kdkernels/_stats.py) hold what backward needs: references and log-sums of
+// both sides (never lse = m + log S rounded into one number: lp = (zt - mt) - log St keeps
+// precision for logits of +-1e4), the T = 1 statistics for CE, s[label], the KL accumulator
+// and the divergence scalars.
+// Column ranges: kd_partial (pass 1), kd_mix_partial (the mixture's pass 2 given global
+// statistics) and kd_backward take the columns [offset, offset + Vr) of rows as (N, Vr)
+// tensors, with GLOBAL labels; kdkernels/_stats.py merges and finishes the ranges' tables.
+// kd_forward and kd_fused_ are the whole row as one range, finished here.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,343 +50,31 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
-namespace kd {
-// Vector overloads of kd_math.h's primitives, declared before the header so its templates
-// find them.
-using at::vec::Vectorized;
-template <class T>
-inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
-  // float32: ATen's 20-ulp exp (max relative error ~1.2e-6, several times faster than the
-  // 1-ulp Sleef one; the losses' float32 sums carry errors of that order anyway).
-  // float64: exp_u20 is the exact exp.
-  return x.exp_u20();
-}
-#if defined(CPU_CAPABILITY_AVX512)
-// float32 on AVX-512: the same algorithm and constants as ATen's exp_u20 (exp(x) = 2^n e^r,
-// n = floor(x log2 e + 1/2), r = x - n ln 2, e^r by its degree-5 polynomial, inputs below
-// ln FLT_MIN give 0), with a shorter dependency chain: the polynomial by Estrin's scheme
-// (3 dependent steps instead of 5), its factor 2 folded into the coefficients (exact), and
-// 2^(n-1) built beside it. The mixture's element is one long chain (exp, log1p, sums) and
-// the out-of-order window holds only a few of them, so depth is what costs.
-inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
-  const __m512 x = _mm512_max_ps(_mm512_min_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(
-                                                      0x42b17218))),  // ln FLT_MAX
-                                 _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)));
-  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_castsi512_ps(_mm512_set1_epi32(
-                                                    0xc2aeac50)),  // ln FLT_MIN
-                                             _CMP_LT_OS);
-  // n = x log2 e rounded to nearest (ATen: floor(x log2 e + 1/2), the same but at ties) by
-  // adding 1.5 * 2^23 inside the multiply-add: n sits in the low bits of t, and fx = t - 1.5
-  // * 2^23 exactly (|n| <= 128), without a rounding instruction on the chain.
-  const __m512 magic = _mm512_set1_ps(12582912.f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b)),
-                                   magic);  // log2 e
-  const __m512 fx = _mm512_sub_ps(t, magic);
-  const __m512 r =
-      _mm512_fnmadd_ps(fx, _mm512_castsi512_ps(_mm512_set1_epi32(0x3f317218)), x);  // ln 2
-  // 2 e^r = 2 + 2 c1 r + ... + 2 c5 r^5 (ATen's c1..c5)
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  const __m512 p01 = _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.999999701f), _mm512_set1_ps(2.f));
-  const __m512 p23 =
-      _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.166676521f), _mm512_set1_ps(2 * 0.499991506f));
-  const __m512 p45 =
-      _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.00828929059f), _mm512_set1_ps(2 * 0.0418978221f));
-  const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(p45, r2, p23), r2, p01);
-  // 2^(n-1) = (n + 126) << 23; the bits of t are 0x4B400000 + n, whose high part the shift
-  // drops (0x4B400000 << 23 = 0 mod 2^32)
-  const __m512i e =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(126)), 23);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(e));
-}
-#endif
-template <class T>
-inline Vectorized<T> kd_log(const Vectorized<T>& x) {
-  return x.log();
-}
-template <class W>
-inline W log1p_unit_poly(W x);  // kd_math.h
-inline Vectorized<float> kd_log1p_unit(const Vectorized<float>& x) {
-  return log1p_unit_poly(x);
-}
-inline Vectorized<double> kd_log1p_unit(const Vectorized<double>& x) {
-  return (x + Vectorized<double>(1.0)).log();  // x in [0, 1]: absolute error 1 ulp of 1
-}
-// -|x|: the sign bit set (one instruction)
-inline Vectorized<float> kd_nabs(const Vectorized<float>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_or_ps(x, _mm512_set1_ps(-0.f));
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_or_ps(x, _mm256_set1_ps(-0.f));
-#else
-  return Vectorized<float>(0.f) - x.abs();
-#endif
-}
-inline Vectorized<double> kd_nabs(const Vectorized<double>& x) {
-  return Vectorized<double>(0.0) - x.abs();
-}
-// max and clamp without NaN propagation (a NaN x gives b, lo): the mixture's callers either
-// mask NaN lanes or clamp them away, and the propagation costs 3 instructions a call.
-inline Vectorized<float> kd_max(const Vectorized<float>& a, const Vectorized<float>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#else
-  return Vectorized<float>::blendv(b, a, a > b);
-#endif
-}
-inline Vectorized<double> kd_max(const Vectorized<double>& a, const Vectorized<double>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_pd(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_pd(a, b);
-#else
-  return Vectorized<double>::blendv(b, a, a > b);
-#endif
-}
-inline Vectorized<float> kd_clamp(const Vectorized<float>& x, float lo, float hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
-#else
-  const Vectorized<float> h(hi), y = kd_max(x, Vectorized<float>(lo));
-  return Vectorized<float>::blendv(h, y, y < h);
-#endif
-}
-inline Vectorized<double> kd_clamp(const Vectorized<double>& x, double lo, double hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(lo)), _mm512_set1_pd(hi));
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(lo)), _mm256_set1_pd(hi));
-#else
-  const Vectorized<double> h(hi), y = kd_max(x, Vectorized<double>(lo));
-  return Vectorized<double>::blendv(h, y, y < h);
-#endif
-}
-template <class T>
-inline Vectorized<T> kd_where(const Vectorized<T>& c, const Vectorized<T>& a,
-                              const Vectorized<T>& b) {
-  return Vectorized<T>::blendv(b, a, c);
-}
-}  // namespace kd
-
-#include "kd_math.h"
+// the vector overloads of kd_math.h's primitives, then kd_math.h, then the tile I/O
+#include "kd_cpu_simd.h"
+#include "kd_checks.h"
 
 namespace kd {
 namespace {
 
 constexpr int64_t TILE = 1024;
 
-// Columns of the per-row statistics tensor.
-enum Stat : int64_t {
-  ST_MS = 0,   // student reference (max of zs)
-  ST_LS,       // log sum exp(zs - ms)
-  ST_MT,       // teacher reference
-  ST_LT,       // log sum exp(zt - mt)
-  ST_M1,       // reference of s at T = 1 (CE)
-  ST_L1,       // log sum exp(s - m1)
-  ST_SLAB,     // s[label] (kept: the fused op overwrites s)
-  ST_D,        // forward/reverse KL: D; mixture: A = KL(p || m)
-  ST_B,        // mixture: B = KL(q || m)
-  ST_UQ,       // mixture: sum q u
-  ST_UP,       // mixture: sum p u
-  NSTAT
-};
-
-struct Params {
-  int kind;
-  double mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight;
-  int64_t ignore_index;
-};
-
-int parse_kind(const std::string& kind) {
-  if (kind == "forward_kl") return FORWARD_KL;
-  if (kind == "reverse_kl") return REVERSE_KL;
-  if (kind == "mixture") return MIXTURE;
-  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl or mixture, got '", kind,
-              "'");
-  return -1;
-}
-
-template <class A>
-A hsum(const Vectorized<A>& v) {
-  alignas(64) A buf[Vectorized<A>::size()];
-  v.store(buf);
-  A r = 0;
-  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) r += buf[i];
-  return r;
-}
-
-template <class A>
-constexpr int64_t round_up(int64_t n) {
-  constexpr int64_t w = Vectorized<A>::size();
-  return (n + w - 1) / w * w;
-}
-
-// ---- tile load / store: any input dtype <-> accumulation type A ---------------------------
-
-// dst[0:np] = (dst - m) - l in place (np a multiple of the lane count): log-probabilities
-// z - lse formed as (z - m) - log S, never through a rounded lse = m + log S (cancellation
-// at |z| ~ 1e4). Done once per tile in L1 so the element loop's chain starts at lq, lp.
-template <class A>
-void shift_tile(A* dst, int64_t np, A m, A l) {
-  using V = Vectorized<A>;
-  const V vm(m), vl(l);
-  for (int64_t i = 0; i < np; i += V::size()) ((V::loadu(dst + i) - vm) - vl).store(dst + i);
-}
-
-// dst[0:n] = src[off:off+n] * scale in A, dst[n:round_up(n)] = -inf; returns max(dst)
-// (need_max) or -inf. shift = {m, l}: then dst = (src * scale - m) - l (see shift_tile),
-// fused into the load for float32.
-template <class A>
-A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale, A* dst,
-            bool need_max = true, const A* shift = nullptr) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  const int64_t np = round_up<A>(n);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<A, float>) {
-    if (st == at::kFloat && shift) {
-      const float* p = static_cast<const float*>(base) + off;
-      const V vm(shift[0]), vl(shift[1]);
-      for (; i + W <= n; i += W) ((V::loadu(p + i) * V(scale) - vm) - vl).store(dst + i);
-      for (; i < n; ++i) dst[i] = (p[i] * scale - shift[0]) - shift[1];
-      for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
-      return kd_neg_inf<A>();  // shifted: a second pass, which knows the references
-    }
-    if (st == at::kFloat) {
-      const float* p = static_cast<const float*>(base) + off;
-      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
-    } else if (st == at::kBFloat16) {
-      const c10::BFloat16* p = static_cast<const c10::BFloat16*>(base) + off;
-      for (; i + W <= n; i += W) {
-        V v;
-        at::vec::load_to_float(p + i, v);
-        (v * V(scale)).store(dst + i);
-      }
-    } else if (st == at::kHalf) {
-      const c10::Half* p = static_cast<const c10::Half*>(base) + off;
-      for (; i + W <= n; i += W) {
-        V v;
-        at::vec::load_to_float(p + i, v);
-        (v * V(scale)).store(dst + i);
-      }
-    }
-  } else {
-    if (st == at::kDouble) {
-      const double* p = static_cast<const double*>(base) + off;
-      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
-    }
-  }
-  // tail (and uncommon dtype pairs, e.g. float64 teacher with a float32 student): scalar
-  switch (st) {
-    case at::kFloat:
-      for (; i < n; ++i) dst[i] = A(static_cast<const float*>(base)[off + i]) * scale;
-      break;
-    case at::kDouble:
-      for (; i < n; ++i) dst[i] = A(static_cast<const double*>(base)[off + i]) * scale;
-      break;
-    case at::kBFloat16:
-      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::BFloat16*>(base)[off + i])) * scale;
-      break;
-    case at::kHalf:
-      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::Half*>(base)[off + i])) * scale;
-      break;
-    default:
-      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
-  }
-  for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
-  if (shift) shift_tile(dst, np, shift[0], shift[1]);
-  if (!need_max || shift) return kd_neg_inf<A>();  // a second pass knows the references
-  V m(kd_neg_inf<A>());
-  for (int64_t j = 0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
-  alignas(64) A buf[W];
-  m.store(buf);
-  A r = buf[0];
-  for (int64_t j = 1; j < W; ++j) r = r > buf[j] ? r : buf[j];
-  return r;
-}
-
-// dst[off:off+n] = src[0:n] converted to dtype st.
-template <class A>
-void store_tile(void* base, at::ScalarType st, int64_t off, int64_t n, const A* src) {
-  switch (st) {
-    case at::kFloat: {
-      float* p = static_cast<float*>(base) + off;
-      if constexpr (std::is_same_v<A, float>) {
-        std::memcpy(p, src, n * sizeof(float));
-      } else {
-        for (int64_t i = 0; i < n; ++i) p[i] = float(src[i]);
-      }
-      break;
-    }
-    case at::kDouble: {
-      double* p = static_cast<double*>(base) + off;
-      for (int64_t i = 0; i < n; ++i) p[i] = double(src[i]);
-      break;
-    }
-    case at::kBFloat16: {
-      c10::BFloat16* p = static_cast<c10::BFloat16*>(base) + off;
-      if constexpr (std::is_same_v<A, float>) {
-        at::vec::convert(src, p, n);
-      } else {
-        for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(float(src[i]));
-      }
-      break;
-    }
-    case at::kHalf: {
-      c10::Half* p = static_cast<c10::Half*>(base) + off;
-      if constexpr (std::is_same_v<A, float>) {
-        at::vec::convert(src, p, n);
-      } else {
-        for (int64_t i = 0; i < n; ++i) p[i] = c10::Half(float(src[i]));
-      }
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
-  }
-}
-
-template <class A>
-A load_one(const void* base, at::ScalarType st, int64_t i) {
-  switch (st) {
-    case at::kFloat:
-      return A(static_cast<const float*>(base)[i]);
-    case at::kDouble:
-      return A(static_cast<const double*>(base)[i]);
-    case at::kBFloat16:
-      return A(float(static_cast<const c10::BFloat16*>(base)[i]));
-    case at::kHalf:
-      return A(float(static_cast<const c10::Half*>(base)[i]));
-    default:
-      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
-  }
-  return A(0);
-}
-
-template <class A>
-void store_one(void* base, at::ScalarType st, int64_t i, A v) {
-  store_tile<A>(base, st, i, 1, &v);
-}
-
-// One row's inputs/outputs: base pointers already offset to the row.
+// One row's inputs/outputs (the columns [offset, offset + v) of a row of a wider
+// vocabulary for the range ops): base pointers already offset to the row.
 struct Row {
-  const void* s;  // (V,) student logits, dtype ss
-  const void* t;  // (V,) teacher logits, dtype tt
-  void* gs;       // (V,) grad of s (dtype ss) or nullptr
-  void* gt;       // (V,) grad of t (dtype tt) or nullptr
+  const void* s;  // (v,) student logits, dtype ss
+  const void* t;  // (v,) teacher logits, dtype tt
+  void* gs;       // (v,) grad of s (dtype ss) or nullptr
+  void* gt;       // (v,) grad of t (dtype tt) or nullptr
   at::ScalarType ss, tt;
   int64_t v;
-  int64_t label;  // -1 when the row has no CE term
+  bool ce;        // the row has a CE term (labels given, ce_weight != 0, not ignored)
+  int64_t label;  // the label's column in this range, -1 when none (or no labels)
 };
 
 // Calls f(fast, unit) (std::bool_constant each) with the mixture element path of these
@@ -398,9 +88,11 @@ void with_mix_mode(const MixCoef<S>& c, const F& f) {
 
 // ---- forward of one row -------------------------------------------------------------------
 
-// Fills st[0:NSTAT] and returns the row loss (row must not be ignored).
+// Pass 1 of every kind: fills st[0:NSTAT] with the statistics of the row's range (layout of
+// kd_layout.h: MS..L1, LABEL, ACC; DIV, B, UQ, UP = 0). Returns sum exp(zs - ms) and
+// sum exp(zt - mt) (the log-sums before their log, for kl_value).
 template <class A, int K>
-A forward_row(const Row& r, const Params& pr, A* st) {
+std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   constexpr bool REV = K == REVERSE_KL;
@@ -408,8 +100,7 @@ A forward_row(const Row& r, const Params& pr, A* st) {
   alignas(64) A zt[TILE];
   alignas(64) A z1[TILE];
   const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
-  const bool ce = r.label >= 0;
-  const bool ce_sep = ce && pr.inv_ts != 1.0;  // T = 1 statistics differ from the student's
+  const bool ce_sep = r.ce && pr.inv_ts != 1.0;  // T = 1 statistics differ from the student's
   const A ninf = kd_neg_inf<A>();
   A ms = ninf, mt = ninf, m1 = ninf;
   V ss(0), stt(0), acc(0), s1(0);
@@ -453,67 +144,78 @@ A forward_row(const Row& r, const Params& pr, A* st) {
   st[ST_LT] = kd_log(st_);
   st[ST_M1] = ce_sep ? m1 : ms;
   st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
-  st[ST_SLAB] = ce ? load_one<A>(r.s, r.ss, r.label) : A(0);
-  st[ST_B] = st[ST_UQ] = st[ST_UP] = A(0);
+  st[ST_LABEL] = r.label >= 0 ? load_one<A>(r.s, r.ss, r.label) : A(0);
+  st[ST_DIV] = st[ST_B] = st[ST_UQ] = st[ST_UP] = A(0);
+  st[ST_ACC] = K == MIXTURE ? A(0) : hsum(acc);
+  return {ss_, st_};
+}
+
+// Pass 2 of the mixture over the row's range given the row's GLOBAL statistics g:
+// out[0:4] = (A, B, Uq, Up) sums over the range (kd_layout.h's DIV, B, UQ, UP). For jsd
+// (unit_u, u = 1) Uq and Up are the range's sums of q and p (so the ranges of a row add up
+// to 1, the whole row's value) when unit_sums, else left 0 (the caller knows they are 1).
+template <class A>
+void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  alignas(64) A zs[TILE];
+  alignas(64) A zt[TILE];
+  const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
+  const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+  V sa(0), sb(0), suq(0), sup(0);
+  // lq = (zs - ms) - log Ss (load_tile's shift): never through a rounded lse
+  const A qs[2] = {safe_ref(g[ST_MS]), g[ST_LS]}, pt[2] = {safe_ref(g[ST_MT]), g[ST_LT]};
+  with_mix_mode(c, [&](auto fast, auto unit) {
+    constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
+    for (int64_t off = 0; off < r.v; off += TILE) {
+      const int64_t n = std::min(TILE, r.v - off);
+      const int64_t np = round_up<A>(n);
+      load_tile<A>(r.s, r.ss, off, n, its, zs, false, qs);  // lq
+      load_tile<A>(r.t, r.tt, off, n, itt, zt, false, pt);  // lp
+      V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
+      for (int64_t i = 0; i < np; i += W)
+        mix_add<F, U>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
+      if (c.unit_u && unit_sums) {
+        // u = 1: sum q u = sum q (padding is exp(-inf) = 0)
+        for (int64_t i = 0; i < np; i += W) {
+          uq = uq + kd_exp(V::loadu(zs + i));
+          up = up + kd_exp(V::loadu(zt + i));
+        }
+      }
+      sa = a, sb = b, suq = uq, sup = up;
+    }
+  });
+  out[0] = hsum(sa);
+  out[1] = hsum(sb);
+  out[2] = hsum(suq);
+  out[3] = hsum(sup);
+}
+
+// The whole row (offset 0): fills st[0:NSTAT] (DIV = D for the KL kinds; A, B, Uq, Up for
+// the mixture) and returns the row loss (row must not be ignored).
+template <class A, int K>
+A forward_row(const Row& r, const Params& pr, A* st) {
+  constexpr bool REV = K == REVERSE_KL;
+  const auto [ss, stt] = stats_row<A, K>(r, pr, st);
   A d;
   if (K == MIXTURE) {
-    // pass 2: the mixture sums need the final log-probabilities
+    mix_row<A>(r, pr, st, st + ST_DIV, false);
     const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
-    V sa(0), sb(0), suq(0), sup(0);
-    const A qs[2] = {safe_ref(ms), st[ST_LS]}, pt[2] = {safe_ref(mt), st[ST_LT]};
-    with_mix_mode(c, [&](auto fast, auto unit) {
-      constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
-      for (int64_t off = 0; off < r.v; off += TILE) {
-        const int64_t n = std::min(TILE, r.v - off);
-        const int64_t np = round_up<A>(n);
-        load_tile<A>(r.s, r.ss, off, n, its, zs, false, qs);  // lq
-        load_tile<A>(r.t, r.tt, off, n, itt, zt, false, pt);  // lp
-        V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
-        for (int64_t i = 0; i < np; i += W)
-          mix_add<F, U>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
-        sa = a, sb = b, suq = uq, sup = up;
-      }
-    });
-    st[ST_D] = hsum(sa);
-    st[ST_B] = hsum(sb);
-    st[ST_UQ] = c.unit_u ? A(1) : hsum(suq);  // jsd: u = 1, so sum q u = sum q = 1
-    st[ST_UP] = c.unit_u ? A(1) : hsum(sup);
-    d = (c.cp != A(0) ? c.cp * st[ST_D] : A(0)) + (c.cq != A(0) ? c.cq * st[ST_B] : A(0));
+    if (c.unit_u) st[ST_UQ] = st[ST_UP] = A(1);  // jsd: u = 1, so sum q u = sum q = 1
+    d = (c.cp != A(0) ? c.cp * st[ST_DIV] : A(0)) + (c.cq != A(0) ? c.cq * st[ST_B] : A(0));
   } else {
-    d = kl_value<REV>(ss_, st_, hsum(acc));
-    st[ST_D] = d;
+    d = kl_value<REV>(ss, stt, st[ST_ACC]);
+    st[ST_DIV] = d;
   }
   A loss = A(pr.kd_scale) * d;
-  if (ce) loss += A(pr.ce_weight) * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+  if (r.ce) loss += A(pr.ce_weight) * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
   return loss;
 }
 
 // ---- backward of one row ------------------------------------------------------------------
 
-// Store of one gradient vector to its final place. float32 outputs are written directly with
-// non-temporal stores when 64-byte aligned: the gradient is not read again soon, and streaming
-// skips the read-for-ownership of every output cache line (1/3 less memory traffic).
-template <class A>
-inline void store_vec(const Vectorized<A>& v, A* dst) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float>) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) return _mm512_stream_ps(dst, v);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0) return _mm256_stream_ps(dst, v);
-  }
-#endif
-  v.store(dst);
-}
-
-inline void store_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();  // order the streaming stores before the op returns
-#endif
-}
-
-// Writes g * d loss / d s into r.gs (and / d t into r.gt when not null).
+// Writes g * d loss / d s of the row's range into r.gs (and / d t into r.gt when not null),
+// given the row's GLOBAL finished statistics st (DIV = D, or A, B, Uq, Up).
 template <class A, int K>
 void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   using V = Vectorized<A>;
@@ -523,12 +225,12 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   alignas(64) A zt[TILE];
   alignas(64) A z1[TILE];
   const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
-  const bool ce = r.label >= 0;
+  const bool ce = r.ce;
   const bool ce_sep = ce && pr.inv_ts != 1.0;
   const A cs = g * A(pr.kd_scale) * its;  // chain rule: dD/dzs / Ts
   const A ct = g * A(pr.kd_scale) * itt;
   const A cce = ce ? g * A(pr.ce_weight) : A(0);
-  const A D = st[ST_D], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
+  const A D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
   // lq = zs - (ms + log Ss) as (zs - ms) - log Ss (shift_tile); safe_ref keeps -inf rows
   // NaN-free
@@ -607,9 +309,9 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
       tiles(std::false_type{}, fast, unit);
     }
     store_fence();
-    if (ce) {
+    if (ce && r.label >= 0) {
       // the label's element again, with its one-hot term (s[label] from stats: s may be gone)
-      const A sl = st[ST_SLAB];
+      const A sl = st[ST_LABEL];
       const A tl = load_one<A>(r.t, r.tt, r.label);
       A gsv, gtv;
       const A lql = (sl * its - ms) - ls;
@@ -647,150 +349,175 @@ void zero_row(void* base, at::ScalarType st, int64_t v) {
 
 // ---- op plumbing --------------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
-                  const Params& pr) {
-  TORCH_CHECK(s.dim() == 2, "kdkernels: s must be 2-D (rows, V), got ", s.sizes());
-  TORCH_CHECK(t.sizes() == s.sizes(), "kdkernels: t must have s's shape ", s.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(s.is_contiguous(), "kdkernels: s must be contiguous");
-  TORCH_CHECK(t.is_contiguous(), "kdkernels: t must be contiguous");
-  for (const auto* x : {&s, &t}) {
-    auto d = x->scalar_type();
-    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf,
-                "kdkernels: ", x == &s ? "s" : "t",
-                " must be float32, float64, bfloat16 or float16, got ", d);
-  }
-  TORCH_CHECK(pr.inv_ts > 0 && pr.inv_tt > 0, "kdkernels: inv_ts and inv_tt must be > 0");
-  TORCH_CHECK(pr.mix >= 0 && pr.mix <= 1, "kdkernels: mix must be in [0, 1], got ", pr.mix);
-  if (labels.has_value()) {
-    const auto& l = *labels;
-    TORCH_CHECK(l.scalar_type() == at::kLong, "kdkernels: labels must be int64, got ",
-                l.scalar_type());
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == s.size(0), "kdkernels: labels must have shape (",
-                s.size(0), ",), got ", l.sizes());
-    TORCH_CHECK(l.is_contiguous(), "kdkernels: labels must be contiguous");
-  } else {
-    TORCH_CHECK(pr.ce_weight == 0, "kdkernels: ce_weight=", pr.ce_weight, " needs labels");
-  }
-}
-
 at::ScalarType acc_type(const at::Tensor& s) {
   return s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Label of row i for the CE term (-1: none), validated; `ignored` set for ignore_index rows.
-int64_t row_label(const int64_t* lab, int64_t i, const Params& pr, int64_t v, bool& ignored) {
-  ignored = false;
-  if (!lab) return -1;
-  const int64_t l = lab[i];
-  if (l == pr.ignore_index) {
-    ignored = true;
-    return -1;
-  }
-  TORCH_CHECK(l >= 0 && l < v, "kdkernels: labels[", i, "] = ", l, " is outside [0, ", v,
-              ") and is not ignore_index=", pr.ignore_index);
-  return pr.ce_weight != 0 ? l : -1;
-}
-
 int64_t grain(int64_t v) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(v, 1)); }
+
+// What run_rows does to each row.
+enum class Op {
+  FORWARD,   // whole rows: loss, stats
+  PARTIAL,   // a range: stats (pass 1)
+  MIX,       // a range: the mixture's pass-2 sums given global stats
+  BACKWARD,  // a range: gradients given global stats
+  FUSED,     // whole rows: loss, stats, then gradients (upstream gradient 1)
+};
+
+// Outputs (and the stats input) of one run_rows call; unused ones are nullptr.
+template <class A>
+struct Job {
+  Op op;
+  int64_t offset;   // the tensors' first column in the row's vocabulary (labels are global)
+  A* loss;          // (N,)
+  A* stats;         // (N, NSTAT): out (FORWARD, PARTIAL, FUSED), in (MIX, BACKWARD)
+  A* sums;          // (N, 4) out (MIX)
+  const A* grad;    // (N,) upstream row gradients (BACKWARD)
+  void* gs;         // (N, V) in s's dtype (BACKWARD, FUSED)
+  void* gt;         // (N, V) in t's dtype, or nullptr
+};
 
 template <class A, int K>
 void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Params& pr,
-              A* loss, A* stats, const A* grad, void* gs, void* gt, bool fwd, bool bwd) {
+              const Job<A>& job) {
   const int64_t n = s.size(0), v = s.size(1);
   const auto ss = s.scalar_type(), tt = t.scalar_type();
   const size_t es = c10::elementSize(ss), et = c10::elementSize(tt);
   const char* sp = static_cast<const char*>(s.data_ptr());
   const char* tp = static_cast<const char*>(t.data_ptr());
+  const Op op = job.op;
+  const bool fwd = op == Op::FORWARD || op == Op::FUSED;
+  const bool bwd = op == Op::BACKWARD || op == Op::FUSED;
   at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      bool ignored;
       Row r;
       r.s = sp + i * v * es;
       r.t = tp + i * v * et;
-      r.gs = gs ? static_cast<char*>(gs) + i * v * es : nullptr;
-      r.gt = gt ? static_cast<char*>(gt) + i * v * et : nullptr;
+      r.gs = job.gs ? static_cast<char*>(job.gs) + i * v * es : nullptr;
+      r.gt = job.gt ? static_cast<char*>(job.gt) + i * v * et : nullptr;
       r.ss = ss;
       r.tt = tt;
       r.v = v;
-      r.label = row_label(lab, i, pr, v, ignored);
-      A* st = stats + i * NSTAT;
+      r.ce = false;
+      r.label = -1;
+      bool ignored = false;
+      if (lab) {
+        const int64_t l = lab[i];  // checked by check_label_values
+        ignored = l == pr.ignore_index;
+        r.ce = !ignored && pr.ce_weight != 0;
+        if (!ignored && l - job.offset >= 0 && l - job.offset < v) r.label = l - job.offset;
+      }
+      A* st = job.stats ? job.stats + i * NSTAT : nullptr;
       if (ignored) {
-        if (fwd) {
-          loss[i] = A(0);
-          std::fill(st, st + NSTAT, A(0));
-        }
+        // every output of the row is 0 (its loss, statistics and gradients)
+        if (job.loss) job.loss[i] = A(0);
+        if (st && op != Op::BACKWARD) std::fill(st, st + NSTAT, A(0));
+        if (job.sums) std::fill(job.sums + i * 4, job.sums + i * 4 + 4, A(0));
         if (bwd) {
           zero_row<A>(r.gs, ss, v);
           zero_row<A>(r.gt, tt, v);
         }
         continue;
       }
-      if (fwd) loss[i] = forward_row<A, K>(r, pr, st);
-      if (bwd) backward_row<A, K>(r, pr, st, grad ? grad[i] : A(1));
+      if (fwd) job.loss[i] = forward_row<A, K>(r, pr, st);
+      if (op == Op::PARTIAL) stats_row<A, K>(r, pr, st);
+      if (op == Op::MIX) mix_row<A>(r, pr, st, job.sums + i * 4, true);
+      if (bwd) backward_row<A, K>(r, pr, st, job.grad ? job.grad[i] : A(1));
     }
   });
 }
 
 template <class A>
 void dispatch_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab,
-                   const Params& pr, A* loss, A* stats, const A* grad, void* gs, void* gt,
-                   bool fwd, bool bwd) {
+                   const Params& pr, const Job<A>& job) {
   switch (pr.kind) {
     case FORWARD_KL:
-      return run_rows<A, FORWARD_KL>(s, t, lab, pr, loss, stats, grad, gs, gt, fwd, bwd);
+      return run_rows<A, FORWARD_KL>(s, t, lab, pr, job);
     case REVERSE_KL:
-      return run_rows<A, REVERSE_KL>(s, t, lab, pr, loss, stats, grad, gs, gt, fwd, bwd);
+      return run_rows<A, REVERSE_KL>(s, t, lab, pr, job);
     default:
-      return run_rows<A, MIXTURE>(s, t, lab, pr, loss, stats, grad, gs, gt, fwd, bwd);
+      return run_rows<A, MIXTURE>(s, t, lab, pr, job);
   }
 }
 
-Params make_params(const std::string& kind, double mix, double coef_p, double coef_q,
-                   double inv_ts, double inv_tt, double kd_scale, double ce_weight,
-                   int64_t ignore_index) {
-  return Params{parse_kind(kind), mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight,
-                ignore_index};
+// Runs `job` with its pointers filled from these tensors in the accumulation type. whole:
+// the tensors are whole rows, so labels are checked in [0, V); else (a column range) >= 0.
+void run_job(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
+             const Params& pr, Op op, int64_t offset, bool whole, at::Tensor* loss,
+             at::Tensor* stats, at::Tensor* sums, const at::Tensor* grad, void* gs, void* gt) {
+  check_label_values(labels, whole ? s.size(1) : -1, pr);
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  auto fill = [&](auto zero) {
+    using A = decltype(zero);
+    Job<A> j{op,
+             offset,
+             loss ? loss->data_ptr<A>() : nullptr,
+             stats ? stats->data_ptr<A>() : nullptr,
+             sums ? sums->data_ptr<A>() : nullptr,
+             grad ? grad->data_ptr<A>() : nullptr,
+             gs,
+             gt};
+    dispatch_rows<A>(s, t, lab, pr, j);
+  };
+  if (acc_type(s) == at::kDouble) {
+    fill(0.0);
+  } else {
+    fill(0.0f);
+  }
 }
-
-#define KD_PARAMS_DECL                                                                   \
-  const std::string &kind, double mix, double coef_p, double coef_q, double inv_ts,      \
-      double inv_tt, double kd_scale, double ce_weight, int64_t ignore_index
-#define KD_PARAMS_ARGS kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index
 
 std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& s, const at::Tensor& t,
                                                   const c10::optional<at::Tensor>& labels,
                                                   KD_PARAMS_DECL) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_inputs(s, t, labels, pr);
+  check_inputs(s, t, labels, pr, true);
   const auto acc = acc_type(s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(acc));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(acc));
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  if (acc == at::kDouble) {
-    dispatch_rows<double>(s, t, lab, pr, loss.data_ptr<double>(), stats.data_ptr<double>(),
-                          nullptr, nullptr, nullptr, true, false);
-  } else {
-    dispatch_rows<float>(s, t, lab, pr, loss.data_ptr<float>(), stats.data_ptr<float>(),
-                         nullptr, nullptr, nullptr, true, false);
-  }
+  run_job(s, t, labels, pr, Op::FORWARD, 0, true, &loss, &stats, nullptr, nullptr, nullptr,
+          nullptr);
   return {loss, stats};
+}
+
+at::Tensor kd_partial_cpu(const at::Tensor& s, const at::Tensor& t,
+                          const c10::optional<at::Tensor>& labels, KD_PARAMS_DECL,
+                          int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_inputs(s, t, labels, pr, true);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  auto stats = at::empty({s.size(0), NSTAT}, s.options().dtype(acc_type(s)));
+  run_job(s, t, labels, pr, Op::PARTIAL, offset, false, nullptr, &stats, nullptr, nullptr,
+          nullptr, nullptr);
+  return stats;
+}
+
+at::Tensor kd_mix_partial_cpu(const at::Tensor& s, const at::Tensor& t, const at::Tensor& stats,
+                              KD_PARAMS_DECL, int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_logits(s, t, pr, true);
+  TORCH_CHECK(pr.kind == MIXTURE, "kdkernels: mix_partial needs kind 'mixture', got '", kind,
+              "'");
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  check_stats(stats, s.size(0), acc_type(s));
+  auto sums = at::empty({s.size(0), 4}, s.options().dtype(acc_type(s)));
+  at::Tensor st = stats;
+  run_job(s, t, c10::nullopt, pr, Op::MIX, offset, false, nullptr, &st, &sums, nullptr,
+          nullptr, nullptr);
+  return sums;
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad_loss,
                                                    const at::Tensor& s, const at::Tensor& t,
                                                    const c10::optional<at::Tensor>& labels,
                                                    const at::Tensor& stats, KD_PARAMS_DECL,
-                                                   bool need_teacher) {
+                                                   int64_t offset, bool need_teacher) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_inputs(s, t, labels, pr);
+  check_inputs(s, t, labels, pr, true);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   const auto acc = acc_type(s);
   const int64_t n = s.size(0);
-  TORCH_CHECK(stats.scalar_type() == acc && stats.dim() == 2 && stats.size(0) == n &&
-                  stats.size(1) == NSTAT && stats.is_contiguous(),
-              "kdkernels: stats must be the (", n, ", ", NSTAT, ") ", acc,
-              " tensor of kd_forward, got ", stats.sizes(), " ", stats.scalar_type());
+  check_stats(stats, n, acc);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
               "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
   auto g = grad_loss.to(acc).contiguous();
@@ -798,15 +525,9 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad_loss,
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t.options());
   advise_huge_pages(gs);
   if (need_teacher) advise_huge_pages(gt);
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  void* gtp = need_teacher ? gt.data_ptr() : nullptr;
-  if (acc == at::kDouble) {
-    dispatch_rows<double>(s, t, lab, pr, nullptr, const_cast<double*>(stats.data_ptr<double>()),
-                          g.data_ptr<double>(), gs.data_ptr(), gtp, false, true);
-  } else {
-    dispatch_rows<float>(s, t, lab, pr, nullptr, const_cast<float*>(stats.data_ptr<float>()),
-                         g.data_ptr<float>(), gs.data_ptr(), gtp, false, true);
-  }
+  at::Tensor st = stats;  // read only
+  run_job(s, t, labels, pr, Op::BACKWARD, offset, false, nullptr, &st, nullptr, &g,
+          gs.data_ptr(), need_teacher ? gt.data_ptr() : nullptr);
   return {gs, gt};
 }
 
@@ -816,22 +537,15 @@ std::tuple<at::Tensor, at::Tensor> kd_fused_cpu(at::Tensor& s, const at::Tensor&
                                                 const c10::optional<at::Tensor>& labels,
                                                 KD_PARAMS_DECL, bool need_teacher) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_inputs(s, t, labels, pr);
+  check_inputs(s, t, labels, pr, true);
   const auto acc = acc_type(s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(acc));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(acc));
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t.options());
   if (need_teacher) advise_huge_pages(gt);
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  void* gtp = need_teacher ? gt.data_ptr() : nullptr;
-  if (acc == at::kDouble) {
-    dispatch_rows<double>(s, t, lab, pr, loss.data_ptr<double>(), stats.data_ptr<double>(),
-                          nullptr, s.data_ptr(), gtp, true, true);
-  } else {
-    dispatch_rows<float>(s, t, lab, pr, loss.data_ptr<float>(), stats.data_ptr<float>(),
-                         nullptr, s.data_ptr(), gtp, true, true);
-  }
+  run_job(s, t, labels, pr, Op::FUSED, 0, true, &loss, &stats, nullptr, nullptr, s.data_ptr(),
+          need_teacher ? gt.data_ptr() : nullptr);
   return {loss, gt};
 }
 
@@ -1048,9 +762,16 @@ TORCH_LIBRARY(kdkernels, m) {
   // row losses (N,) and per-row statistics (N, NSTAT) for kd_backward
   m.def("kd_forward(Tensor s, Tensor t, Tensor? labels, " KD_SPEC_SCHEMA
         ") -> (Tensor, Tensor)");
-  // (grad_s, grad_t); grad_t is empty (0,) unless need_teacher
+  // statistics (N, NSTAT) of the columns [offset, offset + Vr) of rows (labels: global ids)
+  m.def("kd_partial(Tensor s, Tensor t, Tensor? labels, " KD_SPEC_SCHEMA
+        ", int offset) -> Tensor");
+  // the mixture's pass-2 sums (N, 4) = (A, B, Uq, Up) over a range, given global stats
+  m.def("kd_mix_partial(Tensor s, Tensor t, Tensor stats, " KD_SPEC_SCHEMA
+        ", int offset) -> Tensor");
+  // (grad_s, grad_t) of a range given global finished stats; grad_t is empty (0,) unless
+  // need_teacher
   m.def("kd_backward(Tensor grad_loss, Tensor s, Tensor t, Tensor? labels, Tensor stats, "
-        KD_SPEC_SCHEMA ", bool need_teacher) -> (Tensor, Tensor)");
+        KD_SPEC_SCHEMA ", int offset, bool need_teacher) -> (Tensor, Tensor)");
   // (loss, grad_t); s is overwritten by its gradient for an upstream gradient of 1 per row
   m.def("kd_fused_(Tensor(a!) s, Tensor t, Tensor? labels, " KD_SPEC_SCHEMA
         ", bool need_teacher) -> (Tensor, Tensor)");
@@ -1064,6 +785,8 @@ TORCH_LIBRARY(kdkernels, m) {
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("kd_forward", &kd::kd_forward_cpu);
+  m.impl("kd_partial", &kd::kd_partial_cpu);
+  m.impl("kd_mix_partial", &kd::kd_mix_partial_cpu);
   m.impl("kd_backward", &kd::kd_backward_cpu);
   m.impl("kd_fused_", &kd::kd_fused_cpu);
   m.impl("kl_div", &kd::kl_div_cpu);

@@ -7,7 +7,8 @@
 // Work layout. Grid (rows, splits): a block of THREADS threads handles one vocabulary chunk
 // of one row; splits > 1 only when there are too few rows to fill the GPU (the vocab split).
 // Each thread walks its elements in packs of PACK = 8 (128-bit loads: 2 x float4 for float32,
-// 1 x uint4 for 16-bit types, when the row is 16-byte aligned), moves its references once per
+// 1 x uint4 for 16-bit types) from the row's first 16-byte-aligned column on, with single
+// elements before it and after the last pack (for_elements), moves its references once per
 // pack and accumulates with kd_math.h's element functions. Threads merge their partial
 // triples exactly (kl_merge) through warp shuffles and shared memory; a block writes one
 // partial state per (row, split) and a finalize kernel (a thread per row) merges the splits
@@ -15,12 +16,19 @@
 //   forward/reverse KL   stats kernel -> finalize                      (1 read of s, t)
 //   mixture              stats -> finalize -> mixture sums -> finalize (2 reads)
 //   backward             one elementwise kernel: read s, t, write grad_s (, grad_t)
-// float64 logits are served by the PyTorch path (kdkernels/ext.py); a teacher whose dtype
-// differs from the student's is converted to it first.
+//   kd_partial           stats -> finalize (no loss): a column range's statistics
+//   kd_mix_partial       mixture sums -> their per-row sum, given global statistics
+// The stats table is kd_layout.h's (N, NSTAT) float32; labels are global vocabulary ids and
+// `offset` is the tensors' first column in the row.
+// float64 logits are served by the PyTorch path (kdkernels/ext.py). Student and teacher are
+// read each in its own dtype when the teacher's is the student's or float32 (the kernels are
+// instantiated for those pairs); a teacher of another 16-bit dtype is converted to float32.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -32,6 +40,8 @@
 #include <string>
 #include <type_traits>
 
+#include "kd_checks.h"
+#include "kd_layout.h"
 #include "kd_math.h"
 
 namespace kd {
@@ -40,9 +50,7 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int PACK = 8;
-constexpr int NPART = 8;   // floats per partial state: ms, ss, mt, st, acc, m1, s1, (pad)
-constexpr int NSTAT = 11;  // columns of the stats tensor (kd_cpu.cpp: enum Stat)
-enum : int { ST_MS = 0, ST_LS, ST_MT, ST_LT, ST_M1, ST_L1, ST_SLAB, ST_D, ST_B, ST_UQ, ST_UP };
+constexpr int NPART = 8;  // floats per partial state: ms, ss, mt, st, acc, m1, s1, (pad)
 
 #define KD_CUDA_CHECK(expr)                                                               \
   do {                                                                                    \
@@ -159,17 +167,49 @@ __device__ A block_sum(A x) {
   return x;
 }
 
-// Elements [b, e) of a row: packs of PACK (when `vec`) then single elements, thread-strided.
+// The first column h of a row at which a pack is 16-byte aligned in x (elements of es
+// bytes), or -1 when no column is (x not even element-aligned). A pack is PACK elements of
+// 2 or 4 bytes, a multiple of 16 bytes, so every column h + k PACK is aligned too.
+__device__ __forceinline__ int64_t pack_head(const void* x, int es) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(x);
+  if (a % es != 0) return -1;
+  return int64_t((16 - a % 16) % 16 / es);
+}
+
+// Whether packs starting at column h are 16-byte aligned in x too (nullptr: no array).
+__device__ __forceinline__ bool packs_aligned(const void* x, int es, int64_t h) {
+  return x == nullptr || (reinterpret_cast<uintptr_t>(x) + uint64_t(h) * es) % 16 == 0;
+}
+
+// The column from which packs are aligned in every array of a row (s and t, gs and gt when
+// written), or -1 when none is: then the row is read element by element.
+template <class TS, class TT>
+__device__ __forceinline__ int64_t row_pack_head(const TS* s, const TT* t,
+                                                 const TS* gs = nullptr,
+                                                 const TT* gt = nullptr) {
+  const int64_t h = pack_head(s, sizeof(TS));
+  if (h < 0) return -1;
+  const bool ok = packs_aligned(t, sizeof(TT), h) && packs_aligned(gs, sizeof(TS), h) &&
+                  packs_aligned(gt, sizeof(TT), h);
+  return ok ? h : -1;
+}
+
+// Elements [b, e) of a row, thread-strided: single elements up to the first pack-aligned
+// column (h + k PACK, h from row_pack_head; none when h < 0), packs of PACK (128-bit loads),
+// then single elements. Any V and any row offset (V = 50257, a sliced shard) keeps the
+// packs; only up to PACK - 1 elements at each end of a block's range go one by one.
 // f(offset, count) is called with count == PACK or 1.
 template <class F>
-__device__ __forceinline__ void for_elements(int64_t b, int64_t e, bool vec, F&& f) {
-  int64_t i = b;
-  if (vec) {
-    const int64_t npk = (e - b) / PACK;
-    for (int64_t k = threadIdx.x; k < npk; k += THREADS) f(b + k * PACK, PACK);
-    i = b + npk * PACK;
+__device__ __forceinline__ void for_elements(int64_t b, int64_t e, int64_t h, F&& f) {
+  int64_t a = e;  // start of the packs
+  int64_t npk = 0;
+  if (h >= 0) {
+    a = min(e, b + ((h - b) % PACK + PACK) % PACK);
+    npk = (e - a) / PACK;
   }
-  for (int64_t j = i + threadIdx.x; j < e; j += THREADS) f(j, 1);
+  for (int64_t j = b + threadIdx.x; j < a; j += THREADS) f(j, 1);
+  for (int64_t k = threadIdx.x; k < npk; k += THREADS) f(a + k * PACK, PACK);
+  for (int64_t j = a + npk * PACK + threadIdx.x; j < e; j += THREADS) f(j, 1);
 }
 
 template <class T>
@@ -193,24 +233,23 @@ __device__ __forceinline__ float pack_max(const float* x, int cnt) {
 
 // ---- forward: statistics pass ----------------------------------------------------------------
 
-template <int K, class T>
+template <int K, class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
-    const T* __restrict__ s,              // (N, V) student logits
-    const T* __restrict__ t,              // (N, V) teacher logits
+    const TS* __restrict__ s,             // (N, V) student logits
+    const TT* __restrict__ t,             // (N, V) teacher logits
     const int64_t* __restrict__ labels,   // (N,) labels or nullptr
     float* __restrict__ part,             // (N, splits, NPART) partial states out
-    int64_t v, int64_t chunk, float its, float itt, bool ce_sep, int64_t ignore_index,
-    bool vec) {
+    int64_t v, int64_t chunk, float its, float itt, bool ce_sep, int64_t ignore_index) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   float* out = part + (row * gridDim.y + blockIdx.y) * NPART;
   if (labels && labels[row] == ignore_index) return;  // finalize writes 0 for ignored rows
-  const T* sr = s + row * v;
-  const T* tr = t + row * v;
+  const TS* sr = s + row * v;
+  const TT* tr = t + row * v;
   KLPart<float> p = kl_part_empty<float>();
   float m1 = kd_neg_inf<float>(), s1 = 0.f;
-  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+  for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK];
     load_any(sr + i, cnt, its, zs);
     load_any(tr + i, cnt, itt, zt);
@@ -250,16 +289,18 @@ __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
   }
 }
 
-// A thread per row: merge the splits, write the statistics and (except mixture) the loss.
+// A thread per row: merge the splits and write the statistics of the row's range (columns
+// [offset, offset + v) of the vocabulary, layout kd_layout.h); with `loss` (whole rows,
+// offset 0) also DIV = D and, except for the mixture, the loss.
 template <int K, class T>
 __global__ void kd_finalize_kernel(
     const T* __restrict__ s,              // (N, V) student logits (for s[label])
-    const int64_t* __restrict__ labels,   // (N,) or nullptr
+    const int64_t* __restrict__ labels,   // (N,) global ids, or nullptr
     const float* __restrict__ part,       // (N, splits, NPART)
     float* __restrict__ stats,            // (N, NSTAT) out
-    float* __restrict__ loss,             // (N,) out
-    int64_t n, int64_t v, int splits, bool ce, bool ce_sep, int64_t ignore_index,
-    float kd_scale, float ce_weight) {
+    float* __restrict__ loss,             // (N,) out, or nullptr (a range's statistics)
+    int64_t n, int64_t v, int64_t offset, int splits, bool ce, bool ce_sep,
+    int64_t ignore_index, float kd_scale, float ce_weight) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n) return;
@@ -267,7 +308,7 @@ __global__ void kd_finalize_kernel(
   const int64_t lab = labels ? labels[row] : -1;
   if (labels && lab == ignore_index) {
     for (int c = 0; c < NSTAT; ++c) st[c] = 0.f;
-    loss[row] = 0.f;
+    if (loss) loss[row] = 0.f;
     return;
   }
   KLPart<float> p = kl_part_empty<float>();
@@ -285,28 +326,30 @@ __global__ void kd_finalize_kernel(
   st[ST_LT] = kd_log(p.st);
   st[ST_M1] = ce_sep ? m1 : p.ms;
   st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
-  st[ST_SLAB] = ce ? to_f(s[row * v + lab]) : 0.f;
-  st[ST_B] = st[ST_UQ] = st[ST_UP] = 0.f;
-  if (K != MIXTURE) {
+  const int64_t col = lab - offset;  // the label's column in the range
+  st[ST_LABEL] = labels && col >= 0 && col < v ? to_f(s[row * v + col]) : 0.f;
+  st[ST_DIV] = st[ST_B] = st[ST_UQ] = st[ST_UP] = 0.f;
+  st[ST_ACC] = K == MIXTURE ? 0.f : p.acc;
+  if (K != MIXTURE && loss) {
     const float d = kl_value<REV>(p.ss, p.st, p.acc);
-    st[ST_D] = d;
+    st[ST_DIV] = d;
     float l = kd_scale * d;
-    if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+    if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
     loss[row] = l;
   }
 }
 
 // ---- forward: mixture pass 2 -------------------------------------------------------------------
 
-template <class T>
+template <class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
-    const T* __restrict__ s,              // (N, V) student logits
-    const T* __restrict__ t,              // (N, V) teacher logits
+    const TS* __restrict__ s,             // (N, V) student logits
+    const TT* __restrict__ t,             // (N, V) teacher logits
     const int64_t* __restrict__ labels,   // (N,) or nullptr
-    const float* __restrict__ stats,      // (N, NSTAT) from kd_finalize_kernel
+    const float* __restrict__ stats,      // (N, NSTAT) the rows' global statistics
     float* __restrict__ part,             // (N, splits, 4) partial A, B, Uq, Up out
-    int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, bool vec,
-    float mix, float coef_p, float coef_q) {
+    int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, float mix,
+    float coef_p, float coef_q, bool unit_sums) {
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   if (labels && labels[row] == ignore_index) return;
@@ -314,16 +357,23 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
   // lq = (zs - ms) - log Ss: never through a rounded lse (cancellation at |z| ~ 1e4)
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
-  const T* sr = s + row * v;
-  const T* tr = t + row * v;
+  const TS* sr = s + row * v;
+  const TT* tr = t + row * v;
   float sa = 0.f, sb = 0.f, suq = 0.f, sup = 0.f;
-  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+  for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK];
     load_any(sr + i, cnt, its, zs);
     load_any(tr + i, cnt, itt, zt);
 #pragma unroll
     for (int k = 0; k < PACK; ++k)
-      if (k < cnt) mix_add((zs[k] - ms) - ls, (zt[k] - mt) - lt, c, sa, sb, suq, sup);
+      if (k < cnt) {
+        const float lq = (zs[k] - ms) - ls, lp = (zt[k] - mt) - lt;
+        mix_add(lq, lp, c, sa, sb, suq, sup);
+        if (unit_sums && c.unit_u) {  // u = 1: the range's sum q u is its sum of q
+          suq += kd_exp(lq);
+          sup += kd_exp(lp);
+        }
+      }
   });
   sa = block_sum(sa);
   sb = block_sum(sb);
@@ -352,43 +402,59 @@ __global__ void kd_mix_finalize_kernel(
   }
   float* st = stats + row * NSTAT;
   // jsd (unit_u): u = 1, so sum q u = sum q = 1 (the kernel skipped those sums)
-  st[ST_D] = a, st[ST_B] = bb, st[ST_UQ] = unit_u ? 1.f : uq, st[ST_UP] = unit_u ? 1.f : up;
+  st[ST_DIV] = a, st[ST_B] = bb, st[ST_UQ] = unit_u ? 1.f : uq, st[ST_UP] = unit_u ? 1.f : up;
   const float d = (coef_p != 0.f ? coef_p * a : 0.f) + (coef_q != 0.f ? coef_q * bb : 0.f);
   float l = kd_scale * d;
-  if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_SLAB]);
+  if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
   loss[row] = l;
+}
+
+// A thread per row: the mixture's pass-2 sums of a range, the splits added in order.
+__global__ void kd_mix_sums_kernel(const float* __restrict__ part,  // (N, splits, 4)
+                                   float* __restrict__ out,         // (N, 4) out
+                                   int64_t n, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  float a = 0.f, b = 0.f, uq = 0.f, up = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    const float* q = part + (row * splits + k) * 4;
+    a += q[0], b += q[1], uq += q[2], up += q[3];
+  }
+  out[row * 4] = a, out[row * 4 + 1] = b, out[row * 4 + 2] = uq, out[row * 4 + 3] = up;
 }
 
 // ---- backward ----------------------------------------------------------------------------------
 
-template <int K, class T>
+template <int K, class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
     const float* __restrict__ grad,       // (N,) upstream row gradients, nullptr = 1
-    const T* s,                           // (N, V) student logits (may alias gs: fused op)
-    const T* __restrict__ t,              // (N, V) teacher logits
-    const int64_t* __restrict__ labels,   // (N,) or nullptr
-    const float* __restrict__ stats,      // (N, NSTAT)
-    T* gs,                                // (N, V) grad of s out
-    T* __restrict__ gt,                   // (N, V) grad of t out, or nullptr
-    int64_t v, int64_t chunk, float its, float itt, bool ce, bool ce_sep, int64_t ignore_index,
-    bool vec, float kd_scale, float ce_weight, float mix, float coef_p, float coef_q) {
+    const TS* s,                          // (N, V) student logits (may alias gs: fused op)
+    const TT* __restrict__ t,             // (N, V) teacher logits
+    const int64_t* __restrict__ labels,   // (N,) global ids, or nullptr
+    const float* __restrict__ stats,      // (N, NSTAT) the rows' global finished statistics
+    TS* gs,                               // (N, V) grad of s out
+    TT* __restrict__ gt,                  // (N, V) grad of t out, or nullptr
+    int64_t v, int64_t offset, int64_t chunk, float its, float itt, bool ce, bool ce_sep,
+    int64_t ignore_index, float kd_scale, float ce_weight, float mix, float coef_p,
+    float coef_q) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
-  const T* sr = s + row * v;
-  const T* tr = t + row * v;
-  T* gsr = gs + row * v;
-  T* gtr = gt ? gt + row * v : nullptr;
+  const TS* sr = s + row * v;
+  const TT* tr = t + row * v;
+  TS* gsr = gs + row * v;
+  TT* gtr = gt ? gt + row * v : nullptr;
+  const int64_t h = row_pack_head(sr, tr, gsr, gtr);
   const int64_t lab = labels ? labels[row] : -1;
   if (labels && lab == ignore_index) {
     const float zero[PACK] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for_elements(b, e, vec, [&](int64_t i, int cnt) {
+    for_elements(b, e, h, [&](int64_t i, int cnt) {
       if (cnt == PACK) {
         store_pack(gsr + i, zero);
         if (gtr) store_pack(gtr + i, zero);
       } else {
-        gsr[i] = T(0.f);
-        if (gtr) gtr[i] = T(0.f);
+        gsr[i] = TS(0.f);
+        if (gtr) gtr[i] = TT(0.f);
       }
     });
     return;
@@ -398,9 +464,9 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
   const float cs = g * kd_scale * its, ct = g * kd_scale * itt, cce = ce ? g * ce_weight : 0.f;
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const float m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
-  const float D = st[ST_D], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
+  const float D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
-  for_elements(b, e, vec, [&](int64_t i, int cnt) {
+  for_elements(b, e, h, [&](int64_t i, int cnt) {
     float zs[PACK], zt[PACK], z1[PACK], os[PACK], ot[PACK];
     load_any(sr + i, cnt, its, zs);
     load_any(tr + i, cnt, itt, zt);
@@ -418,7 +484,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
         a *= cs;
         if (ce) {
           const float x1 = ce_sep ? z1[k] : zs[k];
-          a += cce * ce_grad(x1, m1, l1, (i + k == lab) ? 1.f : 0.f);
+          a += cce * ce_grad(x1, m1, l1, (i + k == lab - offset) ? 1.f : 0.f);
         }
         os[k] = a;
         ot[k] = bt * ct;
@@ -428,8 +494,8 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
       store_pack(gsr + i, os);
       if (gtr) store_pack(gtr + i, ot);
     } else {
-      gsr[i] = T(os[0]);
-      if (gtr) gtr[i] = T(ot[0]);
+      gsr[i] = TS(os[0]);
+      if (gtr) gtr[i] = TT(ot[0]);
     }
   });
 }
@@ -562,12 +628,10 @@ void dispatch_all_types(at::ScalarType st, const char* what, F&& f) {
 }
 
 template <class F>
-void dispatch_kind(const std::string& kind, F&& f) {
-  if (kind == "forward_kl") return f(std::integral_constant<int, FORWARD_KL>{});
-  if (kind == "reverse_kl") return f(std::integral_constant<int, REVERSE_KL>{});
-  if (kind == "mixture") return f(std::integral_constant<int, MIXTURE>{});
-  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl or mixture, got '", kind,
-              "'");
+void dispatch_kind(int kind, F&& f) {
+  if (kind == FORWARD_KL) return f(std::integral_constant<int, FORWARD_KL>{});
+  if (kind == REVERSE_KL) return f(std::integral_constant<int, REVERSE_KL>{});
+  return f(std::integral_constant<int, MIXTURE>{});
 }
 
 int sm_count(int device) {
@@ -589,158 +653,217 @@ Split choose_split(int64_t n, int64_t v, int device) {
   if (n < want) splits = std::min<int64_t>((want + n - 1) / std::max<int64_t>(n, 1),
                                            std::max<int64_t>(1, v / 4096));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
-  int64_t chunk = (v + splits - 1) / splits;
+  // chunk >= PACK, so an empty row (v = 0: an empty range) is one block with no elements
+  int64_t chunk = std::max<int64_t>((v + splits - 1) / splits, 1);
   chunk = (chunk + PACK - 1) / PACK * PACK;
-  splits = (v + chunk - 1) / chunk;
+  splits = std::max<int64_t>((v + chunk - 1) / chunk, 1);
   return {int(std::max<int64_t>(splits, 1)), std::max<int64_t>(chunk, PACK)};
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+// Calls f(TS{}, TT{}) with the element types of s and t (t from teacher_for: s's dtype or
+// float32).
+template <class F>
+void dispatch_pair(const at::Tensor& s, const at::Tensor& t, F&& f) {
+  dispatch_half_types(s.scalar_type(), "s", [&](auto sz) {
+    if (t.scalar_type() == s.scalar_type()) return f(sz, sz);
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "kdkernels CUDA: t must be s's dtype or ",
+                "float32 here, got ", t.scalar_type());
+    f(sz, float{});
+  });
+}
 
-struct Spec {
-  std::string kind;
-  double mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight;
-  int64_t ignore_index;
-};
-
-#define KD_PARAMS_DECL                                                                   \
-  const std::string &kind, double mix, double coef_p, double coef_q, double inv_ts,      \
-      double inv_tt, double kd_scale, double ce_weight, int64_t ignore_index
-#define KD_SPEC {kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index}
-
+// whole: the tensors are whole rows (labels in [0, V)); else a column range (labels >= 0)
 void check_cuda_inputs(const at::Tensor& s, const at::Tensor& t,
-                       const c10::optional<at::Tensor>& labels, const Spec& sp) {
+                       const c10::optional<at::Tensor>& labels, const Params& pr, bool whole) {
   TORCH_CHECK(s.is_cuda() && t.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
-  TORCH_CHECK(s.device() == t.device(), "kdkernels: s and t must be on the same device");
-  TORCH_CHECK(s.dim() == 2, "kdkernels: s must be 2-D (rows, V), got ", s.sizes());
-  TORCH_CHECK(t.sizes() == s.sizes(), "kdkernels: t must have s's shape ", s.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(s.is_contiguous() && t.is_contiguous(), "kdkernels: s and t must be contiguous");
-  TORCH_CHECK(sp.inv_ts > 0 && sp.inv_tt > 0, "kdkernels: inv_ts and inv_tt must be > 0");
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 &&
-                    labels->size(0) == s.size(0) && labels->is_contiguous() &&
-                    labels->device() == s.device(),
-                "kdkernels: labels must be a contiguous int64 (", s.size(0),
-                ",) tensor on s's device, got ", labels->sizes(), " ", labels->scalar_type());
+  check_inputs(s, t, labels, pr, false);
+  const int64_t v = whole ? s.size(1) : -1;
+  if (labels.has_value() && labels->numel() > 0 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    // a CUDA graph is being captured, where a host sync is not allowed: a device-side
+    // assert instead (as F.cross_entropy's), which names no row
+    at::_assert_async(bad_labels(*labels, v, pr).any().logical_not(),
+                      "kdkernels: a label is outside the vocabulary and is not ignore_index");
   } else {
-    TORCH_CHECK(sp.ce_weight == 0, "kdkernels: ce_weight=", sp.ce_weight, " needs labels");
+    check_label_values(labels, v, pr);
   }
 }
 
-// Forward kernels; fills loss (N,) and stats (N, NSTAT).
-void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Spec& sp,
-                 at::Tensor& loss, at::Tensor& stats) {
+// Pass 1 over the columns [offset, offset + v) of rows: fills stats (N, NSTAT); with `loss`
+// (whole rows, offset 0) also the loss and, for the mixture, pass 2.
+void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Params& pr,
+                 int64_t offset, at::Tensor* loss, at::Tensor& stats) {
   const int64_t n = s.size(0), v = s.size(1);
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
-  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && v % PACK == 0;
-  const bool ce = sp.ce_weight != 0 && lab != nullptr;
-  const bool ce_sep = ce && sp.inv_ts != 1.0;
+  const bool ce = pr.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
   auto part = at::empty({n, sp_.splits, NPART}, s.options().dtype(at::kFloat));
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
   const int fin_blocks = int((n + 127) / 128);
-  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
-    using T = decltype(tz);
-    const T* sp_s = static_cast<const T*>(s.data_ptr());
-    const T* sp_t = static_cast<const T*>(t.data_ptr());
-    dispatch_kind(sp.kind, [&](auto kz) {
+  float* lossp = loss ? loss->data_ptr<float>() : nullptr;
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
+    const TS* sp_s = static_cast<const TS*>(s.data_ptr());
+    const TT* sp_t = static_cast<const TT*>(t.data_ptr());
+    dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
-      kd_stats_kernel<K, T><<<grid, THREADS, 0, stream>>>(
-          sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(sp.inv_ts),
-          float(sp.inv_tt), ce_sep, sp.ignore_index, vec);
+      kd_stats_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
+          sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
+          float(pr.inv_tt), ce_sep, pr.ignore_index);
       KD_CUDA_CHECK(cudaGetLastError());
-      kd_finalize_kernel<K, T><<<fin_blocks, 128, 0, stream>>>(
-          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(),
-          n, v, sp_.splits, ce, ce_sep, sp.ignore_index, float(sp.kd_scale),
-          float(sp.ce_weight));
+      kd_finalize_kernel<K, TS><<<fin_blocks, 128, 0, stream>>>(
+          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v, offset,
+          sp_.splits, ce, ce_sep, pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight));
       KD_CUDA_CHECK(cudaGetLastError());
       if constexpr (K == MIXTURE) {
-        auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
-        kd_mix_kernel<T><<<grid, THREADS, 0, stream>>>(
-            sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
-            float(sp.inv_ts), float(sp.inv_tt), sp.ignore_index, vec, float(sp.mix),
-            float(sp.coef_p), float(sp.coef_q));
-        KD_CUDA_CHECK(cudaGetLastError());
-        kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
-            lab, part2.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(), n,
-            sp_.splits, ce, sp.ignore_index, float(sp.kd_scale), float(sp.ce_weight),
-            float(sp.coef_p), float(sp.coef_q),
-            mix_coef(float(sp.mix), float(sp.coef_p), float(sp.coef_q)).unit_u);
-        KD_CUDA_CHECK(cudaGetLastError());
+        if (lossp) {
+          auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
+          kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
+              sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
+              float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, float(pr.mix),
+              float(pr.coef_p), float(pr.coef_q), false);
+          KD_CUDA_CHECK(cudaGetLastError());
+          kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
+              lab, part2.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, sp_.splits, ce,
+              pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight), float(pr.coef_p),
+              float(pr.coef_q), mix_coef(float(pr.mix), float(pr.coef_p), float(pr.coef_q)).unit_u);
+          KD_CUDA_CHECK(cudaGetLastError());
+        }
       }
     });
   });
 }
 
-void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
-                  const int64_t* lab, const at::Tensor& stats, const Spec& sp, void* gs,
-                  void* gt) {
+// The mixture's pass-2 sums (N, 4) of a range given the rows' global statistics.
+void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
+                  const at::Tensor& stats, at::Tensor& out) {
   const int64_t n = s.size(0), v = s.size(1);
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
-  const bool vec = aligned16(s.data_ptr()) && aligned16(t.data_ptr()) && aligned16(gs) &&
-                   (gt == nullptr || aligned16(gt)) && v % PACK == 0;
-  const bool ce = sp.ce_weight != 0 && lab != nullptr;
-  const bool ce_sep = ce && sp.inv_ts != 1.0;
+  auto part = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
-  dispatch_half_types(s.scalar_type(), "s", [&](auto tz) {
-    using T = decltype(tz);
-    dispatch_kind(sp.kind, [&](auto kz) {
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
+    kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
+        static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()), nullptr,
+        stats.data_ptr<float>(), part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
+        float(pr.inv_tt), pr.ignore_index, float(pr.mix), float(pr.coef_p), float(pr.coef_q),
+        true);
+    KD_CUDA_CHECK(cudaGetLastError());
+    kd_mix_sums_kernel<<<int((n + 127) / 128), 128, 0, stream>>>(part.data_ptr<float>(),
+                                                               out.data_ptr<float>(), n,
+                                                               sp_.splits);
+    KD_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
+                  const int64_t* lab, const at::Tensor& stats, const Params& pr, int64_t offset,
+                  void* gs, void* gt) {
+  const int64_t n = s.size(0), v = s.size(1);
+  if (n == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Split sp_ = choose_split(n, v, s.get_device());
+  const bool ce = pr.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
+  const dim3 grid(unsigned(n), unsigned(sp_.splits));
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
+    dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
-      kd_grad_kernel<K, T><<<grid, THREADS, 0, stream>>>(
-          grad, static_cast<const T*>(s.data_ptr()), static_cast<const T*>(t.data_ptr()), lab,
-          stats.data_ptr<float>(), static_cast<T*>(gs), static_cast<T*>(gt), v, sp_.chunk,
-          float(sp.inv_ts), float(sp.inv_tt), ce, ce_sep, sp.ignore_index, vec,
-          float(sp.kd_scale), float(sp.ce_weight), float(sp.mix), float(sp.coef_p),
-          float(sp.coef_q));
+      kd_grad_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
+          grad, static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()),
+          lab, stats.data_ptr<float>(), static_cast<TS*>(gs), static_cast<TT*>(gt), v, offset,
+          sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, ce_sep, pr.ignore_index,
+          float(pr.kd_scale), float(pr.ce_weight), float(pr.mix), float(pr.coef_p),
+          float(pr.coef_q));
       KD_CUDA_CHECK(cudaGetLastError());
     });
   });
 }
 
-at::Tensor same_dtype(const at::Tensor& t, const at::Tensor& s) {
-  return t.scalar_type() == s.scalar_type() ? t : t.to(s.scalar_type());
+// The teacher as the kernels read it: in its own dtype when that is the student's or float32
+// (the pairs with kernels: no copy, no rounding of a float32 teacher to the student's
+// dtype), else converted to float32 (exact for the 16-bit dtypes).
+at::Tensor teacher_for(const at::Tensor& t, const at::Tensor& s) {
+  const auto tt = t.scalar_type();
+  return tt == s.scalar_type() || tt == at::kFloat ? t : t.to(at::kFloat);
+}
+
+const int64_t* labels_ptr(const c10::optional<at::Tensor>& labels) {
+  return labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& s, const at::Tensor& t_in,
                                                    const c10::optional<at::Tensor>& labels,
                                                    KD_PARAMS_DECL) {
-  const Spec sp KD_SPEC;
-  check_cuda_inputs(s, t_in, labels, sp);
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr, true);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(at::kFloat));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  run_forward(s, t, lab, sp, loss, stats);
+  run_forward(s, t, labels_ptr(labels), pr, 0, &loss, stats);
   return {loss, stats};
+}
+
+at::Tensor kd_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
+                           const c10::optional<at::Tensor>& labels, KD_PARAMS_DECL,
+                           int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr, false);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = teacher_for(t_in, s);
+  auto stats = at::empty({s.size(0), NSTAT}, s.options().dtype(at::kFloat));
+  run_forward(s, t, labels_ptr(labels), pr, offset, nullptr, stats);
+  return stats;
+}
+
+at::Tensor kd_mix_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
+                               const at::Tensor& stats, KD_PARAMS_DECL, int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  TORCH_CHECK(s.is_cuda() && t_in.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
+  check_logits(s, t_in, pr, false);
+  TORCH_CHECK(pr.kind == MIXTURE, "kdkernels: mix_partial needs kind 'mixture', got '", kind,
+              "'");
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  check_stats(stats, s.size(0), at::kFloat);
+  TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = teacher_for(t_in, s);
+  auto out = at::empty({s.size(0), 4}, s.options().dtype(at::kFloat));
+  run_mix_sums(s, t, pr, stats, out);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
                                                     const at::Tensor& s, const at::Tensor& t_in,
                                                     const c10::optional<at::Tensor>& labels,
                                                     const at::Tensor& stats, KD_PARAMS_DECL,
-                                                    bool need_teacher) {
-  const Spec sp KD_SPEC;
-  check_cuda_inputs(s, t_in, labels, sp);
+                                                    int64_t offset, bool need_teacher) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr, false);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t n = s.size(0);
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == n &&
-                  stats.size(1) == NSTAT && stats.is_contiguous(),
-              "kdkernels: stats must be kd_forward's (", n, ", ", NSTAT, ") float32 tensor");
+  check_stats(stats, n, at::kFloat);
+  TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
               "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   auto g = grad_loss.to(at::kFloat).contiguous();
   auto gs = at::empty_like(s);
-  // the kernel writes grad_t in s's dtype; converted back to t's below when they differ
+  // grad_t is written in the dtype the kernel reads t in; converted back below if it differs
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  run_backward(g.data_ptr<float>(), s, t, lab, stats, sp, gs.data_ptr(),
+  run_backward(g.data_ptr<float>(), s, t, labels_ptr(labels), stats, pr, offset, gs.data_ptr(),
                need_teacher ? gt.data_ptr() : nullptr);
   if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
   return {gs, gt};
@@ -749,18 +872,18 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
 std::tuple<at::Tensor, at::Tensor> kd_fused_cuda(at::Tensor& s, const at::Tensor& t_in,
                                                  const c10::optional<at::Tensor>& labels,
                                                  KD_PARAMS_DECL, bool need_teacher) {
-  const Spec sp KD_SPEC;
-  check_cuda_inputs(s, t_in, labels, sp);
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_inputs(s, t_in, labels, pr, true);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::Tensor t = same_dtype(t_in, s);
+  const at::Tensor t = teacher_for(t_in, s);
   const int64_t n = s.size(0);
   auto loss = at::empty({n}, s.options().dtype(at::kFloat));
   auto stats = at::empty({n, NSTAT}, s.options().dtype(at::kFloat));
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
-  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
-  run_forward(s, t, lab, sp, loss, stats);
+  const int64_t* lab = labels_ptr(labels);
+  run_forward(s, t, lab, pr, 0, &loss, stats);
   // each element is read before it is overwritten, by the same thread
-  run_backward(nullptr, s, t, lab, stats, sp, s.data_ptr(),
+  run_backward(nullptr, s, t, lab, stats, pr, 0, s.data_ptr(),
                need_teacher ? gt.data_ptr() : nullptr);
   if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
   return {loss, gt};
@@ -896,6 +1019,8 @@ at::Tensor softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, do
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("kd_forward", &kd::kd_forward_cuda);
+  m.impl("kd_partial", &kd::kd_partial_cuda);
+  m.impl("kd_mix_partial", &kd::kd_mix_partial_cuda);
   m.impl("kd_backward", &kd::kd_backward_cuda);
   m.impl("kd_fused_", &kd::kd_fused_cuda);
   m.impl("kl_div", &kd::kl_div_cuda);

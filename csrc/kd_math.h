@@ -147,14 +147,24 @@ KD_HD void lse_add(W z, W m, W& sum) {
   sum = sum + kd_exp(z - m);
 }
 
+// c * acc for the weighting side's factor c, except that c = 0 (the factor underflowed, or
+// nothing was accumulated) gives 0 even when acc = +inf: the range's weights are then 0, as
+// they underflow to 0 in the unsplit sum, so it contributes nothing (never 0 * inf = NaN).
+// A NaN acc stays NaN.
+template <class W, class S>
+KD_HD W kl_scale_acc(W acc, S c) {
+  if (c == S(0)) return kd_where(acc == acc, W(0), acc);
+  return W(c) * acc;
+}
+
 // forward (REVERSE = false) / reverse KL running state after the references moved:
 // acc' = c_w (acc + (delta_w - delta_o) S_w), w the weighting side (t for forward KL).
 template <bool REVERSE, class W, class S>
 KD_HD void kl_rebase(W& ss, W& st, W& acc, RefMove<S> rs, RefMove<S> rt) {
   if (REVERSE) {
-    acc = W(rs.scale) * (acc + W(rs.delta - rt.delta) * ss);
+    acc = kl_scale_acc(acc + W(rs.delta - rt.delta) * ss, rs.scale);
   } else {
-    acc = W(rt.scale) * (acc + W(rt.delta - rs.delta) * st);
+    acc = kl_scale_acc(acc + W(rt.delta - rs.delta) * st, rt.scale);
   }
   ss = ss * W(rs.scale);
   st = st * W(rt.scale);

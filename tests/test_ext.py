@@ -19,8 +19,10 @@ import torch
 from _formulas import check_kd_loss
 
 import kdkernels as kd
+from kdkernels import _stats as stats_mod
 from kdkernels import ext
 from kdkernels._spec import Divergence, LossSpec
+from kdkernels._stats import MIX_COLS, Col
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 TEMPS = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt0.7": (2.0, 0.7)}
@@ -57,7 +59,7 @@ OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
 
 def spec_args(kind="forward_kl", mix=0.0, cp=0.0, cq=0.0, ts=2.0, tt=2.0, ce=0.0):
     div = Divergence(kind, mix=mix, coef_p=cp, coef_q=cq)
-    return ext.spec_args(LossSpec(div, 1 / ts, 1 / tt, ts * ts, ce_weight=ce))
+    return LossSpec(div, 1 / ts, 1 / tt, ts * ts, ce_weight=ce).as_args()
 
 
 OP_SPECS = {
@@ -82,7 +84,14 @@ def test_opcheck_kd_ops(name):
     g = torch.randn(5)
     for need_t in (False, True):
         torch.library.opcheck(ops.kd_backward, (g, s.detach(), t.detach(), lab, stats, *args,
-                                                need_t), test_utils=OPCHECK_TESTS)
+                                                0, need_t), test_utils=OPCHECK_TESTS)
+    # the range ops, on the columns [10, 37) (labels stay global)
+    torch.library.opcheck(ops.kd_partial, (s.detach()[:, 10:].contiguous(),
+                                           t.detach()[:, 10:].contiguous(), lab, *args, 10),
+                          test_utils=OPCHECK_TESTS)
+    if args[0] == "mixture":
+        torch.library.opcheck(ops.kd_mix_partial, (s.detach(), t.detach(), stats, *args, 0),
+                              test_utils=OPCHECK_TESTS)
     torch.library.opcheck(ops.kd_fused_, (s.detach().clone(), t.detach(), lab, *args, True),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -115,9 +124,164 @@ def test_op_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="labels"):
         ops.kd_forward(s, t, torch.tensor([1, 2]), *args)
     with pytest.raises(RuntimeError, match="stats"):
-        ops.kd_backward(torch.ones(3), s, t, None, torch.zeros(3, 2), *args, False)
+        ops.kd_backward(torch.ones(3), s, t, None, torch.zeros(3, 2), *args, 0, False)
     with pytest.raises(RuntimeError, match="needs labels"):
         ops.kd_forward(s, t, None, *args[:7], 0.5, args[8])
+    # label values: whole rows know V; a column range only knows ids are >= 0
+    with pytest.raises(RuntimeError, match=r"labels\[1\] = 8 is outside \[0, 8\)"):
+        ops.kd_forward(s, t, torch.tensor([1, 8, -100]), *args)
+    with pytest.raises(RuntimeError, match=r"labels\[2\] = -1 is outside \[0, V\)"):
+        ops.kd_partial(s, t, torch.tensor([1, 80, -1]), *args, 0)
+    ops.kd_partial(s, t, torch.tensor([1, 80, -100]), *args, 0)  # 80: another range's
+    with pytest.raises(RuntimeError, match="mix must be in"):
+        ops.kd_forward(s, t, None, "mixture", 1.5, *args[2:])
+
+
+# --------------------------------------------------------------------------------------
+# the row-statistics interface: column ranges, merged and finished, equal whole rows
+# --------------------------------------------------------------------------------------
+
+# column splits of V = 37 (the last one has an empty range); labels below fall in each part
+RANGES = {"3-parts": ((0, 10), (10, 25), (25, 37)), "with-empty": ((0, 10), (10, 10), (10, 37))}
+RANGE_LABELS = [3, -100, 12, 36, 30, -100, 0, 24]
+RANGE_DIVS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl")
+RANGE_TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+             torch.float32: {"rtol": 2e-6, "atol": 2e-6}}
+
+
+def range_spec(divergence, ts, tt, ce_weight=0.5):
+    div = Divergence.from_user(divergence, beta=0.3, skew=0.3)
+    return LossSpec(div, 1 / ts, 1 / tt, ts * ts, ce_weight=ce_weight)
+
+
+def ranged_stats(s, t, lab, spec, ranges):
+    """The statistics through the interface: a partial per range, merged, finished."""
+    parts = torch.stack([ext.partial(s[:, a:b], t[:, a:b], lab, spec, a) for a, b in ranges])
+    merged = stats_mod.merge_all(parts, spec)
+    sums = None
+    if spec.div.kind == "mixture":
+        sums = sum(ext.mix_partial(s[:, a:b], t[:, a:b], spec, merged, a) for a, b in ranges)
+    return stats_mod.finish(merged, lab, spec, sums)
+
+
+@pytest.mark.parametrize("temps", [(1.0, 1.0), (2.0, 0.7)], ids=["T1", "Ts2-Tt0.7"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("split", list(RANGES))
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+def test_partial_merge_finish_equals_whole_rows(divergence, split, dtype, temps):
+    n, v = len(RANGE_LABELS), 37
+    s, t = logits((n, v), dtype, scale=3.0), logits((n, v), dtype, scale=3.0)
+    lab = torch.tensor(RANGE_LABELS)
+    spec = range_spec(divergence, *temps)
+    ref_loss, ref_stats = torch.ops.kdkernels.kd_forward(s, t, lab, *spec.as_args())
+    loss, fin = ranged_stats(s, t, lab, spec, RANGES[split])
+    tol = RANGE_TOL[dtype]
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    keep = lab != -100
+    # every column a backward reads is the whole row's (UQ, UP of jsd: sums of q, p, ~1)
+    torch.testing.assert_close(fin[keep], ref_stats[keep], **tol)
+
+    # gradients of the ranges, concatenated, are the whole rows'
+    g = torch.rand(n, dtype=dtype) + 0.5
+    gs_ref, gt_ref = torch.ops.kdkernels.kd_backward(g, s, t, lab, ref_stats, *spec.as_args(),
+                                                     0, True)
+    pieces = [ext.grads(s[:, a:b], t[:, a:b], lab, spec, fin, a, g, True)
+              for a, b in RANGES[split]]
+    torch.testing.assert_close(torch.cat([p[0] for p in pieces], 1), gs_ref, **tol)
+    torch.testing.assert_close(torch.cat([p[1] for p in pieces], 1), gt_ref, **tol)
+    assert all(p[1] is None for p in (ext.grads(s, t, lab, spec, fin, 0, g, False),))
+    assert torch.all(gs_ref[~keep] == 0) and torch.all(gt_ref[~keep] == 0)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl"])
+def test_mix_partial_sums_add_up(divergence):
+    n, v = 5, 37
+    s, t = logits((n, v), torch.float64), logits((n, v), torch.float64)
+    spec = range_spec(divergence, 2.0, 0.7, ce_weight=0.0)
+    _, ref = torch.ops.kdkernels.kd_forward(s, t, None, *spec.as_args())
+    parts = [ext.mix_partial(s[:, a:b], t[:, a:b], spec, ref, a) for a, b in RANGES["3-parts"]]
+    torch.testing.assert_close(sum(parts), ref[:, list(MIX_COLS)], rtol=1e-12, atol=1e-12)
+    assert all(p.shape == (n, 4) for p in parts)
+    # the whole row in one range is the same sum
+    torch.testing.assert_close(ext.mix_partial(s, t, spec, ref), ref[:, list(MIX_COLS)],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+def test_partial_of_empty_range_is_the_identity(divergence):
+    spec = range_spec(divergence, 2.0, 1.0)
+    lab = torch.tensor([5, 40])
+    part = ext.partial(torch.zeros(2, 0), torch.zeros(2, 0), lab, spec, 12)
+    torch.testing.assert_close(part, stats_mod.empty(2, "cpu", torch.float32))
+
+
+def test_partial_label_column_and_ce_statistics():
+    s, t = logits((3, 20)), logits((3, 20))
+    spec = range_spec("forward_kl", 2.0, 1.0)
+    lab = torch.tensor([13, 2, -100])
+    part = ext.partial(s[:, 10:].contiguous(), t[:, 10:].contiguous(), lab, spec, 10)
+    assert part[0, Col.LABEL] == s[0, 13] and part[1, Col.LABEL] == 0
+    # CE's T = 1 pair is taken for every row with CE, its label in range or not
+    s1 = s[:2, 10:]
+    lse1 = part[:2, Col.M1] + part[:2, Col.L1]
+    torch.testing.assert_close(lse1, torch.logsumexp(s1, 1))
+    assert torch.all(part[2] == 0)  # ignored
+    with pytest.raises(RuntimeError, match="labels"):
+        ext.partial(s, t, torch.tensor([1, -3, 2]), spec, 0)
+    with pytest.raises(RuntimeError, match="mixture"):
+        ext.mix_partial(s, t, spec, part, 0)
+
+
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+def test_partial_of_padding_and_of_zero_probability_columns(divergence):
+    # a shard of vocabulary padding (-inf in both logits) contributes exactly nothing; a
+    # shard where the student is -inf and the teacher finite gives forward KL its true +inf
+    v = 40
+    s, t = logits((3, v)), logits((3, v))
+    s[:, 30:] = t[:, 30:] = -math.inf
+    s[2, 20:30] = -math.inf
+    lab = torch.tensor([4, 25, 3])
+    spec = range_spec(divergence, 2.0, 1.0)
+    ref_loss, _ = torch.ops.kdkernels.kd_forward(s, t, lab, *spec.as_args())
+    loss, _ = ranged_stats(s, t, lab, spec, ((0, 20), (20, 30), (30, v)))
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
+    assert torch.isfinite(loss[:2]).all()
+    assert loss[2] == math.inf if divergence == "forward_kl" else math.isfinite(loss[2])
+
+
+# The merge of a range whose accumulator is +inf (q = 0 where p > 0) into one whose maximum
+# is far larger: the factor e^(m - M) underflows and the range must contribute 0 (its
+# probabilities underflow to 0 in the unsplit sum), never 0 * inf = NaN, in any order.
+NONFINITE_V = 4096  # four 1024-column tiles of the ext CPU kernel
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "ext"])
+@pytest.mark.parametrize("order", ["inf-first", "max-first"])
+def test_inf_accumulator_merged_under_a_larger_maximum(kind, impl, order, monkeypatch):
+    v = NONFINITE_V
+    low, high = torch.zeros(1, v), torch.zeros(1, v)
+    # the weighting side (teacher for forward KL) has a maximum of 200; the other side is
+    # -inf in one column, far from it
+    inf_col, max_col = (5, v - 1) if order == "inf-first" else (v - 1 - 5, 0)
+    low[0, inf_col] = -math.inf
+    high[0, max_col] = 200.0
+    s, t = (low, high) if kind == "forward_kl" else (high, low)
+    if impl == "triton":
+        from kdkernels.triton import kd as tkd
+
+        monkeypatch.setattr(tkd, "FORCE_BLOCK_V", 1024)
+        monkeypatch.setattr(tkd, "FORCE_SPLIT", 2)
+    out = kd.kd_loss(s, t, divergence=kind, impl=impl)
+    # float32: p at the -inf column is e^-200 / ... = 0, so the term is 0 and the loss is
+    # that of the finite columns: log(V - 1) + ... as the float64 truth says
+    s64, t64 = s.double(), t.double()
+    lq, lp = s64.log_softmax(-1), t64.log_softmax(-1)
+    w, lw, lo = (lp.exp(), lp, lq) if kind == "forward_kl" else (lq.exp(), lq, lp)
+    w32 = w.float().double()  # weights that underflow in float32 are 0
+    truth = torch.where(w32 > 0, w32 * (lw - lo), 0.0).sum()
+    assert torch.isfinite(out), out
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------
@@ -364,3 +528,77 @@ print("OK")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------------------
+# the CUDA kernels against the CPU kernel (marked gpu: the root conftest skips them without a
+# CUDA device)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+@pytest.mark.parametrize("v", [4099, 50257])  # not a multiple of the pack: scalar heads/tails
+def test_cuda_ranges_match_cpu(divergence, v):
+    n = 6
+    s, t = logits((n, v), scale=3.0), logits((n, v), scale=3.0)
+    lab = torch.tensor([3, -100, 1010, v - 1, 2000, 17])
+    spec = range_spec(divergence, 2.0, 0.7)
+    ranges = ((0, 1003), (1003, 1003), (1003, v))
+    cpu = ranged_stats(s, t, lab, spec, ranges)
+    gpu = ranged_stats(s.cuda(), t.cuda(), lab.cuda(), spec, ranges)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
+    fin = cpu[1]
+    g = torch.rand(n) + 0.5
+    for a, b in ranges:
+        want = ext.grads(s[:, a:b], t[:, a:b], lab, spec, fin, a, g, True)
+        got = ext.grads(s[:, a:b].cuda(), t[:, a:b].cuda(), lab.cuda(), spec, fin.cuda(), a,
+                        g.cuda(), True)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float16)], ids=str)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_cuda_teacher_in_its_own_dtype(divergence, dtypes):
+    # the teacher is read in its dtype (float32: no rounding to the student's), so the CUDA
+    # op matches the CPU op, which reads each tensor in its own dtype; rows start at every
+    # misalignment (one row more than needed, then sliced off)
+    ds, dt = dtypes
+    n, v = 5, 50257
+    s, t = logits((n + 1, v), ds), logits((n + 1, v), dt)
+    lab = torch.tensor([3, -100, 5000, v - 1, 7])
+    kw = dict(divergence=divergence, temperature=2.0, ce_weight=0.3, impl="ext")
+    res = {}
+    for dev in ("cpu", "cuda"):
+        # the leaves hold one row more; the loss sees rows 1.. (V odd: rows start at every
+        # misalignment, and the first one 2 or 4 bytes past the allocation's alignment)
+        sd = s.clone().to(dev).requires_grad_()
+        td = t.clone().to(dev).requires_grad_()
+        out = kd.kd_loss(sd[1:], td[1:], lab.to(dev), **kw)
+        out.backward()
+        assert sd.grad.dtype == ds and td.grad.dtype == dt
+        res[dev] = (out.cpu(), sd.grad[1:].cpu().float(), td.grad[1:].cpu().float())
+    torch.testing.assert_close(res["cuda"][0], res["cpu"][0], rtol=1e-5, atol=1e-5)
+    for x, y, d in zip(res["cuda"][1:], res["cpu"][1:], (ds, dt), strict=True):
+        # one rounding of the stored gradient apart at most (gradients are ~1e-5 here:
+        # an absolute floor of 1e-7, below float16's subnormal spacing doubled)
+        rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[d]
+        torch.testing.assert_close(x, y, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_empty_range_labels_and_mix():
+    ops = torch.ops.kdkernels
+    spec = range_spec("forward_kl", 2.0, 1.0)
+    z = torch.zeros(3, 0, device="cuda")
+    lab = torch.tensor([1, 5, -100], device="cuda")
+    torch.testing.assert_close(ext.partial(z, z, lab, spec, 4).cpu(),
+                               ext.partial(z.cpu(), z.cpu(), lab.cpu(), spec, 4))
+    s, t = logits((3, 8)).cuda(), logits((3, 8)).cuda()
+    with pytest.raises(RuntimeError, match=r"labels\[1\] = 8 is outside \[0, 8\)"):
+        ops.kd_forward(s, t, torch.tensor([1, 8, -100], device="cuda"), *spec.as_args())
+    with pytest.raises(RuntimeError, match="mix must be in"):
+        ops.kd_forward(s, t, None, "mixture", 1.5, *spec.as_args()[2:])

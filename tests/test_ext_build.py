@@ -7,19 +7,21 @@ is absent (CI has both)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdkernels import ext
+from kdkernels import ext, ext_build
 
 
 def test_cuda_library_builds_without_spills():
     if torch.version.cuda is None:
         pytest.skip("torch has no CUDA support")
-    if ext.find_cuda_home() is None:
+    if ext_build.find_cuda_home() is None:
         pytest.skip("nvcc not found")
     env = dict(os.environ)
     env.pop("KDKERNELS_SKIP_CUDA_BUILD", None)
@@ -33,6 +35,32 @@ def test_cuda_library_builds_without_spills():
     for kernel in ("kd_stats_kernel", "kd_grad_kernel", "kd_mix_kernel", "softmax_kernel"):
         assert any(kernel in line for line in report), f"{kernel} missing:\n{out}"
     assert not any("SPILL" in line for line in report)
+    # the library embeds compute_90 PTX besides the machine code: GPUs newer than sm_90 run it
+    folder = re.search(r"^cuda: built/loaded in .* s \((.+?), CUDA_HOME=", r.stdout, re.M)
+    assert folder, out
+    ninja = (Path(folder.group(1)) / "build.ninja").read_text()
+    assert "arch=compute_90,code=compute_90" in ninja
+    for arch in ext_build.CUDA_ARCHS:
+        assert f"arch=compute_{arch},code=sm_{arch}" in ninja
+
+
+def test_cuda_flags_embed_ptx_of_the_newest_target():
+    flags = ext_build.cuda_flags()
+    newest = ext_build.CUDA_ARCHS[-1]
+    assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
+    assert sum("code=compute_" in f for f in flags) == 1
+
+
+def test_older_gpu_is_reported_unavailable(monkeypatch):
+    # a GPU below sm_80 runs neither the machine code nor the PTX: is_available says why,
+    # so impl="auto" picks another implementation (nothing is built or launched)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx=None: "Tesla T4")
+    monkeypatch.setattr(ext, "_warned", True)
+    ok, why = ext.is_available(torch.device("cuda", 0))
+    assert not ok
+    assert "compute capability >= 8.0" in why and "7.5" in why and "Tesla T4" in why
 
 
 def test_ptxas_report_parser():
@@ -42,6 +70,6 @@ def test_ptxas_report_parser():
         "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
         "ptxas info    : Used 40 registers, used 1 barriers\n"
     )
-    (rec,) = ext.parse_ptxas(log)
+    (rec,) = ext_build.parse_ptxas(log)
     assert rec == {"kernel": "_Z3fooPf", "arch": "sm_90", "registers": 40, "stack": 0,
                    "spill_stores": 8, "spill_loads": 4}

@@ -1,0 +1,337 @@
+// kd_cpu_simd.h: the vector lanes and the tile I/O of the CPU kernels (kd_cpu.cpp).
+//
+// 1. at::vec::Vectorized<float|double> overloads of kd_math.h's primitives (kd_exp, kd_log,
+//    kd_log1p_unit, kd_nabs, kd_max, kd_clamp, kd_where), declared before kd_math.h is
+//    included so its element templates find them. ATen builds Vectorized for the CPU
+//    capability ext_build.py compiles for (AVX512 / AVX2 / none).
+// 2. Tiles: a row is read in tiles converted from any input dtype to the accumulation type A
+//    (float; double for float64 logits), scaled by 1/T, padded with -inf to whole vectors
+//    (load_tile), and written back in the output dtype (store_tile, store_vec).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace kd {
+// Vector overloads of kd_math.h's primitives, declared before the header so its templates
+// find them.
+using at::vec::Vectorized;
+template <class T>
+inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
+  // float32: ATen's 20-ulp exp (max relative error ~1.2e-6, several times faster than the
+  // 1-ulp Sleef one; the losses' float32 sums carry errors of that order anyway).
+  // float64: exp_u20 is the exact exp.
+  return x.exp_u20();
+}
+#if defined(CPU_CAPABILITY_AVX512)
+// float32 on AVX-512: the same algorithm and constants as ATen's exp_u20 (exp(x) = 2^n e^r,
+// n = floor(x log2 e + 1/2), r = x - n ln 2, e^r by its degree-5 polynomial, inputs below
+// ln FLT_MIN give 0), with a shorter dependency chain: the polynomial by Estrin's scheme
+// (3 dependent steps instead of 5), its factor 2 folded into the coefficients (exact), and
+// 2^(n-1) built beside it. The mixture's element is one long chain (exp, log1p, sums) and
+// the out-of-order window holds only a few of them, so depth is what costs.
+inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(
+                                                      0x42b17218))),  // ln FLT_MAX
+                                 _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)));
+  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_castsi512_ps(_mm512_set1_epi32(
+                                                    0xc2aeac50)),  // ln FLT_MIN
+                                             _CMP_LT_OS);
+  // n = x log2 e rounded to nearest (ATen: floor(x log2 e + 1/2), the same but at ties) by
+  // adding 1.5 * 2^23 inside the multiply-add: n sits in the low bits of t, and fx = t - 1.5
+  // * 2^23 exactly (|n| <= 128), without a rounding instruction on the chain.
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b)),
+                                   magic);  // log2 e
+  const __m512 fx = _mm512_sub_ps(t, magic);
+  const __m512 r =
+      _mm512_fnmadd_ps(fx, _mm512_castsi512_ps(_mm512_set1_epi32(0x3f317218)), x);  // ln 2
+  // 2 e^r = 2 + 2 c1 r + ... + 2 c5 r^5 (ATen's c1..c5)
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  const __m512 p01 = _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.999999701f), _mm512_set1_ps(2.f));
+  const __m512 p23 =
+      _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.166676521f), _mm512_set1_ps(2 * 0.499991506f));
+  const __m512 p45 =
+      _mm512_fmadd_ps(r, _mm512_set1_ps(2 * 0.00828929059f), _mm512_set1_ps(2 * 0.0418978221f));
+  const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(p45, r2, p23), r2, p01);
+  // 2^(n-1) = (n + 126) << 23; the bits of t are 0x4B400000 + n, whose high part the shift
+  // drops (0x4B400000 << 23 = 0 mod 2^32)
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(126)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(e));
+}
+#endif
+template <class T>
+inline Vectorized<T> kd_log(const Vectorized<T>& x) {
+  return x.log();
+}
+template <class W>
+inline W log1p_unit_poly(W x);  // kd_math.h
+inline Vectorized<float> kd_log1p_unit(const Vectorized<float>& x) {
+  return log1p_unit_poly(x);
+}
+inline Vectorized<double> kd_log1p_unit(const Vectorized<double>& x) {
+  return (x + Vectorized<double>(1.0)).log();  // x in [0, 1]: absolute error 1 ulp of 1
+}
+// -|x|: the sign bit set (one instruction)
+inline Vectorized<float> kd_nabs(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_or_ps(x, _mm512_set1_ps(-0.f));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_or_ps(x, _mm256_set1_ps(-0.f));
+#else
+  return Vectorized<float>(0.f) - x.abs();
+#endif
+}
+inline Vectorized<double> kd_nabs(const Vectorized<double>& x) {
+  return Vectorized<double>(0.0) - x.abs();
+}
+// max and clamp without NaN propagation (a NaN x gives b, lo): the mixture's callers either
+// mask NaN lanes or clamp them away, and the propagation costs 3 instructions a call.
+inline Vectorized<float> kd_max(const Vectorized<float>& a, const Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return Vectorized<float>::blendv(b, a, a > b);
+#endif
+}
+inline Vectorized<double> kd_max(const Vectorized<double>& a, const Vectorized<double>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_pd(a, b);
+#else
+  return Vectorized<double>::blendv(b, a, a > b);
+#endif
+}
+inline Vectorized<float> kd_clamp(const Vectorized<float>& x, float lo, float hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+#else
+  const Vectorized<float> h(hi), y = kd_max(x, Vectorized<float>(lo));
+  return Vectorized<float>::blendv(h, y, y < h);
+#endif
+}
+inline Vectorized<double> kd_clamp(const Vectorized<double>& x, double lo, double hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(lo)), _mm512_set1_pd(hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(lo)), _mm256_set1_pd(hi));
+#else
+  const Vectorized<double> h(hi), y = kd_max(x, Vectorized<double>(lo));
+  return Vectorized<double>::blendv(h, y, y < h);
+#endif
+}
+template <class T>
+inline Vectorized<T> kd_where(const Vectorized<T>& c, const Vectorized<T>& a,
+                              const Vectorized<T>& b) {
+  return Vectorized<T>::blendv(b, a, c);
+}
+}  // namespace kd
+
+#include "kd_math.h"
+
+namespace kd {
+
+// The sum of a vector's lanes.
+template <class A>
+A hsum(const Vectorized<A>& v) {
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A r = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) r += buf[i];
+  return r;
+}
+
+// n rounded up to whole vectors of A.
+template <class A>
+constexpr int64_t round_up(int64_t n) {
+  constexpr int64_t w = Vectorized<A>::size();
+  return (n + w - 1) / w * w;
+}
+
+// ---- tile load / store: any input dtype <-> accumulation type A ---------------------------
+
+// dst[0:np] = (dst - m) - l in place (np a multiple of the lane count): log-probabilities
+// z - lse formed as (z - m) - log S, never through a rounded lse = m + log S (cancellation
+// at |z| ~ 1e4). Done once per tile in L1 so the element loop's chain starts at lq, lp.
+template <class A>
+void shift_tile(A* dst, int64_t np, A m, A l) {
+  using V = Vectorized<A>;
+  const V vm(m), vl(l);
+  for (int64_t i = 0; i < np; i += V::size()) ((V::loadu(dst + i) - vm) - vl).store(dst + i);
+}
+
+// dst[0:n] = src[off:off+n] * scale in A, dst[n:round_up(n)] = -inf; returns max(dst)
+// (need_max) or -inf. shift = {m, l}: then dst = (src * scale - m) - l (see shift_tile),
+// fused into the load for float32.
+template <class A>
+A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale, A* dst,
+            bool need_max = true, const A* shift = nullptr) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t np = round_up<A>(n);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    if (st == at::kFloat && shift) {
+      const float* p = static_cast<const float*>(base) + off;
+      const V vm(shift[0]), vl(shift[1]);
+      for (; i + W <= n; i += W) ((V::loadu(p + i) * V(scale) - vm) - vl).store(dst + i);
+      for (; i < n; ++i) dst[i] = (p[i] * scale - shift[0]) - shift[1];
+      for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
+      return kd_neg_inf<A>();  // shifted: a second pass, which knows the references
+    }
+    if (st == at::kFloat) {
+      const float* p = static_cast<const float*>(base) + off;
+      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
+    } else if (st == at::kBFloat16) {
+      const c10::BFloat16* p = static_cast<const c10::BFloat16*>(base) + off;
+      for (; i + W <= n; i += W) {
+        V v;
+        at::vec::load_to_float(p + i, v);
+        (v * V(scale)).store(dst + i);
+      }
+    } else if (st == at::kHalf) {
+      const c10::Half* p = static_cast<const c10::Half*>(base) + off;
+      for (; i + W <= n; i += W) {
+        V v;
+        at::vec::load_to_float(p + i, v);
+        (v * V(scale)).store(dst + i);
+      }
+    }
+  } else {
+    if (st == at::kDouble) {
+      const double* p = static_cast<const double*>(base) + off;
+      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
+    }
+  }
+  // tail (and uncommon dtype pairs, e.g. float64 teacher with a float32 student): scalar
+  switch (st) {
+    case at::kFloat:
+      for (; i < n; ++i) dst[i] = A(static_cast<const float*>(base)[off + i]) * scale;
+      break;
+    case at::kDouble:
+      for (; i < n; ++i) dst[i] = A(static_cast<const double*>(base)[off + i]) * scale;
+      break;
+    case at::kBFloat16:
+      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::BFloat16*>(base)[off + i])) * scale;
+      break;
+    case at::kHalf:
+      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::Half*>(base)[off + i])) * scale;
+      break;
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
+  }
+  for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
+  if (shift) shift_tile(dst, np, shift[0], shift[1]);
+  if (!need_max || shift) return kd_neg_inf<A>();  // a second pass knows the references
+  V m(kd_neg_inf<A>());
+  for (int64_t j = 0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
+  alignas(64) A buf[W];
+  m.store(buf);
+  A r = buf[0];
+  for (int64_t j = 1; j < W; ++j) r = r > buf[j] ? r : buf[j];
+  return r;
+}
+
+// dst[off:off+n] = src[0:n] converted to dtype st.
+template <class A>
+void store_tile(void* base, at::ScalarType st, int64_t off, int64_t n, const A* src) {
+  switch (st) {
+    case at::kFloat: {
+      float* p = static_cast<float*>(base) + off;
+      if constexpr (std::is_same_v<A, float>) {
+        std::memcpy(p, src, n * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] = float(src[i]);
+      }
+      break;
+    }
+    case at::kDouble: {
+      double* p = static_cast<double*>(base) + off;
+      for (int64_t i = 0; i < n; ++i) p[i] = double(src[i]);
+      break;
+    }
+    case at::kBFloat16: {
+      c10::BFloat16* p = static_cast<c10::BFloat16*>(base) + off;
+      if constexpr (std::is_same_v<A, float>) {
+        at::vec::convert(src, p, n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(float(src[i]));
+      }
+      break;
+    }
+    case at::kHalf: {
+      c10::Half* p = static_cast<c10::Half*>(base) + off;
+      if constexpr (std::is_same_v<A, float>) {
+        at::vec::convert(src, p, n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] = c10::Half(float(src[i]));
+      }
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
+  }
+}
+
+template <class A>
+A load_one(const void* base, at::ScalarType st, int64_t i) {
+  switch (st) {
+    case at::kFloat:
+      return A(static_cast<const float*>(base)[i]);
+    case at::kDouble:
+      return A(static_cast<const double*>(base)[i]);
+    case at::kBFloat16:
+      return A(float(static_cast<const c10::BFloat16*>(base)[i]));
+    case at::kHalf:
+      return A(float(static_cast<const c10::Half*>(base)[i]));
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
+  }
+  return A(0);
+}
+
+template <class A>
+void store_one(void* base, at::ScalarType st, int64_t i, A v) {
+  store_tile<A>(base, st, i, 1, &v);
+}
+
+// Store of one gradient vector to its final place. float32 outputs are written directly with
+// non-temporal stores when 64-byte aligned: the gradient is not read again soon, and streaming
+// skips the read-for-ownership of every output cache line (1/3 less memory traffic).
+template <class A>
+inline void store_vec(const Vectorized<A>& v, A* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) return _mm512_stream_ps(dst, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0) return _mm256_stream_ps(dst, v);
+  }
+#endif
+  v.store(dst);
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // order the streaming stores before the op returns
+#endif
+}
+
+}  // namespace kd
