@@ -32,10 +32,10 @@ import warnings
 
 import torch
 
+from ._common import first_order_only, scale_rows_, take_inplace_grads
 from ._spec import LossSpec
 from ._stats import NCOL
 from .ext_build import MIN_CAPABILITY, build
-from .reference import scale_rows_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NSTAT = NCOL  # columns of the ops' stats (csrc/kd_layout.h: enum Stat)
@@ -165,6 +165,7 @@ def _kd_setup(ctx, inputs, output):
     ctx.save_for_backward(s, t, labels, output[1])
 
 
+@first_order_only
 def _kd_backward(ctx, grad_loss, grad_stats):
     s, t, labels, stats = ctx.saved_tensors
     need_t = ctx.needs_input_grad[1]
@@ -194,6 +195,7 @@ def _kl_setup(ctx, inputs, output):
     ctx.save_for_backward(x, y)
 
 
+@first_order_only
 def _kl_backward(ctx, grad):
     x, y = ctx.saved_tensors
     need_x, need_y = ctx.needs_input_grad[:2]
@@ -214,6 +216,7 @@ def _softmax_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
+@first_order_only
 def _softmax_bwd(ctx, grad):
     (y,) = ctx.saved_tensors
     return torch.ops.kdkernels.softmax_backward(grad, y, ctx.inv_t, ctx.log), None, None
@@ -259,9 +262,9 @@ class _FusedRows(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
-        grad_s, grad_t = scale_rows_(grad_loss, *ctx.grads)
-        del ctx.grads
+        grad_s, grad_t = scale_rows_(grad_loss, *take_inplace_grads(ctx))
         return grad_s, grad_t, None, None
 
 

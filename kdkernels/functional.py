@@ -210,7 +210,8 @@ def kd_loss(
         )
     flat_labels = None
     if labels is not None:
-        flat_labels = labels.reshape(-1).to(torch.int64)
+        # contiguous: a column slice or an expanded scalar is a valid labels tensor
+        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
 
     dtypes = (s.dtype, t.dtype)
     backend = _dispatch.resolve(impl, s.device, dtypes)

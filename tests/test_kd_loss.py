@@ -242,3 +242,18 @@ def test_softmax_dim(impl):
     y = kd.softmax(x, 2.0, dim=1, impl=impl)
     want = torch.softmax(x.double() / 2.0, dim=1)
     assert_error_model(y, want, torch.softmax(x / 2.0, dim=1), torch.float32, "softmax dim=1")
+
+
+@pytest.mark.parametrize("kind", ["column-slice", "expanded"])
+def test_non_contiguous_labels(impl, kind):
+    """Labels that are a strided view (a column of a 2-D tensor, an expanded scalar) are
+    valid labels: the same loss as their contiguous copy."""
+    s, t = logits((6, 97)), logits((6, 97))
+    if kind == "column-slice":
+        labels = torch.randint(0, 97, (6, 2))[:, 1]
+    else:
+        labels = torch.tensor(5).expand(6)
+    assert not labels.is_contiguous()
+    got = kd.kd_loss(s, t, labels, ce_weight=0.5, impl=impl, reduction="none")
+    want = kd.kd_loss(s, t, labels.contiguous(), ce_weight=0.5, impl=impl, reduction="none")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
