@@ -65,6 +65,8 @@ LARGE_QUICK = (2, 128256)
 # Floors of the error model per dtype (the test suite's table): a few units in the last
 # place near 1. float32 results: 2**-23 ~ 1.2e-7, so 2e-6 allows ~16 ulps; bfloat16
 # gradients are stored with 8 mantissa bits, one rounding of an O(0.1) entry is ~1e-3.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 TOLERANCES = {
     torch.float32: dict(atol=2e-6, rtol=2e-6),
     torch.bfloat16: dict(atol=2e-3, rtol=8e-3),
@@ -409,6 +411,9 @@ def _parse(argv):
                    help="on CPU, run Triton (interpreted, slow) on the large shape too")
     p.add_argument("--impl", action="append", choices=IMPLS,
                    help="check only this impl (repeatable; default: all)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                   help="check only this dtype (repeatable; default: float32, bfloat16 and, "
+                        "on CUDA, float16)")
     args = p.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -435,16 +440,17 @@ def main(argv=None) -> int:
           f"kd_loss with {', '.join(f'{k}={v}' for k, v in KD_KWARGS.items())}")
     print("bound = 2 x (plain PyTorch's error at that dtype) + floor; truth: float64 formulas; "
           "time: one forward + backward, first-call compilation included")
-    if device.type == "cpu" and "triton" in impls:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            print("triton runs under TRITON_INTERPRET=1 (slow): "
-                  + ("every shape (--all)" if args.run_all else "small shape only (--all: every shape)"))
+    if device.type == "cpu" and "triton" in impls and os.environ.get("TRITON_INTERPRET") == "1":
+        where = "every shape (--all)" if args.run_all else "the small shape (--all: every shape)"
+        print(f"triton runs under TRITON_INTERPRET=1 (slow): {where}")
     print(flush=True)
     with warnings.catch_warnings():
         # the Triton interpreter evaluates masked-out lanes too (numpy overflow warnings)
         warnings.filterwarnings("ignore", category=RuntimeWarning,
                                 module="triton.runtime.interpreter")
-        rows = collect(device, quick=args.quick, run_all=args.run_all, impls=impls)
+        dtypes = None if args.dtype is None else [DTYPES[d] for d in args.dtype]
+        rows = collect(device, quick=args.quick, run_all=args.run_all, impls=impls,
+                       dtypes=dtypes)
     print(format_table(rows))
     checked = [r for r in rows if r.status in ("pass", "FAIL")]
     failed = [r for r in checked if r.status == "FAIL"]
@@ -453,8 +459,10 @@ def main(argv=None) -> int:
     print(f"{len(checked)} checks: {len(checked) - len(failed)} passed, {len(failed)} failed"
           + (f"; not run here: {', '.join(missing)} (see n/a rows)" if missing else ""))
     if failed:
-        print("FAILED: an implementation is wrong on this machine; use impl='torch' "
-              "(or another impl that passed) until it is fixed, and report the rows above.")
+        bad = sorted({r.impl for r in failed})
+        print(f"FAILED: impl {', '.join(bad)} gave wrong results or errors on {device}. Pass "
+              "impl= one that passed (impl='auto' may pick a failing one) and report the "
+              "FAIL rows above.")
     return 1 if failed else 0
 
 
