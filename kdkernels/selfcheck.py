@@ -23,7 +23,8 @@ contract of every impl (math in float32; kd_loss returns float32, gradients and
 probabilities come in the inputs' dtype), so a float32 loss from bfloat16 logits is held to
 float32 accuracy, not to that of a formula evaluated in bfloat16 (whose loss can be off by
 0.1). The factor 2 leaves room for a different order of floating-point operations, never
-for a wrong formula or a missing factor.
+for a wrong formula or a missing factor. The one other allowance is named where it is
+defined (APPROX_EXP): the approximate exp of two fused kernels, on kd_loss values.
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (the real kernel code, executed by
 numpy), which is slow: there they run on the small shape only, unless --all is given.
@@ -65,6 +66,17 @@ LARGE_QUICK = (2, 128256)
 # Floors of the error model per dtype (the test suite's table): a few units in the last
 # place near 1. float32 results: 2**-23 ~ 1.2e-7, so 2e-6 allows ~16 ulps; bfloat16
 # gradients are stored with 8 mantissa bits, one rounding of an O(0.1) entry is ~1e-3.
+# Two fused kernels trade exp accuracy for speed, an error source plain PyTorch does not
+# have: the extension's CPU kernel uses ATen's 20-ulp exp_u20 (relative error up to ~1.2e-6,
+# README "Known limits"), and Triton on CUDA compiles tl.exp to ex2.approx.f32(x * log2 e),
+# whose product rounding alone costs |x| * 2**-24 relative (~1e-6 at |x| = 16, beyond which
+# an exp no longer matters to a sum against the row's largest term). Named here, per (impl,
+# device type): their kd_loss values get APPROX_EXP * exp_error_gain(...) on top of the bound.
+# Seen without it on CPU: a reverse_kl row of bfloat16-valued logits, 16 x 128256, off by
+# 4.7e-5 against a bound of 4.5e-5 (the exp errors of a grid of bfloat16 values do not
+# average out). Everything else is unchanged: these errors are far below a wrong formula's.
+APPROX_EXP = {("ext", "cpu"): 1.2e-6, ("triton", "cuda"): 1.2e-6}
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TOLERANCES = {
@@ -124,6 +136,21 @@ def kd_rows_formula(s, t, labels, divergence, *, beta, skew, temperature,
     picked = _log_softmax(s).gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
     row = row - ce_weight * picked
     return torch.where(valid, row, torch.zeros_like(row))
+
+
+def exp_error_gain(s, t, *, temperature, teacher_temperature, ce_weight, **_) -> float:
+    """How much a relative error e in every exp can move a kd_loss row value, per unit e.
+
+    An exp off by e relative puts every probability off by at most 2e (its own exp and the
+    normalizer) and every logsumexp off by at most e. Every divergence here is a sum of
+    w_i * (log a_i - log b_i) with w in {p, q} and a, b in {p, q, m}; m lies between p and
+    q, so |log a_i - log b_i| <= |lp_i - lq_i|. Hence a row moves by at most
+    Ts**2 * 2e * (1 + sum_i (p_i + q_i) |lp_i - lq_i|) from the divergence, plus
+    ce_weight * e from the cross-entropy's logsumexp. Returns the largest row's factor."""
+    lq = _log_softmax(s.double() / temperature)
+    lp = _log_softmax(t.double() / teacher_temperature)
+    spread = ((lp.exp() + lq.exp()) * (lp - lq).abs()).sum(-1)
+    return float((temperature**2 * 2.0 * (1.0 + spread)).max()) + ce_weight
 
 
 def kl_div_formula(x, y, log_target: bool):
@@ -193,6 +220,7 @@ class Op:
     grad_names: tuple  # the quantity names of the inputs' gradients
     grad: torch.Tensor
     out_dtype: torch.dtype
+    exp_gain: float = 0.0  # exp_error_gain of a kd_loss op (0: no named exp allowance)
 
 
 def _forward_backward(fn, inputs, grad, dtype=None):
@@ -229,7 +257,7 @@ def _ops(shape, dtype, device, seed):
                 x[0], x[1], labels, divergence=div, reduction="none", impl=impl, **KD_KWARGS),
             formula=lambda x, div=div: kd_rows_formula(x[0], x[1], labels, div, **KD_KWARGS),
             inputs=(s, t), grad_names=("d_student", "d_teacher"), grad=row_grad,
-            out_dtype=torch.float32,
+            out_dtype=torch.float32, exp_gain=exp_error_gain(s, t, **KD_KWARGS),
         ))
 
     # kl_div on flattened log-probabilities and probabilities; the target comes from a
@@ -315,6 +343,10 @@ def _check_op(impl, op, truth, baseline, dtype, shape_str, device) -> list[Row]:
                         f"{expect_dtypes[i]}")
         else:
             row.err, row.bound = max_err(got, want), error_bound(want, base)
+            exp_error = APPROX_EXP.get((impl, device.type), 0.0)
+            if i == 0 and op.exp_gain and exp_error:
+                row.bound += exp_error * op.exp_gain
+                row.note = f"bound + {exp_error * op.exp_gain:.1e} for the approximate exp"
             if not math.isfinite(row.bound):
                 row.status, row.note = "FAIL", "plain PyTorch baseline is not finite"
             elif not row.err <= row.bound:  # also catches a nan error
