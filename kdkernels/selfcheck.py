@@ -63,9 +63,17 @@ LARGE = (16, 128256)  # a real vocabulary (Llama 3)
 SMALL_QUICK = (13, 1271)
 LARGE_QUICK = (2, 128256)
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # Floors of the error model per dtype (the test suite's table): a few units in the last
 # place near 1. float32 results: 2**-23 ~ 1.2e-7, so 2e-6 allows ~16 ulps; bfloat16
 # gradients are stored with 8 mantissa bits, one rounding of an O(0.1) entry is ~1e-3.
+TOLERANCES = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6),
+    torch.bfloat16: dict(atol=2e-3, rtol=8e-3),
+    torch.float16: dict(atol=2e-4, rtol=1e-3),
+}
+
 # Two fused kernels trade exp accuracy for speed, an error source plain PyTorch does not
 # have: the extension's CPU kernel uses ATen's 20-ulp exp_u20 (relative error up to ~1.2e-6,
 # README "Known limits"), and Triton on CUDA compiles tl.exp to ex2.approx.f32(x * log2 e),
@@ -76,14 +84,6 @@ LARGE_QUICK = (2, 128256)
 # 4.7e-5 against a bound of 4.5e-5 (the exp errors of a grid of bfloat16 values do not
 # average out). Everything else is unchanged: these errors are far below a wrong formula's.
 APPROX_EXP = {("ext", "cpu"): 1.2e-6, ("triton", "cuda"): 1.2e-6}
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-TOLERANCES = {
-    torch.float32: dict(atol=2e-6, rtol=2e-6),
-    torch.bfloat16: dict(atol=2e-3, rtol=8e-3),
-    torch.float16: dict(atol=2e-4, rtol=1e-3),
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -360,23 +360,22 @@ def _check_op(impl, op, truth, baseline, dtype, shape_str, device) -> list[Row]:
 # --------------------------------------------------------------------------------------
 
 
-def collect(device: torch.device, *, quick: bool = False, run_all: bool = False,
-            impls=IMPLS, dtypes=None, seed: int = 0, progress=None) -> list[Row]:
-    """Run every check on `device` and return the table's rows."""
+def checks(device: torch.device, *, quick: bool = False, run_all: bool = False,
+           impls=IMPLS, dtypes=None, seed: int = 0):
+    """Run every check on `device`, yielding the table's rows as they come."""
     if dtypes is None:
         dtypes = [torch.float32, torch.bfloat16]
         if device.type == "cuda":
             dtypes.append(torch.float16)
     small = SMALL_QUICK if quick else SMALL
     shapes = [small, LARGE_QUICK if quick else LARGE]
-    rows: list[Row] = []
     usable = []
     for impl in impls:
         ok, why = _dispatch._BACKENDS[impl].is_available(device)
         if ok:
             usable.append(impl)
         else:
-            rows.append(Row("n/a", impl, "*", note=f"unavailable: {why}"))
+            yield Row("n/a", impl, "*", note=f"unavailable: {why}")
     interpreted = device.type == "cpu"  # Triton on CPU runs only under its interpreter
     for shape in shapes:
         shape_str = f"{shape[0]}x{shape[1]}"
@@ -387,39 +386,39 @@ def collect(device: torch.device, *, quick: bool = False, run_all: bool = False,
                 for impl in usable:
                     ok, why = _dispatch._usable(impl, device, (dtype,))
                     if not ok:
-                        rows.append(Row("n/a", impl, f"{op.name}.*", str(dtype)[6:],
-                                        shape_str, note=f"unavailable: {why}"))
-                        continue
-                    if impl == "triton" and interpreted and shape != small and not run_all:
-                        rows.append(Row("skip", impl, f"{op.name}.*", str(dtype)[6:],
-                                        shape_str, note="Triton interpreter on CPU: --all"))
-                        continue
-                    new = _check_op(impl, op, truth, baseline, dtype, shape_str, device)
-                    rows.extend(new)
-                    if progress is not None:
-                        progress(new)
-    return rows
+                        yield Row("n/a", impl, f"{op.name}.*", str(dtype)[6:], shape_str,
+                                  note=f"unavailable: {why}")
+                    elif impl == "triton" and interpreted and shape != small and not run_all:
+                        yield Row("skip", impl, f"{op.name}.*", str(dtype)[6:], shape_str,
+                                  note="Triton interpreter on CPU: --all")
+                    else:
+                        yield from _check_op(impl, op, truth, baseline, dtype, shape_str,
+                                             device)
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def format_table(rows: list[Row]) -> str:
-    head = ("status", "impl", "what", "dtype", "shape", "max error", "bound", "time ms", "")
-    cells = [head] + [
-        (r.status, r.impl, r.what, r.dtype, r.shape, _fmt(r.err, ".2e"), _fmt(r.bound, ".2e"),
-         _fmt(r.ms, ".1f"), r.note)
-        for r in rows
-    ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    right = {5, 6, 7}  # numbers
-    lines = []
-    for c in cells:
-        parts = [x.rjust(w) if i in right else x.ljust(w)
-                 for i, (x, w) in enumerate(zip(c, widths, strict=True))]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+# fixed column widths, so that rows print as they come: (title, width, right-aligned)
+COLUMNS = (("status", 6, False), ("impl", 6, False), ("what", 31, False), ("dtype", 8, False),
+           ("shape", 9, False), ("max error", 9, True), ("bound", 9, True),
+           ("time ms", 9, True), ("", 0, False))
+
+
+def format_cells(cells) -> str:
+    parts = [x.rjust(w) if right else x.ljust(w)
+             for x, (_, w, right) in zip(cells, COLUMNS, strict=True)]
+    return "  ".join(parts).rstrip()
+
+
+def header() -> str:
+    return format_cells([title for title, _, _ in COLUMNS])
+
+
+def format_row(r: Row) -> str:
+    return format_cells((r.status, r.impl, r.what, r.dtype, r.shape, _fmt(r.err, ".2e"),
+                       _fmt(r.bound, ".2e"), _fmt(r.ms, ".1f"), r.note))
 
 
 def _describe(device: torch.device) -> str:
@@ -470,20 +469,24 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}")
     print(f"shapes (rows x vocabulary): {', '.join(f'{n}x{v}' for n, v in shapes)}; "
           f"kd_loss with {', '.join(f'{k}={v}' for k, v in KD_KWARGS.items())}")
-    print("bound = 2 x (plain PyTorch's error at that dtype) + floor; truth: float64 formulas; "
-          "time: one forward + backward, first-call compilation included")
+    print("truth: float64 formulas; bound: 2 x the error of plain PyTorch (float32 math, "
+          "rounded to the result's dtype) + a floor; time: one forward + backward, first-call "
+          "compilation included")
     if device.type == "cpu" and "triton" in impls and os.environ.get("TRITON_INTERPRET") == "1":
         where = "every shape (--all)" if args.run_all else "the small shape (--all: every shape)"
         print(f"triton runs under TRITON_INTERPRET=1 (slow): {where}")
-    print(flush=True)
+    print()
+    print(header(), flush=True)
+    rows = []
     with warnings.catch_warnings():
         # the Triton interpreter evaluates masked-out lanes too (numpy overflow warnings)
         warnings.filterwarnings("ignore", category=RuntimeWarning,
                                 module="triton.runtime.interpreter")
         dtypes = None if args.dtype is None else [DTYPES[d] for d in args.dtype]
-        rows = collect(device, quick=args.quick, run_all=args.run_all, impls=impls,
-                       dtypes=dtypes)
-    print(format_table(rows))
+        for row in checks(device, quick=args.quick, run_all=args.run_all, impls=impls,
+                          dtypes=dtypes):
+            rows.append(row)
+            print(format_row(row), flush=True)
     checked = [r for r in rows if r.status in ("pass", "FAIL")]
     failed = [r for r in checked if r.status == "FAIL"]
     missing = sorted({r.impl for r in rows if r.status == "n/a"})
