@@ -147,8 +147,8 @@ def exp_error_gain(s, t, *, temperature, teacher_temperature, ce_weight, **_) ->
     q, so |log a_i - log b_i| <= |lp_i - lq_i|. Hence a row moves by at most
     Ts**2 * 2e * (1 + sum_i (p_i + q_i) |lp_i - lq_i|) from the divergence, plus
     ce_weight * e from the cross-entropy's logsumexp. Returns the largest row's factor."""
-    lq = _log_softmax(s.double() / temperature)
-    lp = _log_softmax(t.double() / teacher_temperature)
+    lq = _log_softmax(s.detach().double() / temperature)
+    lp = _log_softmax(t.detach().double() / teacher_temperature)
     spread = ((lp.exp() + lq.exp()) * (lp - lq).abs()).sum(-1)
     return float((temperature**2 * 2.0 * (1.0 + spread)).max()) + ce_weight
 

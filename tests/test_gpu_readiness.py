@@ -35,6 +35,16 @@ def _labels(n, v, seed):
     return labels
 
 
+def _exp_allowance(impl, s, t):
+    """The self-check's named allowance for a kernel's approximate exp on kd_loss values
+    (kdkernels/selfcheck.py APPROX_EXP: Triton's tl.exp is ex2.approx on CUDA); not for
+    gradients, whose entries are too small for it to matter."""
+    gain = selfcheck.exp_error_gain(s, t, temperature=KW["temperature"],
+                                    teacher_temperature=KW["temperature"],
+                                    ce_weight=KW["ce_weight"])
+    return selfcheck.APPROX_EXP.get((impl, "cuda"), 0.0) * gain
+
+
 def _formula_grads(s, t, labels, g, dtype, **kw):
     """kd_loss of tests/_formulas.py on copies of s, t in `dtype`: (loss, d/ds, d/dt)."""
     s_, t_ = (x.detach().to(dtype).requires_grad_() for x in (s, t))
@@ -53,9 +63,9 @@ def _formula_grads(s, t, labels, g, dtype, **kw):
 def test_mixed_dtypes_teacher_keeps_float32(impl, divergence):
     # The loss is float32 math on the exact input values, and the teacher's gradient is a
     # float32 tensor: both must be as accurate as float32 PyTorch on the same inputs. A
-    # kernel that first rounds the teacher to bfloat16 (2**-9 relative per logit) fails both
-    # checks (measured on CPU: loss off by 4e-5 against a bound of 2.4e-5, teacher gradient
-    # by 4.7e-6 against 2e-6).
+    # kernel that first rounds the teacher to bfloat16 (2**-9 relative per logit) fails the
+    # teacher gradient's check (measured on CPU: off by 4.7e-6 against a bound of 2e-6; the
+    # loss, off by 4e-5, against 2.4e-5 plus Triton's exp allowance).
     n, v = 64, 128256
     s = _logits(n, v, 0, torch.bfloat16).requires_grad_()
     t = _logits(n, v, 1, torch.float32).requires_grad_()
@@ -69,7 +79,7 @@ def test_mixed_dtypes_teacher_keeps_float32(impl, divergence):
 
     truth = _formula_grads(s, t, labels, g, torch.float64, **kw)
     base = _formula_grads(s, t, labels, g, torch.float32, **kw)
-    assert_error_model(out, truth[0], base[0], torch.float32, "loss")
+    assert_error_model(out, truth[0], base[0], torch.float32, "loss", _exp_allowance(impl, s, t))
     assert_error_model(t.grad, truth[2], base[2], torch.float32, "teacher gradient")
     # the student's gradient is stored in bfloat16: float32 math rounded once
     assert_error_model(s.grad, truth[1], base[1].bfloat16(), torch.bfloat16,
@@ -134,8 +144,10 @@ def test_second_device(impl):
             assert out.device == gs.device == gt.device == other
             truth = _formula_grads(s, t, labels, up, torch.float64, **kw)
             base = _formula_grads(s, t, labels, up, torch.float32, **kw)
-            for what, got, want, b in zip(("loss", "student gradient", "teacher gradient"),
-                                          (out, gs, gt), truth, base, strict=True):
+            assert_error_model(out, truth[0], base[0], torch.float32, "loss",
+                               _exp_allowance(impl, s, t))
+            for what, got, want, b in zip(("student gradient", "teacher gradient"),
+                                          (gs, gt), truth[1:], base[1:], strict=True):
                 assert_error_model(got, want, b, torch.float32, what)
 
         x = s.detach().log_softmax(-1)
