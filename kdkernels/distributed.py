@@ -11,46 +11,38 @@ last shard with -inf in both logits is exact: those entries have p = q = 0 and c
 A shard is a column range of the row-statistics interface (_stats.py), so the per-shard work
 is the resolved backend's own kernels (`impl=`: the reference, Triton or the extension):
 
-  pass 1   backend.partial on this rank's (N, V_r) columns: each side's (max, log-sum) pair,
-           the KL accumulator, the T = 1 pair for cross-entropy. ONE all_gather brings every
-           rank the (W, N+1, NCOL+1) tables, and every rank folds them with _stats.merge_all
-           in rank order, so the merged statistics (and the loss) are bitwise identical on
-           every rank. The pairs are never collapsed into one rounded logsumexp, so logits of
-           +-1e4 keep the unsharded precision.
-  pass 2   only what needs the merged statistics or the offsets: the mixture's sums
-           (backend.mix_partial given the global statistics) and s[label] for cross-entropy
-           (from the rank that holds the label), in ONE all_reduce SUM of (N, 4 | 5 | 1).
+  header   every rank all-gathers a small fixed-size description of its call: rows, dtypes,
+           the loss's parameters, whether labels are given, the range of its labels and its
+           shard widths. Ranks that disagree (another row count, an empty batch on one rank,
+           labels or ce_weight on one rank only, another divergence or dtype), widths that do
+           not add up to the same V for student and teacher, and labels outside [0, V) on any
+           rank make EVERY rank raise the same ValueError here, before any collective whose
+           size depends on the call: no rank aborts inside the backend or waits for the
+           others. The header also gives each rank its column offset. This is one small host
+           read per call (free on CPU; one synchronization on CUDA).
+  pass 1   backend.partial on this rank's (N, V_r) columns with its offset: each side's (max,
+           log-sum) pair, the KL accumulator, the T = 1 pair and s[label] for cross-entropy.
+           ONE all_gather brings every rank the (W, N, NCOL) tables, and every rank folds
+           them with _stats.merge_all in rank order, so the merged statistics (and the loss)
+           are bitwise identical on every rank. The pairs are never collapsed into one rounded
+           logsumexp, so logits of +-1e4 keep the unsharded precision.
+  pass 2   the mixture only: its sums need the merged statistics (backend.mix_partial), ONE
+           all_reduce SUM of (N, 4).
   finish   _stats.finish: row values, identical on every rank.
   backward backend.grads given the saved global statistics, with labels rebased by this
            rank's offset: exactly this rank's slice of the unsharded gradient (DESIGN.md §1:
            d/dzs = q - p etc. are elementwise given the row scalars). No collective.
 
-Layout and label checks, every call, in band. The last row of the gathered table is a header
-holding each rank's (student width, teacher width); every rank reads the same header, so every
-rank derives the same offsets o_r and V and, when a rank's student and teacher widths differ
-or the shards do not add up to the same V, raises the same ValueError right after that
-collective, before any other. A rank whose widths are wrong still joins the all_gather (with
-an empty table) so that no rank is left waiting. A table column carries each row's label (NaN
-where ignored): every rank checks every rank's labels against the global V, so even labels
-that differ across ranks (a bug) make every rank raise. On CUDA the checks after the first
-call of a group are device-side asserts (no host sync per step), and the offset learned on
-that first call is asserted unchanged; on CPU they are ValueErrors always.
-Floats carry widths and labels exactly below 2**24 (float32 tables), far above real vocabularies.
+Collectives (W = world size, N = rows, H = 20 header fields in float64, NCOL = 12 statistics
+columns in the accumulation dtype: float32, or float64 for float64 logits):
 
-Collectives (W = world size, N = rows, floats in the accumulation dtype: float32, or float64
-for float64 logits; NCOL = 12 statistics columns + the label column):
+    kd_rows  forward_kl / reverse_kl (+ CE)  forward: 2 all_gathers (H,) and (N, NCOL) backward: 0
+    kd_rows  jsd / skew_* (+ CE)             forward: the same + 1 all_reduce (N, 4)    backward: 0
+    softmax / log_softmax                    forward: 2 all_gathers (H,) and (N, 2)
+                                             backward: 1 all_reduce (N,)  (sum g y, or sum g)
 
-    kd_rows  forward_kl / reverse_kl        forward: 1 all_gather (N+1, 13)           backward: 0
-    kd_rows  forward_kl / reverse_kl + CE   forward: 1 all_gather + 1 all_reduce (N,) backward: 0
-    kd_rows  jsd / skew_* (+ CE)            forward: 1 all_gather + 1 all_reduce (N, 4 | 5)
-                                                                                      backward: 0
-    softmax / log_softmax                   forward: 1 all_gather (N, 2)
-                                            backward: 1 all_reduce (N,)  (sum g y, or sum g)
-
-None is of N x V size and logits are never gathered. Precondition: the same row count N on
-every rank (a mismatch is a collective size mismatch, which the backend reports or times out
-on: pass `timeout=` to init_process_group). An empty batch (N = 0 everywhere) skips the
-collectives.
+None is of N x V size and logits are never gathered. An empty batch (N = 0 on every rank)
+stops after the header.
 
 DTensor. Logits that are DTensors placed Shard(-1) on a 1-D DeviceMesh take this path with
 the mesh's group: see unwrap_dtensor / unwrap_dtensor_input.
@@ -61,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +61,6 @@ import torch.distributed as dist
 from . import _stats, reference
 from ._common import acc_dtype, chunk_rows, first_order_only
 from ._spec import LossSpec
-from ._stats import NCOL, Col
 from .reference import softmax_grad, softmax_grad_sums
 
 __all__ = [
@@ -150,12 +140,19 @@ def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Group checks and the layout header
+# Group checks: the call header every rank exchanges first
 # --------------------------------------------------------------------------------------
 
-# Groups whose first kd_rows call has run its checks on the host. Later CUDA calls check with
-# device-side asserts (no host sync per step); CPU calls always check on the host (free there).
-_HOST_CHECKED: weakref.WeakSet = weakref.WeakSet()
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KINDS = ("forward_kl", "reverse_kl", "mixture")
+# Fields of the call header, in order: what every rank must agree on (all but the widths),
+# then the widths, which must add up to the same V for student and teacher.
+_HEADER = ("rows", "student dtype", "teacher dtype", "divergence", "mix", "coef_p", "coef_q",
+           "1/temperature", "1/teacher_temperature", "kd_scale", "ce_weight", "ignore_index",
+           "labels given", "log", "lowest label", "its row", "highest label", "its row",
+           "student width", "teacher width")
+_AGREED = _HEADER.index("log") + 1  # the fields before the labels' range and the widths
+_LO, _HI, _WS, _WT = _HEADER.index("lowest label"), _HEADER.index("highest label"), -2, -1
 
 
 def _check_group(group) -> None:
@@ -167,25 +164,62 @@ def _check_group(group) -> None:
         raise ValueError("process_group: this process is not a member of the group")
 
 
-def _host_checks(t: torch.Tensor, group) -> bool:
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        return True
-    if group in _HOST_CHECKED or torch.compiler.is_compiling():
-        return False
-    _HOST_CHECKED.add(group)
-    return True
+def _exchange_header(s, t, spec: LossSpec | None, labels, group, log=False) -> list[list]:
+    """All-gather a small fixed-size description of this call (rows, dtypes, the loss, the
+    widths) and check it: ranks that disagree (a different row count, an empty batch on one
+    rank, labels or ce_weight on one rank only, another divergence or dtype) all raise the
+    same ValueError here, before any collective whose size depends on the call, so none
+    aborts inside the backend or waits for the others; labels outside [0, V) on any rank
+    make every rank raise the same ValueError too. Returns the (W, fields) header.
+    One small host read per call."""
+    d = spec.div if spec is not None else None
+    fields = [s.shape[0], _DTYPES.index(s.dtype), _DTYPES.index(t.dtype)]
+    if spec is None:  # softmax: no loss; t is s
+        fields += [-1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    else:
+        fields += [_KINDS.index(d.kind), d.mix, d.coef_p, d.coef_q, spec.inv_ts, spec.inv_tt,
+                   spec.kd_scale, spec.ce_weight, spec.ignore_index]
+    fields += [labels is not None, log, s.shape[1], t.shape[1]]
+    mine = torch.tensor([float(x) for x in fields], dtype=torch.float64, device=s.device)
+    # the labels' range, on the device (one host read below serves every check)
+    span = torch.zeros(4, dtype=torch.float64, device=s.device)
+    if labels is not None and labels.numel():
+        valid = labels != spec.ignore_index
+        lo = torch.where(valid, labels, torch.iinfo(labels.dtype).max)
+        hi = torch.where(valid, labels, -1)
+        some = valid.any()  # a rank whose rows are all ignored holds no label: (0, 0)
+        span = torch.stack([torch.where(some, lo.min(), 0), lo.argmin(),
+                            torch.where(some, hi.max(), 0), hi.argmax()]).double()
+    mine = torch.cat([mine[:-2], span, mine[-2:]])
+    header = _all_gather(mine, group).tolist()
+    for i, name in enumerate(_HEADER[:_AGREED]):
+        values = [row[i] for row in header]
+        if any(v != values[0] for v in values):
+            if name.endswith("dtype"):
+                values = [str(_DTYPES[int(v)]) for v in values]
+            elif name == "divergence":
+                values = [_KINDS[int(v)] for v in values]
+            elif name in ("rows", "ignore_index", "labels given"):
+                values = [int(v) for v in values]
+            raise ValueError(
+                f"every rank of the process_group must make the same call: {name} differs "
+                f"across ranks (per rank: {values})"
+            )
+    _check_layout([int(row[_WS]) for row in header], [int(row[_WT]) for row in header])
+    vocab = sum(int(row[_WS]) for row in header)
+    for r, row in enumerate(header):  # the first offending rank, so every rank says the same
+        for value, at in ((row[_LO], row[_LO + 1]), (row[_HI], row[_HI + 1])):
+            if labels is not None and s.shape[0] and not 0 <= value < vocab:
+                raise ValueError(
+                    f"labels must be in [0, {vocab}) (the global vocabulary of the "
+                    f"process_group) or equal ignore_index={spec.ignore_index}; row {int(at)} "
+                    f"holds {int(value)} (on rank {r})"
+                )
+    return header
 
 
-def _check_layout(ws, wt, host: bool) -> None:
-    """ws, wt: (W,) student / teacher widths of every rank (the gathered header)."""
-    if not host:
-        torch._assert_async(
-            (ws == wt).all() & (ws.sum() > 0),
-            "kdkernels: student/teacher shard widths differ on some rank, or V = 0",
-        )
-        return
-    student = [int(x) for x in ws.tolist()]
-    teacher = [int(x) for x in wt.tolist()]
+def _check_layout(student: list[int], teacher: list[int]) -> None:
+    """Every rank's student / teacher shard widths, from the call header."""
     if sum(student) == 0 and sum(teacher) == 0:
         raise ValueError("the vocabulary is empty: every rank holds 0 columns")
     if sum(student) != sum(teacher):
@@ -203,24 +237,6 @@ def _check_layout(ws, wt, host: bool) -> None:
         )
 
 
-def _check_labels(lab, vocab, labels, spec: LossSpec, host: bool) -> None:
-    """lab: (W, N) every rank's labels as floats, NaN where ignored; the same on every rank."""
-    bad = ((lab < 0) | (lab >= vocab)).any(0)  # NaN compares False: ignored rows pass
-    if not host:
-        torch._assert_async(~bad.any(), "kdkernels: labels out of [0, V) and not ignore_index")
-        return
-    if not bool(bad.any()):
-        return
-    row = int(bad.nonzero()[0, 0])
-    value = int(labels[row])
-    here = value == spec.ignore_index or 0 <= value < int(vocab)  # labels differ across ranks
-    raise ValueError(
-        f"labels must be in [0, {int(vocab)}) (the global vocabulary of the process_group) or "
-        f"equal ignore_index={spec.ignore_index}; row {row} holds "
-        + ("an out-of-range label on another rank" if here else str(value))
-    )
-
-
 def vocab_size(s: torch.Tensor, process_group) -> torch.Tensor:
     """Global V of the (..., V_r) shards s: a 0-d int64 tensor (one all_reduce of one int)."""
     _check_group(process_group)
@@ -231,39 +247,6 @@ def vocab_size(s: torch.Tensor, process_group) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # kd_rows: per-rank statistics through the backend, one gather, the exact merge
 # --------------------------------------------------------------------------------------
-
-# The gathered table: the NCOL statistics columns, then the row's label (NaN where ignored,
-# for the label check); one extra header row holds this rank's (student, teacher) widths.
-_LABEL_COL = NCOL
-_HEAD_S, _HEAD_T = 0, 1
-
-# Offsets of this rank's shard, per group and local width, learned on the group's first
-# (host-checked) call; later CUDA calls assert the gathered widths still give it.
-_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _offset(ws: torch.Tensor, rank: int, width: int, group, host: bool) -> int:
-    """Column offset of this rank's shard: the widths of the ranks before it."""
-    gathered = ws[:rank].sum().to(torch.int64)
-    known = _OFFSETS.setdefault(group, {})
-    if host or width not in known:
-        known[width] = int(gathered)
-    else:
-        torch._assert_async(gathered == known[width],
-                            "kdkernels: the shard widths of the process_group changed")
-    return known[width]
-
-
-def _label_logits(s, labels, spec: LossSpec, offset: int):
-    """s[label] for the rows whose label this shard holds, else 0 (cross-entropy)."""
-    dt = acc_dtype(s.dtype)
-    local = labels - offset
-    held = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
-    if s.shape[1] == 0:
-        return torch.zeros(s.shape[0], device=s.device, dtype=dt)
-    picked = s.gather(1, torch.where(held, local, 0)[:, None])[:, 0]
-    return torch.where(held, picked.to(dt), 0.0)
-
 
 class ShardedKDRows(torch.autograd.Function):
     """Row losses of vocabulary-sharded (N, V_r) logits; collectives happen in forward only
@@ -276,52 +259,22 @@ class ShardedKDRows(torch.autograd.Function):
         rank = dist.get_rank(group)
         ctx.spec, ctx.backend = spec, backend
         ctx.need_teacher = ctx.needs_input_grad[1]
-        if n == 0:  # N is the same on every rank: all of them skip the collectives
+        header = _exchange_header(s, t, spec, labels, group)
+        if n == 0:  # the header proved N = 0 on every rank: all of them stop here
             ctx.offset = 0
             ctx.save_for_backward(s, t, labels, _stats.empty(0, s.device, dt))
             return torch.zeros(0, device=s.device, dtype=dt)
+        widths = [int(row[_WS]) for row in header]
+        offset = sum(widths[:rank])
 
-        # pass 1: this rank's statistics + header row -> one all_gather -> checks, merge
-        local = torch.zeros(n + 1, NCOL + 1, device=s.device, dtype=dt)
-        local_ok = v == t.shape[1]  # else only the header is sent and every rank raises
-        # the offset is not known before the gather, so the LABEL column is filled later
-        local[:n, :NCOL] = (backend.partial(s, t, labels, spec, 0) if local_ok
-                            else _stats.empty(n, s.device, dt))
-        if labels is not None:
-            local[:n, _LABEL_COL] = torch.where(labels != spec.ignore_index, labels.to(dt),
-                                                math.nan)
-        local[n, _HEAD_S], local[n, _HEAD_T] = v, t.shape[1]
-        table = _all_gather(local, group)  # (W, n + 1, NCOL + 1)
-        host = _host_checks(s, group)
-        ws, wt = table[:, n, _HEAD_S], table[:, n, _HEAD_T]
-        _check_layout(ws, wt, host)
-        offset = _offset(ws, rank, v, group, host)
-        if labels is not None:
-            _check_labels(table[:, :n, _LABEL_COL], ws.sum(), labels, spec, host)
-        parts = table[:, :n, :NCOL].clone()
-        parts[:, :, Col.LABEL] = 0.0
-        stats = _stats.merge_all(parts, spec)
+        # pass 1: this rank's statistics -> one all_gather -> the exact merge
+        table = _all_gather(backend.partial(s, t, labels, spec, offset), group)  # (W, n, NCOL)
+        stats = _stats.merge_all(table, spec)
 
-        # pass 2: what needs the global statistics or the offsets -> one all_reduce
-        mixture = spec.div.kind == "mixture"
+        # pass 2 (mixture): its sums need the merged statistics -> one all_reduce
         mix_sums = None
-        if mixture or spec.ce_weight:
-            width = 4 if mixture else 0
-            part = torch.zeros(n, width + bool(spec.ce_weight), device=s.device, dtype=dt)
-            if local_ok and mixture:
-                part[:, :4] = backend.mix_partial(s, t, spec, stats, offset)
-            if local_ok and spec.ce_weight:
-                part[:, width] = _label_logits(s, labels, spec, offset)
-            part = _all_reduce_sum(part, group)
-            mix_sums = part[:, :4] if mixture else None
-            if spec.ce_weight:
-                stats[:, Col.LABEL] = part[:, width]
-        if not local_ok:  # reached only where the checks are device asserts (CUDA, not the
-            # group's first call): this rank joined every collective, now it stops
-            raise ValueError(
-                "student_logits and teacher_logits must have the same shard width on every "
-                f"rank: this rank holds {v} student and {t.shape[1]} teacher columns"
-            )
+        if spec.div.kind == "mixture":
+            mix_sums = _all_reduce_sum(backend.mix_partial(s, t, spec, stats, offset), group)
         loss, stats = _stats.finish(stats, labels, spec, mix_sums)
         ctx.offset = offset
         ctx.save_for_backward(s, t, labels, stats)
@@ -377,6 +330,7 @@ class ShardedSoftmax(torch.autograd.Function):
         step = chunk_rows(n, v)
         ctx.inv_t, ctx.log, ctx.group = inv_t, log, group
         y = torch.empty_like(x)
+        _exchange_header(x, x, None, None, group, log)
         if n:
             # each rank's (max, log-sum) pair of z = x / T, merged exactly (never one
             # rounded logsumexp: log-probs keep full precision at |x| ~ 1e4)

@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 import kdkernels as kd
 from kdkernels import distributed as kdd
+from kdkernels._stats import NCOL
 
 VOCAB = 37  # not a multiple of 2 or 4: uneven shards
 # uneven column widths per world size (sum = VOCAB); 4 ranks include a 1-column shard
@@ -516,31 +517,24 @@ def collective_count(rank, world):
         return [(c.op, c.payload_bytes) for c in fwd], [(c.op, c.payload_bytes) for c in bwd]
 
     f8 = 8  # float64 bytes
-    # gathered table: n rows + the header row; columns ls, lt, kl, label
-    fwd, bwd = run(divergence="forward_kl")
-    chk.true(f"kl fwd {fwd}", fwd == [("all_gather", (n + 1) * 4 * f8)])
-    chk.true(f"bwd {bwd}", bwd == [])
-    # + lse1 column; the target s[label] is summed by an all_reduce of (n,)
-    fwd, bwd = run(divergence="reverse_kl", ce_weight=0.5)
-    chk.true(f"kl+ce fwd {fwd}", fwd == [("all_gather", (n + 1) * 5 * f8),
-                                         ("all_reduce", n * f8)])
-    chk.true(f"bwd {bwd}", bwd == [])
-    # columns ls, lt, label; then A, B, Uq, Up (+ the CE target)
-    fwd, bwd = run(divergence="jsd")
-    chk.true(f"jsd fwd {fwd}", fwd == [("all_gather", (n + 1) * 3 * f8),
-                                       ("all_reduce", n * 4 * f8)])
-    chk.true(f"bwd {bwd}", bwd == [])
-    fwd, bwd = run(divergence="skew_reverse_kl", ce_weight=0.5)
-    chk.true(f"skew+ce fwd {fwd}", fwd == [("all_gather", (n + 1) * 4 * f8),
-                                           ("all_reduce", n * 5 * f8)])
-    chk.true(f"bwd {bwd}", bwd == [])
+    header = ("all_gather", len(kdd._HEADER) * f8)  # the call header, float64
+    table = ("all_gather", n * NCOL * f8)  # the statistics table
+    for kw in ({"divergence": "forward_kl"}, {"divergence": "reverse_kl", "ce_weight": 0.5}):
+        fwd, bwd = run(**kw)
+        chk.true(f"{kw} fwd {fwd}", fwd == [header, table])
+        chk.true(f"{kw} bwd {bwd}", bwd == [])
+    # the mixture: + the all_reduce of its (n, 4) sums
+    for kw in ({"divergence": "jsd"}, {"divergence": "skew_reverse_kl", "ce_weight": 0.5}):
+        fwd, bwd = run(**kw)
+        chk.true(f"{kw} fwd {fwd}", fwd == [header, table, ("all_reduce", n * 4 * f8)])
+        chk.true(f"{kw} bwd {bwd}", bwd == [])
     x = local(S, widths, rank)
     with kdd.count_collectives() as fwd:
         y = kd.softmax(x, process_group=group)
     with kdd.count_collectives() as bwd:
         y.sum().backward()
     chk.true(f"softmax fwd {fwd}", [(c.op, c.payload_bytes) for c in fwd] == [
-        ("all_gather", n * f8)])
+        header, ("all_gather", n * 2 * f8)])
     chk.true(f"softmax bwd {bwd}", [(c.op, c.payload_bytes) for c in bwd] == [
         ("all_reduce", n * f8)])
     dist.destroy_process_group(group)
@@ -715,40 +709,81 @@ def bad_label_on_last_rank_only(rank, world):
                      ce_weight=0.5)
 
 
-@case
-def device_assert_path(rank, world):
-    """The checks CUDA uses after a group's first call (device-side asserts, no host sync),
-    forced on CPU, where torch._assert_async raises at once: every rank still fails alike."""
-    chk = Checks()
+def _disagreeing(rank, world, make, pattern):
+    """Ranks that make different calls: every rank raises the same ValueError from the call
+    header (no abort inside gloo, no rank left waiting), then a valid call works."""
     widths = WIDTHS[world]
     group = dist.new_group(list(range(world)))
-    S, T = gen_logits((5, VOCAB), 131), gen_logits((5, VOCAB), 132)
-    saved = kdd._host_checks
-    kdd._host_checks = lambda t, group: False
-    try:
-        compare_kd(chk, "valid", S, T, labels_on_every_shard((5,), widths, 133), widths, rank,
-                   group, divergence="jsd", ce_weight=0.5)
-        s, t = local(S, widths, rank), local(T, widths, rank)
-        bad = torch.tensor([0, VOCAB, 1, 2, 3])
-        msg = expect_error(lambda: kd.kd_loss(s, t, bad, process_group=group), RuntimeError,
-                           "labels out of")
-        chk.true(f"bad label: {msg}", msg.startswith("RuntimeError"))
-        tw = list(widths)
-        tw[0], tw[1] = tw[0] + 1, tw[1] - 1
-        t2 = local(T, tw, rank)
-        msg = expect_error(lambda: kd.kd_loss(s, t2, process_group=group), RuntimeError,
-                           "widths differ")
-        chk.true(f"bad width: {msg}", msg.startswith("RuntimeError"))
-        compare_kd(chk, "after the errors", S, T, None, widths, rank, group)
-    finally:
-        kdd._host_checks = saved
+    S, T = gen_logits((5, VOCAB), 141), gen_logits((5, VOCAB), 142)
+    labels = labels_on_every_shard((5,), widths, 143)
+    s, t = local(S, widths, rank), local(T, widths, rank)
+    msg = expect_error(lambda: make(s, t, labels, group), ValueError, pattern)
+    chk = Checks()
+    compare_kd(chk, "after the error", S, T, labels, widths, rank, group, divergence="jsd",
+               ce_weight=0.5)
     dist.destroy_process_group(group)
     chk.done()
+    return msg
+
+
+def _last(rank, world):
+    return rank == world - 1
+
+
+@case
+def disagree_rows(rank, world):
+    return _disagreeing(rank, world, lambda s, t, lab, g: kd.kd_loss(
+        s[: 4 if _last(rank, world) else 5], t[: 4 if _last(rank, world) else 5],
+        lab[: 4 if _last(rank, world) else 5], process_group=g), r"rows differs")
+
+
+@case
+def disagree_empty_batch_on_one_rank(rank, world):
+    def call(s, t, lab, g):
+        rows = 0 if rank == 0 else 5
+        return kd.kd_loss(s[:rows], t[:rows], lab[:rows], process_group=g)
+
+    return _disagreeing(rank, world, call, r"rows differs")
+
+
+@case
+def disagree_ce_weight(rank, world):
+    return _disagreeing(rank, world, lambda s, t, lab, g: kd.kd_loss(
+        s, t, lab, ce_weight=0.5 if _last(rank, world) else 0.0, process_group=g),
+        r"ce_weight differs")
+
+
+@case
+def disagree_labels_given(rank, world):
+    return _disagreeing(rank, world, lambda s, t, lab, g: kd.kd_loss(
+        s, t, lab if _last(rank, world) else None, process_group=g), r"labels given differs")
+
+
+@case
+def disagree_divergence(rank, world):
+    return _disagreeing(rank, world, lambda s, t, lab, g: kd.kd_loss(
+        s, t, divergence="jsd" if _last(rank, world) else "forward_kl", process_group=g),
+        r"divergence differs")
+
+
+@case
+def disagree_dtype(rank, world):
+    return _disagreeing(rank, world, lambda s, t, lab, g: kd.kd_loss(
+        s.float() if _last(rank, world) else s, t.float() if _last(rank, world) else t,
+        process_group=g), r"student dtype differs")
+
+
+@case
+def disagree_softmax_rows(rank, world):
+    return _disagreeing(rank, world, lambda s, t, lab, g: kd.softmax(
+        s[: 3 if _last(rank, world) else 5], process_group=g), r"rows differs")
 
 
 # message identical on every rank (the last-rank-only case names the value only where seen)
 SAME_MESSAGE = {"bad_width_on_one_rank", "bad_total_vocab", "bad_label_too_large",
-                "bad_label_negative"}
+                "bad_label_negative", "bad_label_on_last_rank_only", "disagree_rows",
+                "disagree_empty_batch_on_one_rank", "disagree_ce_weight", "disagree_labels_given",
+                "disagree_divergence", "disagree_dtype", "disagree_softmax_rows"}
 
 
 # --------------------------------------------------------------------------------------
@@ -838,7 +873,7 @@ def test_sharded(world, name):
               if rec["status"] != "ok"]
     assert not errors, "\n".join(errors)
     obs = [recs[r]["obs"] for r in range(world)]
-    if name.startswith("bad_"):
+    if name.startswith(("bad_", "disagree_")):
         for o in obs:
             assert o.startswith("ValueError"), obs
     if name in SAME_MESSAGE:
