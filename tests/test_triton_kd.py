@@ -686,3 +686,84 @@ def test_partial_is_exported():
     g = torch.ones(2)
     assert torch.equal(backend.grads(s, t, None, spec, stats, 0, g, False)[0],
                        tkd.grads(s, t, None, spec, stats, 0, g, False)[0])
+
+
+# --------------------------------------------------------------------------------------
+# device guard: every launcher runs on its input's device (and that device's stream)
+# --------------------------------------------------------------------------------------
+
+
+def test_device_guard_is_a_no_op_on_cpu(monkeypatch):
+    """CPU tensors (the interpreter) never touch torch.cuda's device context; a CUDA tensor
+    gets the guard of its own device (built here without a GPU: entering it is what needs
+    one)."""
+    from types import SimpleNamespace
+
+    from kdkernels.triton._common import device_guard
+
+    guard = device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    if DEVICE.type != "cpu":
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.cuda.device entered for a CPU tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", refuse)
+    assert isinstance(device_guard(torch.zeros(1)), contextlib.nullcontext)
+    s, t, labels = logits(3, 20), logits(3, 20), make_labels(3, 20)
+    s.requires_grad_()
+    kd.kd_loss(s, t, labels, impl="triton", divergence="jsd", ce_weight=0.5).backward()
+    spec = _shard_spec("forward_kl", 0.5, 0.5)
+    stats = _stats.finish(tkd.partial(s.detach(), t, labels, spec), labels, spec)[1]
+    tkd.grads(s.detach(), t, labels, spec, stats, 0, torch.ones(3), True)
+    x = logits(3, 20).requires_grad_()
+    kd.softmax(x, 2.0, impl="triton").sum().backward()
+    y = torch.rand(3, 20)
+    kd.kl_div(x.log_softmax(-1), y, impl="triton").backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_launches_on_the_tensors_device(divergence):
+    """Tensors on cuda:1 while cuda:0 is current, on a side stream of cuda:1: the kernels
+    run there (a launch on cuda:0 would fault on cuda:1's memory or read it unordered) and
+    agree with impl='torch' on the same device."""
+    dev = torch.device("cuda", 1)
+    n, v = 6, 5000
+    s0 = torch.randn(n, v, device=dev)
+    t = torch.randn(n, v, device=dev)
+    labels = torch.randint(0, v, (n,), device=dev)
+    kw = dict(divergence=divergence, beta=0.3, temperature=2.0, ce_weight=0.5,
+              reduction="none")
+    g = torch.randn(n, device=dev)
+    stream = torch.cuda.Stream(device=dev)
+    # the stream first: entering it may make its device current
+    with torch.cuda.stream(stream), torch.cuda.device(0):
+        assert torch.cuda.current_device() == 0
+        out = {}
+        for impl in ("triton", "torch"):
+            s = s0.clone().requires_grad_()
+            loss = kd.kd_loss(s, t, labels, impl=impl, **kw)
+            loss.backward(g)
+            out[impl] = (loss, s.grad)
+        x = s0.clone().requires_grad_()
+        y = kd.softmax(x, 2.0, impl="triton")
+        y.backward(torch.ones_like(y))
+        ref_y = kd.softmax(s0, 2.0, impl="torch")
+        kl = kd.kl_div(s0.log_softmax(-1), t.softmax(-1), impl="triton")
+        ref_kl = kd.kl_div(s0.log_softmax(-1), t.softmax(-1), impl="torch")
+        spec = _shard_spec(divergence, 0.5, 0.5)
+        stats = tkd.partial(s0, t, labels, spec)
+        sums = tkd.mix_partial(s0, t, spec, stats) if spec.div.kind == "mixture" else None
+        stats = _stats.finish(stats, labels, spec, sums)[1]
+        gs, _ = tkd.grads(s0, t, labels, spec, stats, 0, g, False)
+    torch.cuda.synchronize(dev)
+    for a, b in zip(out["triton"], out["torch"], strict=True):
+        assert a.device == dev
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, ref_y)
+    assert x.grad.device == dev and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-4, atol=1e-5)
+    assert gs.device == dev and torch.isfinite(gs).all()
