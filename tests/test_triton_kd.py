@@ -246,6 +246,15 @@ def test_aot_kernels_cover_every_launch():
                             run("triton", logits(2, v), logits(2, v), lab, torch.ones(2),
                                 skew == 0.1, divergence=divergence, skew=skew,
                                 temperature=temperature, ce_weight=ce)
+                            # the row-statistics interface over a range
+                            spec = LossSpec(Divergence.from_user(divergence, 0.3, skew),
+                                            1 / temperature, 1.0, 1.0, ce)
+                            s, t = logits(2, v), logits(2, v)
+                            stats = tkd.partial(s, t, lab, spec, 3)
+                            sums = (tkd.mix_partial(s, t, spec, stats, 3)
+                                    if spec.div.kind == "mixture" else None)
+                            stats = _stats.finish(stats, lab, spec, sums)[1]
+                            tkd.grads(s, t, lab, spec, stats, 3, torch.ones(2), skew == 0.1)
     finally:
         for n in names:
             setattr(tkd, n, orig[n])
