@@ -25,6 +25,8 @@ from _formulas import assert_error_model
 from _formulas import kd_loss as formula_kd_loss
 
 import kdkernels as kd
+from kdkernels import _stats
+from kdkernels._spec import Divergence, LossSpec
 from kdkernels.triton import kd as tkd
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,6 +246,15 @@ def test_aot_kernels_cover_every_launch():
                             run("triton", logits(2, v), logits(2, v), lab, torch.ones(2),
                                 skew == 0.1, divergence=divergence, skew=skew,
                                 temperature=temperature, ce_weight=ce)
+                            # the row-statistics interface over a range
+                            spec = LossSpec(Divergence.from_user(divergence, 0.3, skew),
+                                            1 / temperature, 1.0, 1.0, ce)
+                            s, t = logits(2, v), logits(2, v)
+                            stats = tkd.partial(s, t, lab, spec, 3)
+                            sums = (tkd.mix_partial(s, t, spec, stats, 3)
+                                    if spec.div.kind == "mixture" else None)
+                            stats = _stats.finish(stats, lab, spec, sums)[1]
+                            tkd.grads(s, t, lab, spec, stats, 3, torch.ones(2), skew == 0.1)
     finally:
         for n in names:
             setattr(tkd, n, orig[n])
@@ -409,7 +420,7 @@ def _spec_args(divergence, **kw):
         inv_ts=kw.get("inv_ts", 0.5), inv_tt=1.0, kd_scale=4.0,
         ce_weight=kw.get("ce_weight", 0.0), ignore_index=-100,
     )
-    return tkd._spec_args(spec)
+    return spec.as_args()
 
 
 @pytest.mark.parametrize("labels", [False, True])
@@ -489,3 +500,279 @@ def test_inplace_backward_twice_fails():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+# --------------------------------------------------------------------------------------
+# the row-statistics interface (_stats.py): partial, mix_partial, grads over column ranges
+# --------------------------------------------------------------------------------------
+
+# V = 37 as three ranges and an empty one (the merge's identity)
+SHARDS = ((0, 10), (10, 25), (25, 37), (37, 37))
+SHARD_V = 37
+# labels in every range, on its first column, and ignored rows between them
+SHARD_LABELS = (3, -100, 15, 30, -100, 10, 36, 25)
+SHARD_DIVS = {
+    "forward_kl": Divergence("forward_kl"),
+    "reverse_kl": Divergence("reverse_kl"),
+    "jsd": Divergence.from_user("jsd", 0.3, 0.0),
+    "skew_forward_kl": Divergence.from_user("skew_forward_kl", 0.0, 0.2),
+}
+# (inverse temperature, labels, ce_weight, logits): own CE pair at T = 2, the student's at
+# T = 1, no labels, and logits of +-1e4 (shifted differences only) at T = 2
+SHARD_CASES = {
+    "T2-ce": (0.5, True, 0.5, "normal"),
+    "T1-ce": (1.0, True, 0.7, "normal"),
+    "T1.5-nolabels": (1 / 1.5, False, 0.0, "normal"),
+    "T2-huge": (0.5, True, 0.3, "huge"),
+}
+
+
+def _shard_inputs(case, dtype):
+    inv_t, with_labels, ce_weight, kind = SHARD_CASES[case]
+    n, v = len(SHARD_LABELS), SHARD_V
+    if kind == "huge":
+        s = torch.randint(-1, 2, (n, v)) * 1e4 + torch.randn(n, v)
+        t = torch.randint(-1, 2, (n, v)) * 1e4 + torch.randn(n, v)
+    else:
+        s, t = torch.randn(n, v) * 2, torch.randn(n, v) * 2
+    labels = torch.tensor(SHARD_LABELS).to(DEVICE) if with_labels else None
+    return s.to(dtype).to(DEVICE), t.to(dtype).to(DEVICE), labels, inv_t, ce_weight
+
+
+def _shard_spec(divergence, inv_t, ce_weight):
+    return LossSpec(SHARD_DIVS[divergence], inv_ts=inv_t, inv_tt=inv_t, kd_scale=1 / inv_t**2,
+                    ce_weight=ce_weight, ignore_index=-100)
+
+
+def _cols(x, a, b):
+    return x[:, a:b].contiguous()
+
+
+def _sharded(s, t, labels, spec):
+    """(row losses, finished table, mixture sums or None) from one partial per range,
+    _stats.merge_all and _stats.finish: the vocab-parallel path without a process group."""
+    parts = torch.stack([tkd.partial(_cols(s, a, b), _cols(t, a, b), labels, spec, a)
+                         for a, b in SHARDS])
+    stats = _stats.merge_all(parts, spec)
+    sums = None
+    if spec.div.kind == "mixture":
+        sums = sum(tkd.mix_partial(_cols(s, a, b), _cols(t, a, b), spec, stats, a)
+                   for a, b in SHARDS)
+    loss, fin = _stats.finish(stats, labels, spec, sums)
+    return loss, fin, sums
+
+
+SHARD_PARAMS = [
+    pytest.mark.parametrize("inner", [None, (4, 2)], ids=["whole", "inner-split"]),
+    pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"]),
+    pytest.mark.parametrize("case", list(SHARD_CASES)),
+    pytest.mark.parametrize("divergence", list(SHARD_DIVS)),
+]
+
+
+def _shard_params(fn):
+    for mark in SHARD_PARAMS:
+        fn = mark(fn)
+    return fn
+
+
+@_shard_params
+def test_partials_merge_to_kd_rows(divergence, case, dtype, inner):
+    """partial per range + merge_all + finish gives kd_rows's losses and its saved table.
+    `inner` also splits each range inside the kernels (the merge kernels' partial mode)."""
+    s, t, labels, inv_t, ce_weight = _shard_inputs(case, dtype)
+    spec = _shard_spec(divergence, inv_t, ce_weight)
+    loss, stats = tkd.kd_fwd(s, t, labels, *spec.as_args())
+    with forced(*(inner or (None, None))):
+        got, fin, _ = _sharded(s, t, labels, spec)
+    valid = labels != -100 if labels is not None else torch.ones(len(s), dtype=torch.bool,
+                                                                   device=DEVICE)
+    # the same sums in another order (the order of ranges and tiles): float32 rounding
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+    assert (got[~valid] == 0).all()
+    assert fin.shape == stats.shape == (len(s), _stats.NCOL)
+    C = _stats.Col
+    # the maxima are exact; ignored rows are the empty range in both
+    for c in (C.MS, C.MT, C.M1):
+        assert torch.equal(fin[:, c], stats[:, c]), c.name
+    cols = [C.LS, C.LT, C.L1, C.LABEL]
+    cols += list(_stats.MIX_COLS) if spec.div.kind == "mixture" else [C.DIV]
+    for c in cols:
+        torch.testing.assert_close(fin[valid, c], stats[valid, c], rtol=1e-5, atol=1e-6,
+                                   msg=c.name)
+    if labels is not None:
+        # LABEL is the raw logit of the label, and M1 the maximum of s at T = 1
+        lab = labels.clamp(min=0)
+        assert torch.equal(fin[valid, C.LABEL], s.float().gather(1, lab[:, None])[valid, 0])
+        if ce_weight:
+            assert torch.equal(fin[valid, C.M1], s.float().amax(1)[valid])
+
+
+@_shard_params
+def test_grads_over_ranges(divergence, case, dtype, inner):
+    """grads of each range, concatenated, is the unsharded backward: bit for bit given the
+    same table (elementwise given the row scalars, labels rebased by offset), and to the
+    rounding of the output dtype given the merged one."""
+    s, t, labels, inv_t, ce_weight = _shard_inputs(case, dtype)
+    spec = _shard_spec(divergence, inv_t, ce_weight)
+    args = spec.as_args()
+    _, stats = tkd.kd_fwd(s, t, labels, *args)
+    g = torch.randn(len(s), device=DEVICE)
+    ds, dt = tkd.kd_bwd(g, s, t, labels, stats, True, *args)
+    with forced(*(inner or (None, None))):
+        _, fin, _ = _sharded(s, t, labels, spec)
+        same = [tkd.grads(_cols(s, a, b), _cols(t, a, b), labels, spec, stats, a, g, True)
+                for a, b in SHARDS]
+        merged = [tkd.grads(_cols(s, a, b), _cols(t, a, b), labels, spec, fin, a, g, b > 30)
+                  for a, b in SHARDS]
+    assert torch.equal(torch.cat([x for x, _ in same], 1), ds)
+    assert torch.equal(torch.cat([x for _, x in same], 1), dt)
+    if labels is not None:
+        ignored = labels == -100
+        assert (torch.cat([x for x, _ in merged], 1)[ignored] == 0).all()
+    # The merged table's D (A, B) is the whole row's to a few ulps of its size, which is
+    # ~|z| for logits of 1e4; an entry p (lp - lq - D) carries that as an absolute error:
+    # 4 ulps of |D| per row, times the row's factor. Then one rounding to the output dtype.
+    C = _stats.Col
+    size = 1 + stats[:, C.DIV].abs() + (stats[:, C.B].abs() if spec.div.kind == "mixture" else 0)
+    row_atol = (g.abs() * spec.kd_scale * max(spec.inv_ts, spec.inv_tt) * 4 * 2.0**-23 * size)
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
+
+    def close(a, b):
+        bound = row_atol[:, None] + 1e-6 + rtol * b.float().abs()
+        err = (a.float() - b.float()).abs()
+        assert (err <= bound).all(), f"max error over bound {(err / bound).max().item():.3g}"
+
+    close(torch.cat([x for x, _ in merged], 1), ds)
+    # need_teacher=False: no teacher gradient
+    assert all((x is None) == (b <= 30) for (_, x), (_, b) in zip(merged, SHARDS, strict=True))
+    close(merged[2][1], dt[:, 25:37])
+
+
+@pytest.mark.parametrize("inner", [None, (4, 2)], ids=["whole", "inner-split"])
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_mix_partial_sums_add_up(divergence, inner):
+    """The ranges' (A, B, Uq, Up) add up to the whole row's, given the same global table;
+    at u = 1 (jsd) Uq and Up are sum q, sum p: 1 over the row."""
+    s, t, labels, inv_t, ce_weight = _shard_inputs("T2-ce", torch.float32)
+    div = Divergence.from_user(divergence, 0.3, 0.2)
+    spec = LossSpec(div, inv_ts=inv_t, inv_tt=inv_t, kd_scale=4.0, ce_weight=ce_weight)
+    _, stats = tkd.kd_fwd(s, t, labels, *spec.as_args())
+    valid = labels != -100
+    with forced(*(inner or (None, None))):
+        whole = tkd.mix_partial(s, t, spec, stats)
+        parts = [tkd.mix_partial(_cols(s, a, b), _cols(t, a, b), spec, stats, a)
+                 for a, b in SHARDS]
+    assert torch.equal(parts[-1], torch.zeros(len(s), 4, device=DEVICE))  # the empty range
+    torch.testing.assert_close(sum(parts)[valid], whole[valid], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole[valid], stats[valid][:, list(_stats.MIX_COLS)],
+                               rtol=1e-5, atol=1e-6)
+    if divergence == "jsd":
+        torch.testing.assert_close(whole[valid, 2:], torch.ones(int(valid.sum()), 2, device=DEVICE))
+    with pytest.raises(ValueError, match="mixture"):
+        tkd.mix_partial(s, t, _shard_spec("forward_kl", 1.0, 0.0), stats)
+    with pytest.raises(ValueError, match="stats"):
+        tkd.mix_partial(s, t, spec, stats[:, :5].contiguous())
+
+
+def test_partial_of_no_columns_is_the_identity():
+    s = torch.empty(3, 0, device=DEVICE)
+    labels = torch.tensor([0, -100, 5], device=DEVICE)
+    spec = _shard_spec("forward_kl", 0.5, 1.0)
+    out = tkd.partial(s, s, labels, spec, offset=4)
+    assert torch.equal(out, _stats.empty(3, DEVICE, torch.float32))
+    gs, gt = tkd.grads(s, s, labels, spec, out, 4, torch.ones(3), True)
+    assert gs.shape == gt.shape == (3, 0)
+
+
+def test_partial_is_exported():
+    import kdkernels.triton as backend
+
+    s, t = logits(2, 9), logits(2, 9)
+    spec = _shard_spec("reverse_kl", 1.0, 0.0)
+    assert torch.equal(backend.partial(s, t, None, spec), tkd.partial(s, t, None, spec))
+    stats = _stats.finish(tkd.partial(s, t, None, spec), None, spec)[1]
+    g = torch.ones(2)
+    assert torch.equal(backend.grads(s, t, None, spec, stats, 0, g, False)[0],
+                       tkd.grads(s, t, None, spec, stats, 0, g, False)[0])
+
+
+# --------------------------------------------------------------------------------------
+# device guard: every launcher runs on its input's device (and that device's stream)
+# --------------------------------------------------------------------------------------
+
+
+def test_device_guard_is_a_no_op_on_cpu(monkeypatch):
+    """CPU tensors (the interpreter) never touch torch.cuda's device context; a CUDA tensor
+    gets the guard of its own device (built here without a GPU: entering it is what needs
+    one)."""
+    from types import SimpleNamespace
+
+    from kdkernels.triton._common import device_guard
+
+    guard = device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    if DEVICE.type != "cpu":
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.cuda.device entered for a CPU tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", refuse)
+    assert isinstance(device_guard(torch.zeros(1)), contextlib.nullcontext)
+    s, t, labels = logits(3, 20), logits(3, 20), make_labels(3, 20)
+    s.requires_grad_()
+    kd.kd_loss(s, t, labels, impl="triton", divergence="jsd", ce_weight=0.5).backward()
+    spec = _shard_spec("forward_kl", 0.5, 0.5)
+    stats = _stats.finish(tkd.partial(s.detach(), t, labels, spec), labels, spec)[1]
+    tkd.grads(s.detach(), t, labels, spec, stats, 0, torch.ones(3), True)
+    x = logits(3, 20).requires_grad_()
+    kd.softmax(x, 2.0, impl="triton").sum().backward()
+    y = torch.rand(3, 20)
+    kd.kl_div(x.log_softmax(-1), y, impl="triton").backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_launches_on_the_tensors_device(divergence):
+    """Tensors on cuda:1 while cuda:0 is current, on a side stream of cuda:1: the kernels
+    run there (a launch on cuda:0 would fault on cuda:1's memory or read it unordered) and
+    agree with impl='torch' on the same device."""
+    dev = torch.device("cuda", 1)
+    n, v = 6, 5000
+    s0 = torch.randn(n, v, device=dev)
+    t = torch.randn(n, v, device=dev)
+    labels = torch.randint(0, v, (n,), device=dev)
+    kw = dict(divergence=divergence, beta=0.3, temperature=2.0, ce_weight=0.5,
+              reduction="none")
+    g = torch.randn(n, device=dev)
+    stream = torch.cuda.Stream(device=dev)
+    # the stream first: entering it may make its device current
+    with torch.cuda.stream(stream), torch.cuda.device(0):
+        assert torch.cuda.current_device() == 0
+        out = {}
+        for impl in ("triton", "torch"):
+            s = s0.clone().requires_grad_()
+            loss = kd.kd_loss(s, t, labels, impl=impl, **kw)
+            loss.backward(g)
+            out[impl] = (loss, s.grad)
+        x = s0.clone().requires_grad_()
+        y = kd.softmax(x, 2.0, impl="triton")
+        y.backward(torch.ones_like(y))
+        ref_y = kd.softmax(s0, 2.0, impl="torch")
+        kl = kd.kl_div(s0.log_softmax(-1), t.softmax(-1), impl="triton")
+        ref_kl = kd.kl_div(s0.log_softmax(-1), t.softmax(-1), impl="torch")
+        spec = _shard_spec(divergence, 0.5, 0.5)
+        stats = tkd.partial(s0, t, labels, spec)
+        sums = tkd.mix_partial(s0, t, spec, stats) if spec.div.kind == "mixture" else None
+        stats = _stats.finish(stats, labels, spec, sums)[1]
+        gs, _ = tkd.grads(s0, t, labels, spec, stats, 0, g, False)
+    torch.cuda.synchronize(dev)
+    for a, b in zip(out["triton"], out["torch"], strict=True):
+        assert a.device == dev
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, ref_y)
+    assert x.grad.device == dev and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-4, atol=1e-5)
+    assert gs.device == dev and torch.isfinite(gs).all()

@@ -3,7 +3,9 @@
 Kernel modules are imported lazily: Triton reads TRITON_INTERPRET when a kernel is
 decorated, so tests running on CPU set it before the first call reaches here.
 
-    kd.py       kd_loss: online-softmax forward / fused backward of every divergence (+ CE)
+    kd.py       kd_loss: online-softmax forward / fused backward of every divergence (+ CE),
+                and the row-statistics interface of kdkernels/_stats.py (partial,
+                mix_partial, grads) over a range of columns
     kl_div.py   F.kl_div's elementwise terms and their sum
     softmax.py  softmax / log_softmax with a temperature
     aot.py      ahead-of-time compilation for sm_80 / sm_90 and the register/spill report
@@ -36,6 +38,24 @@ def kd_rows(s, t, labels, spec, inplace_backward=False):
     from .kd import kd_rows as run
 
     return run(s, t, labels, spec, inplace_backward)
+
+
+def partial(s, t, labels, spec, offset=0):
+    from .kd import partial as run
+
+    return run(s, t, labels, spec, offset)
+
+
+def mix_partial(s, t, spec, stats, offset=0):
+    from .kd import mix_partial as run
+
+    return run(s, t, spec, stats, offset)
+
+
+def grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher):
+    from .kd import grads as run
+
+    return run(s, t, labels, spec, stats, offset, grad_rows, need_teacher)
 
 
 def kl_div(x, y, log_target, reduce_sum):

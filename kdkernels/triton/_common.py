@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
+
+import torch
 
 
 class AotKernel(NamedTuple):
@@ -29,3 +32,12 @@ def text_table(head: tuple, body: list) -> str:
     lines.append("-+-".join("-" * w for w in widths))
     lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(lines)
+
+
+def device_guard(x: torch.Tensor):
+    """The context to launch a kernel on x: Triton launches on the CURRENT device's current
+    stream, so tensors on cuda:1 while cuda:0 is current need cuda:1 made current (and its
+    stream is then the one used). Nothing for CPU tensors (the interpreter)."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()

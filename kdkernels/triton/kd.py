@@ -35,11 +35,21 @@
 #
 # Forward, mixture: pass 1 is the same kernel with KIND = MIXTURE (stats only); pass 2
 # (_kd_mix_kernel) re-reads the row and sums A, B, Uq, Up from the saved logsumexps.
-# Saved per row (stats, (NSTAT, N) float32): each logsumexp as its pair (m, r = log l) for
-# zs, zt and s at T = 1 (CE), then D (KL kinds) or A, B, Uq, Up (mixture): O(rows) floats,
-# never an N x V tensor. The pair is never summed: lq = (zs - m) - r is exact near the max,
-# where the mass is, while zs - (m + r) would carry the rounding of m + r, an ulp of |z|
-# (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as a relative error.
+#
+# Saved per row: the (N, NCOL) float32 table of kdkernels/_stats.py, indexed by its `Col`
+# (the C_* constexprs below): MS, LS, MT, LT, M1, L1 = each logsumexp as its pair (m, log l)
+# for zs, zt and s at T = 1 (copies of the student's at Ts = 1); LABEL = s[label]; ACC = the
+# raw accumulator above; DIV = D (KL kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture).
+# O(rows) floats, never an N x V tensor. The pair is never summed: lq = (zs - m) - log l is
+# exact near the max, where the mass is, while zs - (m + log l) would carry the rounding of
+# m + log l, an ulp of |z| (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as a relative error.
+# An ignored row reads nothing: its pairs are the empty range's (-inf, -inf), its D, A, B,
+# Uq, Up and loss 0.
+#
+# The same kernels serve the row-statistics interface of _stats.py over a range of columns
+# [offset, offset + Vr) (partial, mix_partial, grads at the bottom): labels stay GLOBAL ids
+# and the kernels rebase them by `offset`. FINISH = False leaves the table unfinished (ACC
+# raw, DIV 0) for _stats.merge_all and _stats.finish.
 #
 # Backward: ONE pass re-reading s and t, recomputing lq, lp from the saved pairs and writing
 # d s (and d t) in the input dtype, already multiplied by grad_output, kd_scale / T, the
@@ -48,8 +58,11 @@
 # 1 per row and writes d s over s (each program reads a tile before writing the same tile).
 #
 # Vocab split (few rows for the GPU): the grid is (N, n_split); program (row, c) covers
-# columns [c * chunk, (c + 1) * chunk), writes a partial (m, l, acc) row of `part`, and
-# _kd_merge_kernel (or _kd_mix_merge_kernel: plain sums) finishes the row.
+# columns [c * chunk, (c + 1) * chunk) and writes its partial table row (the same layout,
+# unfinished); _kd_merge_kernel merges a row's n_split partials at once with _stats.merge's
+# rule and finishes the row (_kd_mix_merge_kernel: plain sums). It stays in a kernel rather
+# than partials + _stats.merge_all, whose Python fold would launch ~30 small torch ops per
+# chunk (n_split reaches hundreds for a handful of rows).
 #
 # Memory traffic per element (b = bytes of the logits), one read of each input per pass:
 #   forward/reverse KL: forward 2b, backward 2b + b (d s) [+ b (d t)]   -> 5b = 10 B bf16
@@ -64,17 +77,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _stats
 from .._spec import LossSpec
-from ._common import AotKernel
+from .._stats import NCOL, Col
+from ._common import AotKernel, device_guard
 
 # Kinds (the KIND constexpr).
 FORWARD_KL, REVERSE_KL, MIXTURE = 0, 1, 2
 _KIND_IDS = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "mixture": MIXTURE}
-
-# Fields of a partial row of the first pass when split: (max, sum) for zs, zt, s at T = 1
-# and the running KL sum; then the mixture pass's partial sums A, B, Uq, Up.
-NPART = 8
-NPART_MIX = 4
 
 # Widest vocab tile: 4096 values of each input over 8 warps is 16 per thread and input
 # (no spills on sm_80 / sm_90 for any kernel here, see aot.py).
@@ -93,6 +103,21 @@ FORCE_SPLIT: int | None = None
 # kernels
 # --------------------------------------------------------------------------------------
 
+# Columns of the row-statistics table (_stats.Col), as constexprs the kernels index with.
+C_MS: tl.constexpr = tl.constexpr(int(Col.MS))
+C_LS: tl.constexpr = tl.constexpr(int(Col.LS))
+C_MT: tl.constexpr = tl.constexpr(int(Col.MT))
+C_LT: tl.constexpr = tl.constexpr(int(Col.LT))
+C_M1: tl.constexpr = tl.constexpr(int(Col.M1))
+C_L1: tl.constexpr = tl.constexpr(int(Col.L1))
+C_LABEL: tl.constexpr = tl.constexpr(int(Col.LABEL))
+C_DIV: tl.constexpr = tl.constexpr(int(Col.DIV))
+C_B: tl.constexpr = tl.constexpr(int(Col.B))
+C_UQ: tl.constexpr = tl.constexpr(int(Col.UQ))
+C_UP: tl.constexpr = tl.constexpr(int(Col.UP))
+C_ACC: tl.constexpr = tl.constexpr(int(Col.ACC))
+C_NCOL: tl.constexpr = tl.constexpr(NCOL)
+
 
 @triton.jit
 def _ref(m):
@@ -101,16 +126,22 @@ def _ref(m):
 
 
 @triton.jit
+def _shift(m, big):
+    # m - big, 0 where equal (-inf == -inf included: never -inf - -inf)
+    return tl.where(m == big, 0.0, m - big)
+
+
+@triton.jit
 def _rebase(acc, l_w, mw_old, mw_new, mo_old, mo_new):
     # acc = sum e^(w - mw_old) ((w - mw_old) - (o - mo_old)) re-expressed against the new
     # maxima: e^(mw_old - mw_new) (acc + l_w ((mw_old - mw_new) - (mo_old - mo_new))).
     # l_w = 0 means no weight yet (acc = 0); an underflowed factor drops the old terms, as
     # their probabilities underflow in the reference too. Equal maxima (-inf included)
-    # shift by 0; mo_old = -inf < mo_new only happens when acc is already +inf.
-    dw = tl.where(mw_old == mw_new, 0.0, mw_old - mw_new)
-    do = tl.where(mo_old == mo_new, 0.0, mo_old - mo_new)
+    # shift by 0; mo_old = -inf < mo_new only happens when acc is already +inf. NaN stays.
+    dw = _shift(mw_old, mw_new)
+    do = _shift(mo_old, mo_new)
     alpha = tl.exp(dw)
-    keep = (l_w > 0) & (alpha > 0)
+    keep = ((l_w > 0) & (alpha > 0)) | (acc != acc)
     return tl.where(keep, (acc + tl.where(keep, l_w, 0.0) * (dw - do)) * alpha, 0.0)
 
 
@@ -140,82 +171,71 @@ def _mix_u(lq, lp, lm, coef_p, coef_q, HAS_CP: tl.constexpr, HAS_CQ: tl.constexp
 
 
 @triton.jit
-def _ce(s_row, label, valid, m1, r1):
-    # lse(s) - s[label] = (m1 - s[label]) + r1, exact near the max; the label is read only
-    # on valid rows (ignore_index may be < 0)
-    target = tl.load(s_row + label, mask=valid, other=0.0).to(tl.float32)
-    return (m1 - target) + r1
+def _kl_value(ls, lt, acc, KIND: tl.constexpr):
+    # D = acc / l_w - log l_w + log l_o from the sums l (not their logs); acc = 0 (no
+    # weighting mass) gives 0 for the first term, never 0 / 0
+    if KIND == 0:
+        d = tl.where(acc == 0, 0.0, acc / lt) - tl.log(lt) + tl.log(ls)
+    else:
+        d = tl.where(acc == 0, 0.0, acc / ls) - tl.log(ls) + tl.log(lt)
+    return d
 
 
 @triton.jit
-def _finish_stats(
-    row, N, valid, s_row, label, loss_ptr, stats_ptr,
-    ms, ls, mt, lt, acc, m1, l1, kd_scale, ce_weight,
+def _store_row(
+    p, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1, target, acc, kd_scale, ce_weight,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    CE_SHARED: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
-    # From a row's final (max, sum) pairs and KL sum: saved stats and (KL kinds) the loss.
-    # each logsumexp is saved as (m, r = log l), never summed (see the top of the file)
-    ms = _ref(ms)
-    mt = _ref(mt)
-    rs = tl.log(ls)
-    rt = tl.log(lt)
-    m1 = _ref(m1)
-    r1 = tl.log(l1)
-    if CE_SHARED or not HAS_CE:  # Ts = 1: the CE logsumexp is the student's
-        m1 = ms
-        r1 = rs
-    if KIND != 2:
-        if KIND == 0:
-            d = acc / lt - rt + rs
-        else:
-            d = acc / ls - rs + rt
-    if HAS_LABELS:  # ignored rows read nothing: store clean zeros, not 0/0
-        ms = tl.where(valid, ms, 0.0)
-        rs = tl.where(valid, rs, 0.0)
-        mt = tl.where(valid, mt, 0.0)
-        rt = tl.where(valid, rt, 0.0)
-        m1 = tl.where(valid, m1, 0.0)
-        r1 = tl.where(valid, r1, 0.0)
-    tl.store(stats_ptr + row, ms)
-    tl.store(stats_ptr + N + row, rs)
-    tl.store(stats_ptr + 2 * N + row, mt)
-    tl.store(stats_ptr + 3 * N + row, rt)
-    tl.store(stats_ptr + 4 * N + row, m1)
-    tl.store(stats_ptr + 5 * N + row, r1)
-    if KIND != 2:
+    # One row of the table from the final (max, sum) pairs, sums and KL accumulator: each
+    # logsumexp as its pair (m, log l), never summed (see the top of the file). FINISH (KL
+    # kinds): D and the row loss too; otherwise DIV, B, UQ, UP are 0 (pass 1 of a range).
+    tl.store(p + C_MS, ms)
+    tl.store(p + C_LS, tl.log(ls))
+    tl.store(p + C_MT, mt)
+    tl.store(p + C_LT, tl.log(lt))
+    tl.store(p + C_M1, m1)
+    tl.store(p + C_L1, tl.log(l1))
+    tl.store(p + C_LABEL, target)
+    tl.store(p + C_ACC, acc)
+    d = 0.0
+    if FINISH:
+        d = _kl_value(ls, lt, acc, KIND)
         loss = kd_scale * d
         if HAS_CE:
-            loss += ce_weight * _ce(s_row, label, valid, m1, r1)
-        if HAS_LABELS:
+            # lse(s) - s[label] = (m1 - s[label]) + log l1, exact near the max
+            loss += ce_weight * ((m1 - target) + tl.log(l1))
+        if HAS_LABELS:  # ignored rows read nothing: their 0 / 0 never reaches the outputs
             d = tl.where(valid, d, 0.0)
             loss = tl.where(valid, loss, 0.0)
-        tl.store(stats_ptr + 6 * N + row, d)
         tl.store(loss_ptr + row, loss)
+    tl.store(p + C_DIV, d)
+    tl.store(p + C_B, 0.0)
+    tl.store(p + C_UQ, 0.0)
+    tl.store(p + C_UP, 0.0)
 
 
 @triton.jit
 def _kd_fwd_kernel(
     s_ptr,  # (N, V) student logits, fp16 / bf16 / fp32, row-major contiguous
     t_ptr,  # (N, V) teacher logits, fp16 / bf16 / fp32, row-major contiguous
-    labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
-    loss_ptr,  # (N,) fp32 out: row losses (KL kinds, not SPLIT)
-    stats_ptr,  # (NSTAT, N) fp32 out: m_s, r_s, m_t, r_t, m1, r1, D (not SPLIT)
-    part_ptr,  # (N, n_split, NPART) fp32 out when SPLIT: ms, ls, mt, lt, acc, m1, l1, -
-    N,  # rows
-    V,  # vocabulary (row width)
-    chunk,  # columns per program (a multiple of BLOCK_V; V when not SPLIT)
+    labels_ptr,  # (N,) int64 GLOBAL labels (read only when HAS_LABELS)
+    loss_ptr,  # (N,) fp32 out: row losses (FINISH only)
+    out_ptr,  # (N, n_split, NCOL) fp32 out: the table of each program's columns
+    V,  # row width (of this range of the vocabulary)
+    chunk,  # columns per program (a multiple of BLOCK_V; V when n_split = 1)
     n_split,  # programs per row
+    offset,  # global vocabulary id of column 0 (labels are rebased by it)
     inv_ts,  # 1 / student temperature
     inv_tt,  # 1 / teacher temperature
     kd_scale,  # weight of D
     ce_weight,  # weight of CE
     ignore_index,  # label of rows that contribute 0
-    KIND: tl.constexpr,  # FORWARD_KL / REVERSE_KL (value too) / MIXTURE (stats only)
+    KIND: tl.constexpr,  # FORWARD_KL / REVERSE_KL / MIXTURE (ACC = 0, pass 2 follows)
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,  # ce_weight != 0
     CE_SHARED: tl.constexpr,  # Ts == 1: the CE logsumexp is the student's
-    SPLIT: tl.constexpr,  # write partials for _kd_merge_kernel instead of the row results
+    FINISH: tl.constexpr,  # the whole row in one program (KL kinds): D and the loss too
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * V passes 2**31 at real sizes
@@ -224,12 +244,13 @@ def _kd_fwd_kernel(
     t_row = t_ptr + row * V
     lo = c * chunk
     hi = tl.minimum(lo + chunk, V)
-    label = 0
+    label = -1
     valid = True
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
-        hi = tl.where(valid, hi, lo)  # ignored rows read nothing
+        label -= offset  # the label's column in this range (outside [0, V): not here)
+        hi = tl.where(valid, hi, lo)  # ignored rows read nothing: the empty range
     offs = tl.arange(0, BLOCK_V)
     ms = -float("inf")
     mt = -float("inf")
@@ -268,30 +289,37 @@ def _kd_fwd_kernel(
                 r1 = _ref(m1_new)
                 l1 = l1 * tl.exp(m1 - r1) + tl.sum(tl.exp(xs - r1), 0)
                 m1 = m1_new
-    if SPLIT:
-        p = part_ptr + (row * n_split + c) * 8
-        tl.store(p + 0, ms)
-        tl.store(p + 1, ls)
-        tl.store(p + 2, mt)
-        tl.store(p + 3, lt)
-        tl.store(p + 4, acc)
-        tl.store(p + 5, m1)
-        tl.store(p + 6, l1)
-    else:
-        _finish_stats(row, N, valid, s_row, label, loss_ptr, stats_ptr,
-                      ms, ls, mt, lt, acc, m1, l1, kd_scale, ce_weight,
-                      KIND, HAS_LABELS, HAS_CE, CE_SHARED)
+    if CE_SHARED or not HAS_CE:
+        # Ts = 1: the CE pair is the student's. Without a CE term the pair is not
+        # accumulated: the student's when Ts = 1 all the same, else the empty range.
+        m1 = tl.where(inv_ts == 1.0, ms, m1)
+        l1 = tl.where(inv_ts == 1.0, ls, l1)
+    target = 0.0
+    if HAS_LABELS:  # s[label] when the label is one of this program's columns, else 0
+        target = tl.load(s_row + label, mask=(label >= lo) & (label < hi),
+                         other=0.0).to(tl.float32)
+    _store_row(out_ptr + (row * n_split + c) * C_NCOL, loss_ptr, row, valid,
+               ms, ls, mt, lt, m1, l1, target, acc, kd_scale, ce_weight,
+               KIND, HAS_LABELS, HAS_CE, FINISH)
+
+
+@triton.jit
+def _merge_pair(p, M: tl.constexpr, L: tl.constexpr, km):
+    # the (max, sum) of a row from its chunks' (max, log-sum) pairs: the online update
+    # applied to whole chunks, each shifted to the common maximum
+    m_k = tl.load(p + M, mask=km, other=-float("inf"))
+    l_k = tl.load(p + L, mask=km, other=-float("inf"))
+    m = tl.max(m_k, 0)
+    dm = _shift(m_k, m)
+    return m, tl.sum(tl.exp(l_k + dm), 0), m_k, dm, l_k
 
 
 @triton.jit
 def _kd_merge_kernel(
-    s_ptr,  # (N, V) student logits (the CE target is read from here)
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
-    loss_ptr,  # (N,) fp32 out: row losses (KL kinds)
-    stats_ptr,  # (NSTAT, N) fp32 out: m_s, r_s, m_t, r_t, m1, r1, D
-    part_ptr,  # (N, n_split, NPART) fp32: the partials of _kd_fwd_kernel
-    N,  # rows
-    V,  # vocabulary
+    loss_ptr,  # (N,) fp32 out: row losses (FINISH)
+    stats_ptr,  # (N, NCOL) fp32 out: the row's table
+    part_ptr,  # (N, n_split, NCOL) fp32: the tables of _kd_fwd_kernel's programs
     n_split,  # partials per row
     kd_scale,  # weight of D
     ce_weight,  # weight of CE
@@ -299,75 +327,29 @@ def _kd_merge_kernel(
     KIND: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
-    CE_SHARED: tl.constexpr,
+    FINISH: tl.constexpr,  # KL kinds: D and the row loss; else the merged partial table
     SPLIT_BLOCK: tl.constexpr,  # power of two >= n_split
 ):
-    # Exact merge of the chunks' (max, sum, acc): the online update applied to whole chunks.
+    # The exact merge of _stats.merge, over a row's chunks at once.
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * V
-    label = 0
     valid = True
     if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
+        valid = tl.load(labels_ptr + row) != ignore_index
     k = tl.arange(0, SPLIT_BLOCK)
     km = k < n_split
-    p = part_ptr + (row * n_split + k) * 8
-    ms_k = tl.load(p + 0, mask=km, other=-float("inf"))
-    ls_k = tl.load(p + 1, mask=km, other=0.0)
-    mt_k = tl.load(p + 2, mask=km, other=-float("inf"))
-    lt_k = tl.load(p + 3, mask=km, other=0.0)
-    acc_k = tl.load(p + 4, mask=km, other=0.0)
-    ms = tl.max(ms_k, 0)
-    mt = tl.max(mt_k, 0)
-    ls = tl.sum(ls_k * tl.exp(ms_k - _ref(ms)), 0)
-    lt = tl.sum(lt_k * tl.exp(mt_k - _ref(mt)), 0)
+    p = part_ptr + (row * n_split + k) * C_NCOL
+    ms, ls, ms_k, dms, ls_k = _merge_pair(p, C_MS, C_LS, km)
+    mt, lt, mt_k, dmt, lt_k = _merge_pair(p, C_MT, C_LT, km)
+    m1, l1, _, _, _ = _merge_pair(p, C_M1, C_L1, km)
+    target = tl.sum(tl.load(p + C_LABEL, mask=km, other=0.0), 0)
+    acc_k = tl.load(p + C_ACC, mask=km, other=0.0)
     acc = 0.0
     if KIND == 0:
-        acc = tl.sum(_rebase(acc_k, lt_k, mt_k, mt, ms_k, ms), 0)
+        acc = tl.sum(_rebase(acc_k, tl.exp(lt_k), mt_k, mt, ms_k, ms), 0)
     if KIND == 1:
-        acc = tl.sum(_rebase(acc_k, ls_k, ms_k, ms, mt_k, mt), 0)
-    m1 = ms
-    l1 = ls
-    if HAS_CE:
-        if not CE_SHARED:
-            m1_k = tl.load(p + 5, mask=km, other=-float("inf"))
-            l1_k = tl.load(p + 6, mask=km, other=0.0)
-            m1 = tl.max(m1_k, 0)
-            l1 = tl.sum(l1_k * tl.exp(m1_k - _ref(m1)), 0)
-    _finish_stats(row, N, valid, s_row, label, loss_ptr, stats_ptr,
-                  ms, ls, mt, lt, acc, m1, l1, kd_scale, ce_weight,
-                  KIND, HAS_LABELS, HAS_CE, CE_SHARED)
-
-
-@triton.jit
-def _finish_mix(
-    row, N, valid, s_row, label, loss_ptr, stats_ptr,
-    a_sum, b_sum, uq, up, coef_p, coef_q, kd_scale, ce_weight,
-    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_CP: tl.constexpr,
-    HAS_CQ: tl.constexpr, HAS_U: tl.constexpr,
-):
-    d = 0.0
-    if HAS_CP:
-        d += coef_p * a_sum
-    if HAS_CQ:
-        d += coef_q * b_sum
-    if not HAS_U:  # cp = a, cq = 1 - a: u = 1 exactly
-        uq = 1.0
-        up = 1.0
-    loss = kd_scale * d
-    if HAS_CE:
-        loss += ce_weight * _ce(s_row, label, valid, tl.load(stats_ptr + 4 * N + row),
-                                tl.load(stats_ptr + 5 * N + row))
-    if HAS_LABELS:
-        loss = tl.where(valid, loss, 0.0)
-        a_sum = tl.where(valid, a_sum, 0.0)
-        b_sum = tl.where(valid, b_sum, 0.0)
-    tl.store(stats_ptr + 6 * N + row, a_sum)
-    tl.store(stats_ptr + 7 * N + row, b_sum)
-    tl.store(stats_ptr + 8 * N + row, uq)
-    tl.store(stats_ptr + 9 * N + row, up)
-    tl.store(loss_ptr + row, loss)
+        acc = tl.sum(_rebase(acc_k, tl.exp(ls_k), ms_k, ms, mt_k, mt), 0)
+    _store_row(stats_ptr + row * C_NCOL, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1,
+               target, acc, kd_scale, ce_weight, KIND, HAS_LABELS, HAS_CE, FINISH)
 
 
 @triton.jit
@@ -375,11 +357,11 @@ def _kd_mix_kernel(
     s_ptr,  # (N, V) student logits
     t_ptr,  # (N, V) teacher logits
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
-    loss_ptr,  # (N,) fp32 out: row losses (not SPLIT)
-    stats_ptr,  # (NSTAT, N) fp32: m_s, r_s, m_t, r_t, m1, r1 in; A, B, Uq, Up out (not SPLIT)
-    part_ptr,  # (N, n_split, NPART_MIX) fp32 out when SPLIT: partial A, B, Uq, Up
-    N,  # rows
-    V,  # vocabulary
+    loss_ptr,  # (N,) fp32 out: row losses (FINISH)
+    stats_ptr,  # (N, NCOL) fp32: the row's global MS, LS, MT, LT (+ M1, L1, LABEL for CE)
+                # in; A, B, Uq, Up out in DIV, B, UQ, UP (FINISH)
+    part_ptr,  # (N, n_split, 4) fp32 out unless FINISH: the range's A, B, Uq, Up
+    V,  # row width (of this range)
     chunk,  # columns per program
     n_split,  # programs per row
     inv_ts,  # 1 / student temperature
@@ -396,7 +378,7 @@ def _kd_mix_kernel(
     HAS_CP: tl.constexpr,  # cp != 0
     HAS_CQ: tl.constexpr,  # cq != 0
     HAS_U: tl.constexpr,  # u != 1 (not jsd)
-    SPLIT: tl.constexpr,
+    FINISH: tl.constexpr,  # the whole row in one program: the sums and the loss
     BLOCK_V: tl.constexpr,
 ):
     # Pass 2 of the mixture kind: A, B, Uq, Up from the logsumexps of pass 1.
@@ -406,16 +388,14 @@ def _kd_mix_kernel(
     t_row = t_ptr + row * V
     lo = c * chunk
     hi = tl.minimum(lo + chunk, V)
-    label = 0
-    valid = True
     if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
+        valid = tl.load(labels_ptr + row) != ignore_index
         hi = tl.where(valid, hi, lo)
-    ms = tl.load(stats_ptr + row)
-    rs = tl.load(stats_ptr + N + row)
-    mt = tl.load(stats_ptr + 2 * N + row)
-    rt = tl.load(stats_ptr + 3 * N + row)
+    st = stats_ptr + row * C_NCOL
+    ms = tl.load(st + C_MS)
+    rs = tl.load(st + C_LS)
+    mt = tl.load(st + C_MT)
+    rt = tl.load(st + C_LT)
     offs = tl.arange(0, BLOCK_V)
     a_sum = 0.0
     b_sum = 0.0
@@ -429,41 +409,54 @@ def _kd_mix_kernel(
         lq = (zs - ms) - rs
         lp = (zt - mt) - rt
         lm = _logaddexp(lp + log_a, lq + log_1ma)
+        p = tl.exp(lp)
+        q = tl.exp(lq)
         if HAS_CP:
-            p = tl.exp(lp)
             a_sum += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), 0)
         if HAS_CQ:
-            q = tl.exp(lq)
             b_sum += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), 0)
         if HAS_U:
             qu, pu = _mix_u(lq, lp, lm, coef_p, coef_q, HAS_CP, HAS_CQ)
             uq += tl.sum(qu, 0)
             up += tl.sum(pu, 0)
-    if HAS_LABELS:
-        # the same predicate (lo < V for every program), re-derived from the loop bounds:
-        # kept live through the loop, ptxas spilled it (4 bytes of stack) on sm_80
-        valid = hi > lo
-    if SPLIT:
+        else:  # u = 1: q u = q, p u = p (the backward does not read them then)
+            uq += tl.sum(q, 0)
+            up += tl.sum(p, 0)
+    if FINISH:
+        d = 0.0
+        if HAS_CP:
+            d += coef_p * a_sum
+        if HAS_CQ:
+            d += coef_q * b_sum
+        loss = kd_scale * d
+        if HAS_CE:
+            loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL))
+                                 + tl.load(st + C_L1))
+        if HAS_LABELS:
+            # the same predicate (lo < V for every program), re-derived from the loop
+            # bounds: kept live through the loop, ptxas spilled it (4 bytes of stack) on sm_80
+            valid = hi > lo
+            loss = tl.where(valid, loss, 0.0)
+        tl.store(st + C_DIV, a_sum)
+        tl.store(st + C_B, b_sum)
+        tl.store(st + C_UQ, uq)
+        tl.store(st + C_UP, up)
+        tl.store(loss_ptr + row, loss)
+    else:
         p_out = part_ptr + (row * n_split + c) * 4
         tl.store(p_out + 0, a_sum)
         tl.store(p_out + 1, b_sum)
         tl.store(p_out + 2, uq)
         tl.store(p_out + 3, up)
-    else:
-        _finish_mix(row, N, valid, s_row, label, loss_ptr, stats_ptr,
-                    a_sum, b_sum, uq, up, coef_p, coef_q, kd_scale, ce_weight,
-                    HAS_LABELS, HAS_CE, HAS_CP, HAS_CQ, HAS_U)
 
 
 @triton.jit
 def _kd_mix_merge_kernel(
-    s_ptr,  # (N, V) student logits (the CE target is read from here)
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
-    loss_ptr,  # (N,) fp32 out: row losses
-    stats_ptr,  # (NSTAT, N) fp32: m1, r1 in; A, B, Uq, Up out
-    part_ptr,  # (N, n_split, NPART_MIX) fp32: partial A, B, Uq, Up of _kd_mix_kernel
-    N,  # rows
-    V,  # vocabulary
+    loss_ptr,  # (N,) fp32 out: row losses (FINISH)
+    stats_ptr,  # (N, NCOL) fp32: M1, L1, LABEL in; A, B, Uq, Up out (FINISH)
+    part_ptr,  # (N, n_split, 4) fp32: partial A, B, Uq, Up of _kd_mix_kernel
+    out_ptr,  # (N, 4) fp32 out unless FINISH: the summed A, B, Uq, Up
     n_split,  # partials per row
     coef_p,  # cp
     coef_q,  # cq
@@ -474,16 +467,10 @@ def _kd_mix_merge_kernel(
     HAS_CE: tl.constexpr,
     HAS_CP: tl.constexpr,
     HAS_CQ: tl.constexpr,
-    HAS_U: tl.constexpr,
+    FINISH: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,  # power of two >= n_split
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * V
-    label = 0
-    valid = True
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
     k = tl.arange(0, SPLIT_BLOCK)
     km = k < n_split
     p = part_ptr + (row * n_split + k) * 4
@@ -491,23 +478,44 @@ def _kd_mix_merge_kernel(
     b_sum = tl.sum(tl.load(p + 1, mask=km, other=0.0), 0)
     uq = tl.sum(tl.load(p + 2, mask=km, other=0.0), 0)
     up = tl.sum(tl.load(p + 3, mask=km, other=0.0), 0)
-    _finish_mix(row, N, valid, s_row, label, loss_ptr, stats_ptr,
-                a_sum, b_sum, uq, up, coef_p, coef_q, kd_scale, ce_weight,
-                HAS_LABELS, HAS_CE, HAS_CP, HAS_CQ, HAS_U)
+    if FINISH:
+        st = stats_ptr + row * C_NCOL
+        d = 0.0
+        if HAS_CP:
+            d += coef_p * a_sum
+        if HAS_CQ:
+            d += coef_q * b_sum
+        loss = kd_scale * d
+        if HAS_CE:
+            loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL))
+                                 + tl.load(st + C_L1))
+        if HAS_LABELS:
+            loss = tl.where(tl.load(labels_ptr + row) != ignore_index, loss, 0.0)
+        tl.store(st + C_DIV, a_sum)
+        tl.store(st + C_B, b_sum)
+        tl.store(st + C_UQ, uq)
+        tl.store(st + C_UP, up)
+        tl.store(loss_ptr + row, loss)
+    else:
+        o = out_ptr + row * 4
+        tl.store(o + 0, a_sum)
+        tl.store(o + 1, b_sum)
+        tl.store(o + 2, uq)
+        tl.store(o + 3, up)
 
 
 @triton.jit
 def _kd_bwd_kernel(
     s_ptr,  # (N, V) student logits
     t_ptr,  # (N, V) teacher logits
-    labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
-    stats_ptr,  # (NSTAT, N) fp32: m_s, r_s, m_t, r_t, m1, r1, then D | A, B, Uq, Up
+    labels_ptr,  # (N,) int64 GLOBAL labels (read only when HAS_LABELS)
+    stats_ptr,  # (N, NCOL) fp32: the rows' GLOBAL finished table (D | A, B, Uq, Up set)
     grad_ptr,  # (N,) fp32: upstream gradient of each row loss
     ds_ptr,  # (N, V) out, s's dtype: d loss / d s (may be s_ptr itself: in-place)
     dt_ptr,  # (N, V) out, t's dtype: d loss / d t (written only when TEACHER_GRAD)
-    N,  # rows
-    V,  # vocabulary
+    V,  # row width (of this range)
     chunk,  # columns per program (V when the row is not split)
+    offset,  # global vocabulary id of column 0 (labels are rebased by it)
     inv_ts,  # 1 / student temperature
     inv_tt,  # 1 / teacher temperature
     log_a,  # log a (mixture)
@@ -536,29 +544,31 @@ def _kd_bwd_kernel(
     t_row = t_ptr + row * V
     ds_row = ds_ptr + row * V
     dt_row = dt_ptr + row * V
-    label = 0
+    label = -1
     valid = True
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
+        label -= offset  # the one-hot column in this range (none when outside [0, V))
     g = tl.load(grad_ptr + row)
     cs = g * kd_scale * inv_ts  # d loss / d zs -> d / d s
     ct = g * kd_scale * inv_tt
     cce = g * ce_weight
-    ms = tl.load(stats_ptr + row)
-    rs = tl.load(stats_ptr + N + row)
-    mt = tl.load(stats_ptr + 2 * N + row)
-    rt = tl.load(stats_ptr + 3 * N + row)
-    m1 = tl.load(stats_ptr + 4 * N + row)
-    r1 = tl.load(stats_ptr + 5 * N + row)
-    r6 = tl.load(stats_ptr + 6 * N + row)  # D, or A for the mixture
+    st = stats_ptr + row * C_NCOL
+    ms = tl.load(st + C_MS)
+    rs = tl.load(st + C_LS)
+    mt = tl.load(st + C_MT)
+    rt = tl.load(st + C_LT)
+    m1 = tl.load(st + C_M1)
+    r1 = tl.load(st + C_L1)
+    div = tl.load(st + C_DIV)  # D, or A for the mixture
     b_sum = 0.0
     uq = 0.0
     up = 0.0
     if KIND == 2:
-        b_sum = tl.load(stats_ptr + 7 * N + row)
-        uq = tl.load(stats_ptr + 8 * N + row)
-        up = tl.load(stats_ptr + 9 * N + row)
+        b_sum = tl.load(st + C_B)
+        uq = tl.load(st + C_UQ)
+        up = tl.load(st + C_UP)
     offs = tl.arange(0, BLOCK_V)
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
@@ -573,9 +583,9 @@ def _kd_bwd_kernel(
         if KIND == 0:
             gs = q - p
             if TEACHER_GRAD:
-                gt = tl.where(p > 0, p * (lp - lq - r6), 0.0)
+                gt = tl.where(p > 0, p * (lp - lq - div), 0.0)
         elif KIND == 1:
-            gs = tl.where(q > 0, q * (lq - lp - r6), 0.0)
+            gs = tl.where(q > 0, q * (lq - lp - div), 0.0)
             if TEACHER_GRAD:
                 gt = p - q
         else:
@@ -591,7 +601,7 @@ def _kd_bwd_kernel(
                 gs += coef_q * tl.where(q > 0, q * (lq - lm - b_sum), 0.0)
             if TEACHER_GRAD:
                 if HAS_CP:
-                    gt += coef_p * tl.where(p > 0, p * (lp - lm - r6), 0.0)
+                    gt += coef_p * tl.where(p > 0, p * (lp - lm - div), 0.0)
         ds = cs * gs
         if HAS_CE:
             if CE_SHARED:
@@ -694,10 +704,6 @@ def _flags(kind: str, mix: float, coef_p: float, coef_q: float, has_labels: bool
     )
 
 
-def _nstat(kind: str) -> int:
-    return 10 if kind == "mixture" else 7
-
-
 def _check_inputs(s, t, labels) -> None:
     from . import SUPPORTED_DTYPES
 
@@ -709,91 +715,186 @@ def _check_inputs(s, t, labels) -> None:
     if s.shape != t.shape:
         raise ValueError(f"s and t must have the same shape, got {tuple(s.shape)}, "
                          f"{tuple(t.shape)}")
-    if labels is not None and (labels.dtype != torch.int64 or labels.shape != s.shape[:1]):
-        raise ValueError(f"labels must be int64 of shape ({s.shape[0]},), got "
-                         f"{labels.dtype} {tuple(labels.shape)}")
+    if s.device != t.device:
+        raise ValueError(f"s and t must be on the same device, got {s.device}, {t.device}")
+    if labels is not None and (labels.dtype != torch.int64 or labels.shape != s.shape[:1]
+                               or labels.device != s.device):
+        raise ValueError(f"labels must be int64 of shape ({s.shape[0]},) on {s.device}, "
+                         f"got {labels.dtype} {tuple(labels.shape)} on {labels.device}")
 
 
-def _forward(s, t, labels, kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight,
-             ignore_index):
-    """Row losses (N,) and saved stats (NSTAT, N) float32.
-    # read s, t once (KL kinds) or twice (mixture); write O(N)"""
-    _check_inputs(s, t, labels)
+def _check_stats(stats, n: int, device) -> None:
+    if (stats.shape != (n, NCOL) or stats.dtype != torch.float32 or not stats.is_contiguous()
+            or stats.device != device):
+        raise ValueError(f"stats must be a contiguous float32 ({n}, {NCOL}) table on {device}, "
+                         f"got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
+
+
+def _no_labels(s):
+    return torch.empty(0, device=s.device, dtype=torch.int64)
+
+
+def _stats_pass(s, t, labels, args, offset: int, finish: bool):
+    """Pass 1: (row losses (N,) or None, the (N, NCOL) table of the columns of s, t).
+    finish (KL kinds, whole rows): D and the losses too; else the partial table (DIV 0).
+    # read s, t once; write O(N)"""
+    kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index = args
     n, v = s.shape
-    loss = torch.empty(n, device=s.device, dtype=torch.float32)
-    stats = torch.empty((_nstat(kind), n), device=s.device, dtype=torch.float32)
+    f = _flags(kind, mix, coef_p, coef_q, labels is not None, ce_weight, inv_ts)
+    finish = finish and f.kind != MIXTURE
+    stats = torch.empty((n, NCOL), device=s.device, dtype=torch.float32)
+    loss = torch.empty(n, device=s.device, dtype=torch.float32) if finish else None
     if n == 0:
         return loss, stats
-    f = _flags(kind, mix, coef_p, coef_q, labels is not None, ce_weight, inv_ts)
+    if v == 0:  # no columns: the empty range (finish is never asked of one)
+        return loss, _stats.empty(n, s.device, torch.float32)
     cfg = _config_for(s)
-    lab = labels if labels is not None else torch.empty(0, device=s.device, dtype=torch.int64)
+    lab = labels if labels is not None else _no_labels(s)
     split = cfg.n_split > 1
     part = stats
     if split:
-        part = torch.empty((n, cfg.n_split, NPART), device=s.device, dtype=torch.float32)
+        part = torch.empty((n, cfg.n_split, NCOL), device=s.device, dtype=torch.float32)
+    loss_arg = loss if finish else stats  # not written unless finish
     _kd_fwd_kernel[(n, cfg.n_split)](
-        s, t, lab, loss, stats, part, n, v, cfg.chunk, cfg.n_split,
+        s, t, lab, loss_arg, part, v, cfg.chunk, cfg.n_split, offset,
         inv_ts, inv_tt, kd_scale, ce_weight, ignore_index,
         KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, CE_SHARED=f.ce_shared,
-        SPLIT=split, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        FINISH=finish and not split, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )
     if split:
         _kd_merge_kernel[(n,)](
-            s, lab, loss, stats, part, n, v, cfg.n_split, kd_scale, ce_weight, ignore_index,
-            KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, CE_SHARED=f.ce_shared,
+            lab, loss_arg, stats, part, cfg.n_split, kd_scale, ce_weight, ignore_index,
+            KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, FINISH=finish,
             SPLIT_BLOCK=cfg.split_block, num_warps=1,
-        )
-    if f.kind != MIXTURE:
-        return loss, stats
-    part = stats
-    if split:
-        part = torch.empty((n, cfg.n_split, NPART_MIX), device=s.device, dtype=torch.float32)
-    _kd_mix_kernel[(n, cfg.n_split)](
-        s, t, lab, loss, stats, part, n, v, cfg.chunk, cfg.n_split, inv_ts, inv_tt,
-        f.log_a, f.log_1ma, coef_p, coef_q, kd_scale, ce_weight, ignore_index,
-        HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, HAS_CP=f.has_cp, HAS_CQ=f.has_cq,
-        HAS_U=f.has_u, SPLIT=split, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-    )
-    if split:
-        _kd_mix_merge_kernel[(n,)](
-            s, lab, loss, stats, part, n, v, cfg.n_split, coef_p, coef_q, kd_scale, ce_weight,
-            ignore_index, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, HAS_CP=f.has_cp,
-            HAS_CQ=f.has_cq, HAS_U=f.has_u, SPLIT_BLOCK=cfg.split_block, num_warps=1,
         )
     return loss, stats
 
 
+def _mix_pass(s, t, labels, args, stats, loss):
+    """Pass 2 of the mixture: with `loss` (whole rows), A, B, Uq, Up into stats' DIV, B,
+    UQ, UP and the row losses into loss; else the range's (N, 4) sums, returned.
+    # read s, t once; write O(N)"""
+    kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index = args
+    n, v = s.shape
+    finish = loss is not None
+    f = _flags(kind, mix, coef_p, coef_q, labels is not None, ce_weight, inv_ts)
+    sums = None if finish else torch.zeros((n, 4), device=s.device, dtype=torch.float32)
+    if n == 0 or v == 0:
+        return sums
+    cfg = _config_for(s)
+    lab = labels if labels is not None else _no_labels(s)
+    split = cfg.n_split > 1
+    part = sums if not finish else stats  # not written when finish and not split
+    if split:
+        part = torch.empty((n, cfg.n_split, 4), device=s.device, dtype=torch.float32)
+    loss_arg = loss if finish else stats
+    _kd_mix_kernel[(n, cfg.n_split)](
+        s, t, lab, loss_arg, stats, part, v, cfg.chunk, cfg.n_split, inv_ts, inv_tt,
+        f.log_a, f.log_1ma, coef_p, coef_q, kd_scale, ce_weight, ignore_index,
+        HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, HAS_CP=f.has_cp, HAS_CQ=f.has_cq,
+        HAS_U=f.has_u, FINISH=finish and not split, BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps,
+    )
+    if split:
+        _kd_mix_merge_kernel[(n,)](
+            lab, loss_arg, stats, part, stats if finish else sums, cfg.n_split, coef_p,
+            coef_q, kd_scale, ce_weight, ignore_index, HAS_LABELS=f.has_labels,
+            HAS_CE=f.has_ce, HAS_CP=f.has_cp, HAS_CQ=f.has_cq, FINISH=finish,
+            SPLIT_BLOCK=cfg.split_block, num_warps=1,
+        )
+    return sums
+
+
+def _forward(s, t, labels, *args):
+    """Whole rows: (row losses (N,), the finished (N, NCOL) table), both float32."""
+    _check_inputs(s, t, labels)
+    with device_guard(s):
+        loss, stats = _stats_pass(s, t, labels, args, 0, finish=True)
+        if loss is None:  # mixture: pass 2 finishes
+            loss = torch.empty(s.shape[0], device=s.device, dtype=torch.float32)
+            _mix_pass(s, t, labels, args, stats, loss)
+    return loss, stats
+
+
 def _backward(grad, s, t, labels, stats, ds, dt, kind, mix, coef_p, coef_q, inv_ts, inv_tt,
-              kd_scale, ce_weight, ignore_index):
-    """Write d loss / d s into ds (may be s itself) and, when dt is not None, d / d t.
+              kd_scale, ce_weight, ignore_index, offset=0):
+    """Write d loss / d s into ds (may be s itself) and, when dt is not None, d / d t,
+    for the columns [offset, offset + V) of rows whose GLOBAL table is `stats`.
     # read s, t once; write ds (and dt)"""
     n, v = s.shape
-    if n == 0:
+    if n == 0 or v == 0:
         return
     f = _flags(kind, mix, coef_p, coef_q, labels is not None, ce_weight, inv_ts)
     cfg = _config_for(s)
-    lab = labels if labels is not None else torch.empty(0, device=s.device, dtype=torch.int64)
-    _kd_bwd_kernel[(n, cfg.n_split)](
-        s, t, lab, stats, grad, ds, ds if dt is None else dt, n, v, cfg.chunk,
-        inv_ts, inv_tt, f.log_a, f.log_1ma, mix, coef_p, coef_q, kd_scale, ce_weight,
-        ignore_index,
-        KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, CE_SHARED=f.ce_shared,
-        HAS_CP=f.has_cp, HAS_CQ=f.has_cq, HAS_U=f.has_u, TEACHER_GRAD=dt is not None,
-        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-    )
+    lab = labels if labels is not None else _no_labels(s)
+    with device_guard(s):
+        _kd_bwd_kernel[(n, cfg.n_split)](
+            s, t, lab, stats, grad, ds, ds if dt is None else dt, v, cfg.chunk, offset,
+            inv_ts, inv_tt, f.log_a, f.log_1ma, mix, coef_p, coef_q, kd_scale, ce_weight,
+            ignore_index,
+            KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, CE_SHARED=f.ce_shared,
+            HAS_CP=f.has_cp, HAS_CQ=f.has_cq, HAS_U=f.has_u, TEACHER_GRAD=dt is not None,
+            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# the row-statistics interface (_stats.py) over a range of columns
+# --------------------------------------------------------------------------------------
+
+
+def _labels(labels):
+    return labels.contiguous() if labels is not None else None
+
+
+@torch.no_grad()
+def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
+    """Pass-1 statistics (N, NCOL) of the columns [offset, offset + Vr) that s, t (N, Vr)
+    hold; labels (N,) are GLOBAL ids or None. DIV, B, UQ, UP are 0. Ignored rows are the
+    empty range."""
+    labels = _labels(labels)
+    _check_inputs(s, t, labels)
+    with device_guard(s):
+        return _stats_pass(s, t, labels, spec.as_args(), int(offset), finish=False)[1]
+
+
+@torch.no_grad()
+def mix_partial(s, t, spec: LossSpec, stats: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The mixture's pass-2 sums (N, 4) = (A, B, Uq, Up) over the columns s, t hold, given
+    the GLOBAL (merged) table `stats`: they add up over ranges, in the order of
+    _stats.MIX_COLS. Uq, Up are the sums of q u, p u also at u = 1 (jsd), where they add up
+    to 1 and the gradient does not read them. Rows are not told apart (no labels): an
+    ignored row's sums are whatever its empty-range statistics give (nan), masked by
+    _stats.finish and grads. offset is unused (nothing here depends on a label)."""
+    del offset
+    _check_inputs(s, t, None)
+    _check_stats(stats, s.shape[0], s.device)
+    if spec.div.kind != "mixture":
+        raise ValueError(f"mix_partial needs a mixture divergence, got {spec.div.kind!r}")
+    with device_guard(s):
+        return _mix_pass(s, t, None, spec.as_args(), stats, None)
+
+
+@torch.no_grad()
+def grads(s, t, labels, spec: LossSpec, stats: torch.Tensor, offset: int,
+          grad_rows: torch.Tensor, need_teacher: bool):
+    """(d s, d t or None) of the columns [offset, offset + Vr) that s, t hold, given the
+    GLOBAL finished table `stats` (DIV set, and B, UQ, UP for the mixture), times grad_rows
+    (N,). Rows whose label is ignore_index get exactly 0; the one-hot of CE falls on
+    label - offset when that is a column here."""
+    labels = _labels(labels)
+    _check_inputs(s, t, labels)
+    _check_stats(stats, s.shape[0], s.device)
+    ds = torch.empty_like(s)
+    dt = torch.empty_like(t) if need_teacher else None
+    _backward(grad_rows.to(device=s.device, dtype=torch.float32).contiguous(), s, t, labels,
+              stats, ds, dt, *spec.as_args(), offset=int(offset))
+    return ds, dt
 
 
 # --------------------------------------------------------------------------------------
 # torch.library ops: the LossSpec travels as primitive arguments
 # --------------------------------------------------------------------------------------
-
-# (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)
-def _spec_args(spec: LossSpec) -> tuple:
-    d = spec.div
-    return (d.kind, float(d.mix), float(d.coef_p), float(d.coef_q), float(spec.inv_ts),
-            float(spec.inv_tt), float(spec.kd_scale), float(spec.ce_weight),
-            int(spec.ignore_index))
-
 
 @torch.library.custom_op("kdkernels_triton::kd_fwd", mutates_args=())
 def kd_fwd(
@@ -801,7 +902,7 @@ def kd_fwd(
     coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
     ce_weight: float, ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row losses (N,), saved stats (NSTAT, N)), both float32."""
+    """(row losses (N,), the finished (N, NCOL) row-statistics table), both float32."""
     return _forward(s, t, labels, kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale,
                     ce_weight, ignore_index)
 
@@ -810,7 +911,7 @@ def kd_fwd(
 def _kd_fwd_fake(s, t, labels, kind, *args):
     n = s.shape[0]
     return (s.new_empty((n,), dtype=torch.float32),
-            s.new_empty((_nstat(kind), n), dtype=torch.float32))
+            s.new_empty((n, NCOL), dtype=torch.float32))
 
 
 @torch.library.custom_op("kdkernels_triton::kd_bwd", mutates_args=())
@@ -903,7 +1004,7 @@ class _KDRowsInplace(torch.autograd.Function):
 
 def kd_rows(s, t, labels, spec: LossSpec, inplace_backward: bool = False):
     """Row losses (N,) float32 of (N, V) logits; see kdkernels/_dispatch.py."""
-    args = _spec_args(spec)
+    args = spec.as_args()
     if labels is not None:
         labels = labels.contiguous()
     if inplace_backward:
@@ -946,20 +1047,20 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
     s and t in `dtype`, for every kind / flag combination (see aot.py)."""
     x = _PTR[dtype]
     f32, i64 = "*fp32", "*i64"
-    ints = ("N", "V", "chunk", "n_split", "ignore_index")
+    ints = ("V", "chunk", "n_split", "offset", "ignore_index")
     floats = ("inv_ts", "inv_tt", "kd_scale", "ce_weight", "log_a", "log_1ma", "mix",
               "coef_p", "coef_q")
     # the tile width and warps depend on V only; whether a row is split depends on N
     cfg = launch_config(V, 1 << 30, None)
     w = cfg.num_warps
     fwd_sig = _sig(_kd_fwd_kernel, dict(s_ptr=x, t_ptr=x, labels_ptr=i64, loss_ptr=f32,
-                                        stats_ptr=f32, part_ptr=f32), ints, floats)
-    merge_sig = _sig(_kd_merge_kernel, dict(s_ptr=x, labels_ptr=i64, loss_ptr=f32,
-                                            stats_ptr=f32, part_ptr=f32), ints, floats)
+                                        out_ptr=f32), ints, floats)
+    merge_sig = _sig(_kd_merge_kernel, dict(labels_ptr=i64, loss_ptr=f32, stats_ptr=f32,
+                                            part_ptr=f32), ints, floats)
     mix_sig = _sig(_kd_mix_kernel, dict(s_ptr=x, t_ptr=x, labels_ptr=i64, loss_ptr=f32,
                                         stats_ptr=f32, part_ptr=f32), ints, floats)
-    mmerge_sig = _sig(_kd_mix_merge_kernel, dict(s_ptr=x, labels_ptr=i64, loss_ptr=f32,
-                                                 stats_ptr=f32, part_ptr=f32), ints, floats)
+    mmerge_sig = _sig(_kd_mix_merge_kernel, dict(labels_ptr=i64, loss_ptr=f32, stats_ptr=f32,
+                                                 part_ptr=f32, out_ptr=f32), ints, floats)
     bwd_sig = _sig(_kd_bwd_kernel, dict(s_ptr=x, t_ptr=x, labels_ptr=i64, stats_ptr=f32,
                                         grad_ptr=f32, ds_ptr=x, dt_ptr=x), ints, floats)
     kinds = {FORWARD_KL: "forward_kl", REVERSE_KL: "reverse_kl", MIXTURE: "mixture"}
@@ -969,13 +1070,16 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
         tag = "labels" if has_labels else "nolabels"
         tag += ("+ce_shared" if ce_shared else "+ce") if has_ce else ""
         for kind, kname in kinds.items():
-            for split in (False, True):
+            # FINISH: a whole KL row in one program (or its merge); else a partial table
+            for finish in (False, True) if kind != MIXTURE else (False,):
+                ftag = ",finish" if finish else ""
                 out.append(AotKernel(
-                    f"kd_fwd[{kname},{tag}{',split' if split else ''}]", _kd_fwd_kernel,
-                    fwd_sig, dict(KIND=kind, SPLIT=split, BLOCK_V=cfg.block_v, **lab), w))
-            out.append(AotKernel(
-                f"kd_merge[{kname},{tag}]", _kd_merge_kernel, merge_sig,
-                dict(KIND=kind, SPLIT_BLOCK=cfg.split_block, **lab), 1))
+                    f"kd_fwd[{kname},{tag}{ftag}]", _kd_fwd_kernel, fwd_sig,
+                    dict(KIND=kind, FINISH=finish, BLOCK_V=cfg.block_v, **lab), w))
+                out.append(AotKernel(
+                    f"kd_merge[{kname},{tag}{ftag}]", _kd_merge_kernel, merge_sig,
+                    dict(KIND=kind, HAS_LABELS=has_labels, HAS_CE=has_ce, FINISH=finish,
+                         SPLIT_BLOCK=cfg.split_block), 1))
         bwd_modes = [(FORWARD_KL, (False, False, False)), (REVERSE_KL, (False, False, False))]
         bwd_modes += [(MIXTURE, m) for m in _MIX_MODES]
         for kind, (has_cp, has_cq, has_u) in bwd_modes:
@@ -984,14 +1088,18 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
             if kind == MIXTURE:
                 mtag += f",cp={int(has_cp)},cq={int(has_cq)},u={int(has_u)}"
                 mlab = dict(HAS_LABELS=has_labels, HAS_CE=has_ce)
-                for split in (False, True):
+                for finish in (False, True):
+                    ftag = ",finish" if finish else ""
                     out.append(AotKernel(
-                        f"kd_mix[{mtag}{',split' if split else ''}]", _kd_mix_kernel,
-                        mix_sig, dict(SPLIT=split, BLOCK_V=cfg.block_v, **mlab, **mix_flags),
-                        w))
-                out.append(AotKernel(
-                    f"kd_mix_merge[{mtag}]", _kd_mix_merge_kernel, mmerge_sig,
-                    dict(SPLIT_BLOCK=cfg.split_block, **mlab, **mix_flags), 1))
+                        f"kd_mix[{mtag}{ftag}]", _kd_mix_kernel, mix_sig,
+                        dict(FINISH=finish, BLOCK_V=cfg.block_v, **mlab, **mix_flags), w))
+                # the sums alone (mix_partial, no labels) depend on none of the flags
+                for finish in (True,) if has_labels else (False, True):
+                    ftag = ",finish" if finish else ""
+                    out.append(AotKernel(
+                        f"kd_mix_merge[{mtag}{ftag}]", _kd_mix_merge_kernel, mmerge_sig,
+                        dict(FINISH=finish, SPLIT_BLOCK=cfg.split_block, HAS_CP=has_cp,
+                             HAS_CQ=has_cq, **mlab), 1))
             for teacher_grad in (False, True):
                 out.append(AotKernel(
                     f"kd_bwd[{mtag}{',teacher_grad' if teacher_grad else ''}]",

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotKernel
+from ._common import AotKernel, device_guard
 
 # 2048 elements over 8 warps: 8 values per thread per tile (38-40 registers). At 4096, ptxas
 # held the bf16 sum kernel to 64 registers on sm_90 and spilled 8 bytes (see aot.py).
@@ -140,17 +140,19 @@ def _fwd(x: torch.Tensor, y: torch.Tensor, log_target: bool, reduce_sum: bool) -
             return torch.zeros((), device=x.device, dtype=torch.float32)
         p = _programs(n, x.device)
         partials = torch.empty(p, device=x.device, dtype=torch.float32)
-        _kl_div_fwd_kernel[(p,)](
-            x, y, partials, n, LOG_TARGET=log_target, REDUCE=True, BLOCK=BLOCK,
-            num_warps=NUM_WARPS, num_stages=1,
-        )
+        with device_guard(x):
+            _kl_div_fwd_kernel[(p,)](
+                x, y, partials, n, LOG_TARGET=log_target, REDUCE=True, BLOCK=BLOCK,
+                num_warps=NUM_WARPS, num_stages=1,
+            )
         return partials.sum()
     out = torch.empty(n, device=x.device, dtype=torch.promote_types(x.dtype, y.dtype))
     if n:
-        _kl_div_fwd_kernel[(_programs(n, x.device),)](
-            x, y, out, n, LOG_TARGET=log_target, REDUCE=False, BLOCK=BLOCK,
-            num_warps=NUM_WARPS, num_stages=1,
-        )
+        with device_guard(x):
+            _kl_div_fwd_kernel[(_programs(n, x.device),)](
+                x, y, out, n, LOG_TARGET=log_target, REDUCE=False, BLOCK=BLOCK,
+                num_warps=NUM_WARPS, num_stages=1,
+            )
     return out
 
 
@@ -163,10 +165,11 @@ def _bwd(x, y, g, log_target: bool, need_x: bool, need_y: bool):
     dx = torch.empty_like(x) if need_x else x.new_empty(0)
     dy = torch.empty_like(y) if need_y else y.new_empty(0)
     if n and (need_x or need_y):
-        _kl_div_bwd_kernel[(_programs(n, x.device),)](
-            x, y, g, dx, dy, n, LOG_TARGET=log_target, G_SCALAR=g_scalar, NEED_X=need_x,
-            NEED_Y=need_y, BLOCK=BLOCK, num_warps=NUM_WARPS, num_stages=1,
-        )
+        with device_guard(x):
+            _kl_div_bwd_kernel[(_programs(n, x.device),)](
+                x, y, g, dx, dy, n, LOG_TARGET=log_target, G_SCALAR=g_scalar, NEED_X=need_x,
+                NEED_Y=need_y, BLOCK=BLOCK, num_warps=NUM_WARPS, num_stages=1,
+            )
     return dx, dy
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotKernel
+from ._common import AotKernel, device_guard
 
 # Widest vocab tile. Rows up to this width are processed in registers in one read
 # (8192 float32 over 8 warps is 32 values per thread: no spills on sm_80 / sm_90, see aot.py).
@@ -154,9 +154,11 @@ def _fwd(x: torch.Tensor, inv_t: float, log: bool) -> torch.Tensor:
     if n == 0:
         return y
     block, num_warps, single = launch_config(v)
-    _softmax_fwd_kernel[(n,)](
-        x, y, v, inv_t, LOG=log, BLOCK=block, SINGLE=single, num_warps=num_warps, num_stages=1
-    )
+    with device_guard(x):
+        _softmax_fwd_kernel[(n,)](
+            x, y, v, inv_t, LOG=log, BLOCK=block, SINGLE=single, num_warps=num_warps,
+            num_stages=1,
+        )
     return y
 
 
@@ -167,10 +169,11 @@ def _bwd(g: torch.Tensor, y: torch.Tensor, inv_t: float, log: bool) -> torch.Ten
     if n == 0:
         return dx
     block, num_warps, single = launch_config(v)
-    _softmax_bwd_kernel[(n,)](
-        g, y, dx, v, inv_t, LOG=log, BLOCK=block, SINGLE=single, num_warps=num_warps,
-        num_stages=1,
-    )
+    with device_guard(y):
+        _softmax_bwd_kernel[(n,)](
+            g, y, dx, v, inv_t, LOG=log, BLOCK=block, SINGLE=single, num_warps=num_warps,
+            num_stages=1,
+        )
     return dx
 
 
