@@ -175,12 +175,13 @@ def _exchange_header(s, t, spec: LossSpec | None, labels, group, log=False) -> l
     d = spec.div if spec is not None else None
     fields = [s.shape[0], _DTYPES.index(s.dtype), _DTYPES.index(t.dtype)]
     if spec is None:  # softmax: no loss; t is s
-        fields += [-1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        fields += [-1, 0, 0, 0, 0, 0, 0, 0, 0]
     else:
         fields += [_KINDS.index(d.kind), d.mix, d.coef_p, d.coef_q, spec.inv_ts, spec.inv_tt,
                    spec.kd_scale, spec.ce_weight, spec.ignore_index]
     fields += [labels is not None, log, s.shape[1], t.shape[1]]
     mine = torch.tensor([float(x) for x in fields], dtype=torch.float64, device=s.device)
+    assert mine.numel() + 4 == len(_HEADER)
     # the labels' range, on the device (one host read below serves every check)
     span = torch.zeros(4, dtype=torch.float64, device=s.device)
     if labels is not None and labels.numel():
