@@ -5,6 +5,15 @@ A backend is a module with this interface (all shapes already normalized by func
     SUPPORTED_DTYPES: tuple of torch dtypes it accepts (optionally narrowed per device by
         supported_dtypes(device) -> tuple)
     is_available(device: torch.device) -> tuple[bool, str]   # (ok, why not)
+
+    The row-statistics interface (kdkernels/_stats.py: the table layout, merge, finish),
+    on a column range [offset, offset + Vr) of rows with GLOBAL labels:
+    partial(s, t, labels, spec, offset) -> (N, NCOL) statistics table
+    mix_partial(s, t, spec, stats, offset) -> (N, 4) the mixture's sums, given global stats
+    grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher) -> (gs, gt or None)
+
+    Whole rows, with autograd (what kd_loss calls without a process_group; the same math as
+    partial + finish + grads, fused where the backend can):
     kd_rows(s, t, labels, spec, inplace_backward) -> Tensor (N,)
         s, t: (N, V) contiguous logits; labels: (N,) int64 or None; spec: LossSpec.
         Returns each row's loss (float32, float64 for float64 logits) with autograd to s
@@ -13,9 +22,12 @@ A backend is a module with this interface (all shapes already normalized by func
         Elementwise F.kl_div terms of 1-D contiguous input/target; their sum when reduce_sum.
     softmax(x, inv_temperature, log) -> Tensor (N, V) in x.dtype, with autograd.
 
-"auto" picks: CUDA tensor -> ext if built, else triton; CPU tensor -> ext's CPU kernel if
-built, else torch. KDKERNELS_IMPL=<impl> replaces "auto" (an explicit impl= argument wins).
-An explicit impl that cannot run here is an error, never a silent fallback.
+"auto" picks: CUDA tensor -> triton, else ext, else torch; CPU tensor -> ext's CPU kernel if
+built, else torch. On CUDA Triton comes first because it is the better-proven path: its kernel
+code has executed (under the interpreter) in every test, while the CUDA extension has only been
+compiled (its math runs in the CPU kernel); run `python -m kdkernels.selfcheck` on a new GPU.
+KDKERNELS_IMPL=<impl> replaces "auto" (an explicit impl= argument wins). An explicit impl that
+cannot run here is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ def _resolve_name(impl: str, device: str, dtypes: tuple) -> str:
         if not ok:
             raise RuntimeError(f"impl={impl!r} cannot run on {dev}: {why}")
         return impl
-    order = ("ext", "triton", "torch") if dev.type == "cuda" else ("ext", "torch")
+    order = ("triton", "ext", "torch") if dev.type == "cuda" else ("ext", "torch")
     for name in order:
         if _usable(name, dev, dtypes)[0]:
             return name

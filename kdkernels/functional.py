@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.nn import _reduction as _legacy_reduction
 
 from . import _dispatch
@@ -77,6 +78,19 @@ def _check_labels_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> 
         torch._assert_async(ok.all(), "kdkernels: labels out of [0, V) and not ignore_index")
 
 
+def _reject_forward_ad(**tensors) -> None:
+    """Forward-mode AD (torch.func.jvp, forward_ad dual tensors) has no rules here: raise,
+    rather than let a kernel drop the tangent and return a silent None."""
+    if torch.compiler.is_compiling():
+        return
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None:
+            raise NotImplementedError(
+                f"{name} carries a forward-mode AD tangent: kdkernels provides reverse-mode "
+                "gradients only (use backward / torch.autograd.grad, or torch.func.vjp)"
+            )
+
+
 # --------------------------------------------------------------------------------------
 # kd_loss
 # --------------------------------------------------------------------------------------
@@ -137,6 +151,7 @@ def kd_loss(
     if unwrapped is not None:
         student_logits, teacher_logits, labels, process_group = unwrapped
     sharded = process_group is not None
+    _reject_forward_ad(student_logits=student_logits, teacher_logits=teacher_logits)
     _check_logits("student_logits", student_logits, sharded)
     _check_logits("teacher_logits", teacher_logits, sharded)
     if process_group is None and student_logits.shape != teacher_logits.shape:
@@ -270,6 +285,7 @@ def kl_div(
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if reduction not in _KL_DIV_REDUCTIONS:
         raise ValueError(f"reduction must be one of {_KL_DIV_REDUCTIONS}, got {reduction!r}")
+    _reject_forward_ad(input=input, target=target)
     if input.device != target.device:
         raise ValueError(
             f"input and target must be on the same device, got {input.device} and "
@@ -316,6 +332,7 @@ def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     temperature = _check_positive("temperature", temperature)
+    _reject_forward_ad(**{name: x})
     rank = max(x.dim(), 1)  # as torch.softmax: a 0-d tensor has the one dim -1 (or 0)
     if not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank:
         raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim!r}")

@@ -50,3 +50,21 @@ def test_second_backward_after_inplace_raises(impl):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace_backward|modified by an inplace"):
         loss.backward()
+
+
+def test_forward_mode_ad_raises(impl):
+    """No forward-mode rules: a dual tensor is a clear error for every impl, never a
+    silently dropped (None) tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    s, t = torch.randn(3, 9), torch.randn(3, 9)
+    calls = (
+        lambda x: kd.kd_loss(x, t, impl=impl),
+        lambda x: kd.kl_div(x.log_softmax(-1), t.softmax(-1), impl=impl),
+        lambda x: kd.softmax(x, impl=impl),
+    )
+    for call in calls:
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(s, torch.randn_like(s))
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call(dual)
