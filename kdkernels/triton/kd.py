@@ -38,8 +38,10 @@
 #
 # Saved per row: the (N, NCOL) float32 table of kdkernels/_stats.py, indexed by its `Col`
 # (the C_* constexprs below): MS, LS, MT, LT, M1, L1 = each logsumexp as its pair (m, log l)
-# for zs, zt and s at T = 1 (copies of the student's at Ts = 1); LABEL = s[label]; ACC = the
-# raw accumulator above; DIV = D (KL kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture).
+# for zs, zt and s at T = 1 (copies of the student's at Ts = 1; without a CE term and at
+# Ts != 1 the empty range's); LABEL = s[label]; ACC = the raw accumulator above; DIV = D (KL
+# kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture; at u = 1, Uq = sum q and Up = sum p,
+# which the backward does not read).
 # O(rows) floats, never an N x V tensor. The pair is never summed: lq = (zs - m) - log l is
 # exact near the max, where the mass is, while zs - (m + log l) would carry the rounding of
 # m + log l, an ulp of |z| (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as a relative error.
