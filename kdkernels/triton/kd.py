@@ -38,8 +38,10 @@
 #
 # Saved per row: the (N, NCOL) float32 table of kdkernels/_stats.py, indexed by its `Col`
 # (the C_* constexprs below): MS, LS, MT, LT, M1, L1 = each logsumexp as its pair (m, log l)
-# for zs, zt and s at T = 1 (copies of the student's at Ts = 1); LABEL = s[label]; ACC = the
-# raw accumulator above; DIV = D (KL kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture).
+# for zs, zt and s at T = 1 (copies of the student's at Ts = 1; without a CE term and at
+# Ts != 1 the empty range's); LABEL = s[label]; ACC = the raw accumulator above; DIV = D (KL
+# kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture; at u = 1, Uq = sum q and Up = sum p,
+# which the backward does not read).
 # O(rows) floats, never an N x V tensor. The pair is never summed: lq = (zs - m) - log l is
 # exact near the max, where the mass is, while zs - (m + log l) would carry the rounding of
 # m + log l, an ulp of |z| (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as a relative error.
@@ -182,6 +184,24 @@ def _kl_value(ls, lt, acc, KIND: tl.constexpr):
 
 
 @triton.jit
+def _row_range(labels_ptr, V, chunk, offset, ignore_index, HAS_LABELS: tl.constexpr):
+    # The setup of program (row, c) of every kernel here: the row in int64 (row * V passes
+    # 2**31 at real sizes), its columns [lo, hi) = [c * chunk, (c + 1) * chunk) of [0, V),
+    # the row's GLOBAL label rebased by offset to a column of this range (outside [0, V):
+    # none here; -1 without labels) and whether the row counts (label != ignore_index).
+    row = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * chunk
+    hi = tl.minimum(lo + chunk, V)
+    label = tl.full((), -1, tl.int64)
+    valid = tl.full((), 1, tl.int1)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+        label -= offset
+    return row, lo, hi, label, valid
+
+
+@triton.jit
 def _store_row(
     p, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1, target, acc, kd_scale, ce_weight,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
@@ -238,19 +258,12 @@ def _kd_fwd_kernel(
     FINISH: tl.constexpr,  # the whole row in one program (KL kinds): D and the loss too
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # row * V passes 2**31 at real sizes
-    c = tl.program_id(1)
+    row, lo, hi, label, valid = _row_range(labels_ptr, V, chunk, offset, ignore_index,
+                                           HAS_LABELS)
+    if HAS_LABELS:
+        hi = tl.where(valid, hi, lo)  # ignored rows read nothing: the empty range
     s_row = s_ptr + row * V
     t_row = t_ptr + row * V
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, V)
-    label = -1
-    valid = True
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-        label -= offset  # the label's column in this range (outside [0, V): not here)
-        hi = tl.where(valid, hi, lo)  # ignored rows read nothing: the empty range
     offs = tl.arange(0, BLOCK_V)
     ms = -float("inf")
     mt = -float("inf")
@@ -298,7 +311,7 @@ def _kd_fwd_kernel(
     if HAS_LABELS:  # s[label] when the label is one of this program's columns, else 0
         target = tl.load(s_row + label, mask=(label >= lo) & (label < hi),
                          other=0.0).to(tl.float32)
-    _store_row(out_ptr + (row * n_split + c) * C_NCOL, loss_ptr, row, valid,
+    _store_row(out_ptr + (row * n_split + tl.program_id(1)) * C_NCOL, loss_ptr, row, valid,
                ms, ls, mt, lt, m1, l1, target, acc, kd_scale, ce_weight,
                KIND, HAS_LABELS, HAS_CE, FINISH)
 
@@ -331,10 +344,7 @@ def _kd_merge_kernel(
     SPLIT_BLOCK: tl.constexpr,  # power of two >= n_split
 ):
     # The exact merge of _stats.merge, over a row's chunks at once.
-    row = tl.program_id(0).to(tl.int64)
-    valid = True
-    if HAS_LABELS:
-        valid = tl.load(labels_ptr + row) != ignore_index
+    row, _, _, _, valid = _row_range(labels_ptr, 0, 0, 0, ignore_index, HAS_LABELS)
     k = tl.arange(0, SPLIT_BLOCK)
     km = k < n_split
     p = part_ptr + (row * n_split + k) * C_NCOL
@@ -350,6 +360,31 @@ def _kd_merge_kernel(
         acc = tl.sum(_rebase(acc_k, tl.exp(ls_k), ms_k, ms, mt_k, mt), 0)
     _store_row(stats_ptr + row * C_NCOL, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1,
                target, acc, kd_scale, ce_weight, KIND, HAS_LABELS, HAS_CE, FINISH)
+
+
+@triton.jit
+def _finish_mix(
+    st, loss_ptr, row, valid, a_sum, b_sum, uq, up, coef_p, coef_q, kd_scale, ce_weight,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_CP: tl.constexpr,
+    HAS_CQ: tl.constexpr,
+):
+    # A mixture row from its sums: A, B, Uq, Up into the table `st`, and the row loss
+    d = 0.0
+    if HAS_CP:
+        d += coef_p * a_sum
+    if HAS_CQ:
+        d += coef_q * b_sum
+    loss = kd_scale * d
+    if HAS_CE:
+        # lse(s) - s[label] = (m1 - s[label]) + log l1, from pass 1
+        loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL)) + tl.load(st + C_L1))
+    if HAS_LABELS:
+        loss = tl.where(valid, loss, 0.0)
+    tl.store(st + C_DIV, a_sum)
+    tl.store(st + C_B, b_sum)
+    tl.store(st + C_UQ, uq)
+    tl.store(st + C_UP, up)
+    tl.store(loss_ptr + row, loss)
 
 
 @triton.jit
@@ -382,15 +417,11 @@ def _kd_mix_kernel(
     BLOCK_V: tl.constexpr,
 ):
     # Pass 2 of the mixture kind: A, B, Uq, Up from the logsumexps of pass 1.
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    row, lo, hi, _, valid = _row_range(labels_ptr, V, chunk, 0, ignore_index, HAS_LABELS)
+    if HAS_LABELS:
+        hi = tl.where(valid, hi, lo)
     s_row = s_ptr + row * V
     t_row = t_ptr + row * V
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, V)
-    if HAS_LABELS:
-        valid = tl.load(labels_ptr + row) != ignore_index
-        hi = tl.where(valid, hi, lo)
     st = stats_ptr + row * C_NCOL
     ms = tl.load(st + C_MS)
     rs = tl.load(st + C_LS)
@@ -423,27 +454,14 @@ def _kd_mix_kernel(
             uq += tl.sum(q, 0)
             up += tl.sum(p, 0)
     if FINISH:
-        d = 0.0
-        if HAS_CP:
-            d += coef_p * a_sum
-        if HAS_CQ:
-            d += coef_q * b_sum
-        loss = kd_scale * d
-        if HAS_CE:
-            loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL))
-                                 + tl.load(st + C_L1))
         if HAS_LABELS:
             # the same predicate (lo < V for every program), re-derived from the loop
             # bounds: kept live through the loop, ptxas spilled it (4 bytes of stack) on sm_80
             valid = hi > lo
-            loss = tl.where(valid, loss, 0.0)
-        tl.store(st + C_DIV, a_sum)
-        tl.store(st + C_B, b_sum)
-        tl.store(st + C_UQ, uq)
-        tl.store(st + C_UP, up)
-        tl.store(loss_ptr + row, loss)
+        _finish_mix(st, loss_ptr, row, valid, a_sum, b_sum, uq, up, coef_p, coef_q,
+                    kd_scale, ce_weight, HAS_LABELS, HAS_CE, HAS_CP, HAS_CQ)
     else:
-        p_out = part_ptr + (row * n_split + c) * 4
+        p_out = part_ptr + (row * n_split + tl.program_id(1)) * 4
         tl.store(p_out + 0, a_sum)
         tl.store(p_out + 1, b_sum)
         tl.store(p_out + 2, uq)
@@ -470,7 +488,7 @@ def _kd_mix_merge_kernel(
     FINISH: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,  # power of two >= n_split
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, _, _, _, valid = _row_range(labels_ptr, 0, 0, 0, ignore_index, HAS_LABELS)
     k = tl.arange(0, SPLIT_BLOCK)
     km = k < n_split
     p = part_ptr + (row * n_split + k) * 4
@@ -479,23 +497,8 @@ def _kd_mix_merge_kernel(
     uq = tl.sum(tl.load(p + 2, mask=km, other=0.0), 0)
     up = tl.sum(tl.load(p + 3, mask=km, other=0.0), 0)
     if FINISH:
-        st = stats_ptr + row * C_NCOL
-        d = 0.0
-        if HAS_CP:
-            d += coef_p * a_sum
-        if HAS_CQ:
-            d += coef_q * b_sum
-        loss = kd_scale * d
-        if HAS_CE:
-            loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL))
-                                 + tl.load(st + C_L1))
-        if HAS_LABELS:
-            loss = tl.where(tl.load(labels_ptr + row) != ignore_index, loss, 0.0)
-        tl.store(st + C_DIV, a_sum)
-        tl.store(st + C_B, b_sum)
-        tl.store(st + C_UQ, uq)
-        tl.store(st + C_UP, up)
-        tl.store(loss_ptr + row, loss)
+        _finish_mix(stats_ptr + row * C_NCOL, loss_ptr, row, valid, a_sum, b_sum, uq, up,
+                    coef_p, coef_q, kd_scale, ce_weight, HAS_LABELS, HAS_CE, HAS_CP, HAS_CQ)
     else:
         o = out_ptr + row * 4
         tl.store(o + 0, a_sum)
@@ -536,20 +539,13 @@ def _kd_bwd_kernel(
     TEACHER_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, V)
+    # the one-hot column of CE is `label` (none when it is outside this range)
+    row, lo, hi, label, valid = _row_range(labels_ptr, V, chunk, offset, ignore_index,
+                                           HAS_LABELS)
     s_row = s_ptr + row * V
     t_row = t_ptr + row * V
     ds_row = ds_ptr + row * V
     dt_row = dt_ptr + row * V
-    label = -1
-    valid = True
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-        label -= offset  # the one-hot column in this range (none when outside [0, V))
     g = tl.load(grad_ptr + row)
     cs = g * kd_scale * inv_ts  # d loss / d zs -> d / d s
     ct = g * kd_scale * inv_tt
