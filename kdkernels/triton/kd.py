@@ -80,6 +80,7 @@ import triton
 import triton.language as tl
 
 from .. import _stats
+from .._common import first_order_only
 from .._spec import LossSpec
 from .._stats import NCOL, Col
 from ._common import AotKernel, device_guard
@@ -938,6 +939,7 @@ def _kd_fwd_setup(ctx, inputs, output):
     ctx.save_for_backward(s, t, labels, stats)
 
 
+@first_order_only
 def _kd_fwd_backward(ctx, grad_loss, _grad_stats):
     s, t, labels, stats = ctx.saved_tensors
     teacher_grad = ctx.needs_input_grad[1]
@@ -988,6 +990,7 @@ class _KDRowsInplace(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         grad_s, grad_t = ctx.saved_tensors
         g = grad_loss.float()[:, None]  # one rounding: the product is formed in float32

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import first_order_only
 from ._common import AotKernel, device_guard
 
 # 2048 elements over 8 warps: 8 values per thread per tile (38-40 registers). At 4096, ptxas
@@ -211,6 +212,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y)
 
 
+@first_order_only
 def _backward(ctx, grad):
     x, y = ctx.saved_tensors
     need_x, need_y = ctx.needs_input_grad[:2]

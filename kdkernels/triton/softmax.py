@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import first_order_only
 from ._common import AotKernel, device_guard
 
 # Widest vocab tile. Rows up to this width are processed in registers in one read
@@ -210,6 +211,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
+@first_order_only
 def _backward(ctx, grad):
     (y,) = ctx.saved_tensors
     return softmax_bwd(grad, y, ctx.inv_t, ctx.log), None, None
