@@ -318,7 +318,9 @@ def _baselines(op: Op):
 
 
 def _check_op(impl, op, truth, baseline, dtype, shape_str, device) -> list[Row]:
+    """dtype: the inputs' dtype, or a label for inputs of several dtypes."""
     rows = []
+    dtype = dtype if isinstance(dtype, str) else str(dtype)[6:]
     _synchronize(device)
     start = time.perf_counter()
     try:
@@ -326,14 +328,14 @@ def _check_op(impl, op, truth, baseline, dtype, shape_str, device) -> list[Row]:
         _synchronize(device)
     except Exception as e:  # a crash is a failed check, reported with its message
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:160]
-        return [Row("FAIL", impl, f"{op.name}.value", str(dtype)[6:], shape_str, note=msg)]
+        return [Row("FAIL", impl, f"{op.name}.value", dtype, shape_str, note=msg)]
     ms = (time.perf_counter() - start) * 1e3
     names = ("value", *op.grad_names)
     expect_dtypes = (op.out_dtype, *(x.dtype for x in op.inputs))
     for i, (name, got, want, base) in enumerate(
         zip(names, [out, *grads], truth, baseline, strict=True)
     ):
-        row = Row("pass", impl, f"{op.name}.{name}", str(dtype)[6:], shape_str,
+        row = Row("pass", impl, f"{op.name}.{name}", dtype, shape_str,
                   ms=ms if i == 0 else None)
         if got is None:
             row.status, row.note = "FAIL", "no gradient"
@@ -394,6 +396,86 @@ def checks(device: torch.device, *, quick: bool = False, run_all: bool = False,
                     else:
                         yield from _check_op(impl, op, truth, baseline, dtype, shape_str,
                                              device)
+    yield from readiness(device, usable, quick=quick, run_all=run_all, seed=seed)
+
+
+# --------------------------------------------------------------------------------------
+# new-machine checks: what a kernel gets wrong only on some hardware or layouts
+# --------------------------------------------------------------------------------------
+
+ODD_V = 50257  # GPT-2's vocabulary: rows not a multiple of a 16-byte vector
+
+
+def _unaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x whose data starts one element past an allocation's start, so
+    no row is aligned to 16 bytes (as a slice of a larger buffer would be)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    out = buf[1:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+def readiness(device: torch.device, usable, *, quick: bool, run_all: bool, seed: int = 0):
+    """Rows for: a bfloat16 student with a float32 teacher (each read in its own dtype),
+    odd and misaligned rows, bitwise-reproducible kl_div sums, and tensors on a device that
+    is not the current one (when the machine has two)."""
+    n = 2 if quick else 8
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def randn(*size, scale=2.0, dev=device):
+        return (torch.randn(*size, generator=g, dtype=torch.float64) * scale).to(dev)
+
+    interpreted = device.type == "cpu"
+    impls = [i for i in usable if not (i == "triton" and interpreted and not run_all)]
+    labels = torch.randint(0, ODD_V, (n,), generator=g).to(device)
+    labels[::3] = KD_KWARGS["ignore_index"]
+    row_grad = randn(n, scale=1.0).float()
+
+    def kd_op(name, s, t, div, lab):
+        return Op(
+            name=name,
+            run=lambda impl, x: kd.kd_loss(x[0], x[1], lab, divergence=div, reduction="none",
+                                           impl=impl, **KD_KWARGS),
+            formula=lambda x: kd_rows_formula(x[0], x[1], lab, div, **KD_KWARGS),
+            inputs=(s, t), grad_names=("d_student", "d_teacher"), grad=row_grad.to(s.device),
+            out_dtype=torch.float32, exp_gain=exp_error_gain(s, t, **KD_KWARGS))
+
+    ops = []
+    for div in ("forward_kl", "jsd"):
+        s = randn(n, ODD_V).to(torch.bfloat16)
+        t = randn(n, ODD_V).float()
+        ops.append(kd_op(f"{div}[s bf16, t f32]", s, t, div, labels))
+        s, t = _unaligned(randn(n, ODD_V).float()), _unaligned(randn(n, ODD_V).float())
+        ops.append(kd_op(f"{div}[unaligned]", s, t, div, labels))
+    shape_str = f"{n}x{ODD_V}"
+    for op in ops:
+        truth, baseline = _baselines(op)
+        for impl in impls:
+            if not _dispatch._usable(impl, device, tuple(x.dtype for x in op.inputs))[0]:
+                continue
+            yield from _check_op(impl, op, truth, baseline, "mixed" if "s bf16" in op.name
+                                 else torch.float32, shape_str, device)
+
+    # kl_div sums: the same bits on every run (no float atomics)
+    x = _log_softmax(randn(n, ODD_V)).float().reshape(-1)
+    y = _log_softmax(randn(n, ODD_V)).exp().float().reshape(-1)
+    for impl in impls:
+        runs = [kd.kl_div(x, y, reduction="sum", impl=impl) for _ in range(3)]
+        same = all(torch.equal(r, runs[0]) for r in runs)
+        yield Row("pass" if same else "FAIL", impl, "kl_div[sum].reproducible", "float32",
+                  f"{n * ODD_V}", note="" if same else f"runs differ: {runs}")
+
+    # a device that is not the current one
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        other = torch.device("cuda", 1 if (device.index or 0) == 0 else 0)
+        s, t = randn(n, 1271, dev=device).float(), randn(n, 1271, dev=device).float()
+        lab = labels.clamp(max=1270)
+        op = kd_op("forward_kl[other device]", s, t, "forward_kl", lab)
+        truth, baseline = _baselines(op)
+        for impl in impls:
+            with torch.cuda.device(other):
+                yield from _check_op(impl, op, truth, baseline, torch.float32, f"{n}x1271",
+                                     device)
 
 
 def _fmt(x: float | None, spec: str) -> str:
