@@ -1,6 +1,6 @@
 """No N x V temporary in impl="torch": every tensor allocated during forward + backward is
 recorded with a TorchDispatchMode, and everything besides the gradient tensors must fit in
-one chunk (reference.chunk_rows x V). CHUNK_ELEMENTS is patched small so that a full N x V
+one chunk (reference.chunk_rows x V) or be per-row (the N x NCOL statistics table). CHUNK_ELEMENTS is patched small so that a full N x V
 temporary would be many chunks and could not hide under the bound.
 
 The mode also tracks which allocations are still alive (through weak references to their
@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 import kdkernels as kd
 from kdkernels import _common, reference
+from kdkernels._stats import NCOL
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
@@ -62,11 +63,14 @@ ROWS, VOCAB = 128, 96
 CHUNK_ROWS = 2  # CHUNK_ELEMENTS = 2 * VOCAB: a full N x V tensor is 64 chunks
 # Chunk-sized float32 temporaries alive at once: measured 12 (forward KL) to 17 (jsd), the
 # divergence math of a chunk (lq, lp, q, p, log m, q u, p u, products); 24 leaves room and is
-# still far below one N x V float32 tensor (64 chunks). Per-row vectors (loss, saved
-# statistics, labels, masks): up to 16 of N int64/float64 elements.
+# still far below one N x V float32 tensor (64 chunks).
 LIVE_CHUNKS = 24
-LIVE_ROW_VECTORS = 16
-
+# Per-row tensors: the (N, NCOL) statistics table and its finished copy, the mixture's (N, 4)
+# sums, and up to 16 single vectors (loss, labels, masks), of up to 8-byte elements.
+LIVE_ROW_VECTORS = 2 * NCOL + 4 + 16
+# Allocations above this are N x V-sized suspects: one chunk, or the statistics table (an
+# N x NCOL float64 tensor), whichever is larger; one N x V float32 tensor is 4x the table.
+BIG = max(CHUNK_ROWS * VOCAB * 4, ROWS * NCOL * 8)
 
 @pytest.fixture
 def small_chunks(monkeypatch):
@@ -80,7 +84,7 @@ def _check_kd(shape, dtype, teacher_grad, **kwargs):
     labels = torch.randint(0, VOCAB, shape[:-1])
     labels.view(-1)[::3] = -100
     chunk_bytes = CHUNK_ROWS * VOCAB * 4  # chunks compute in float32
-    rec = AllocationRecorder(keep_above=chunk_bytes)
+    rec = AllocationRecorder(keep_above=BIG)
     with rec:
         loss = kd.kd_loss(s, t, labels, impl="torch", **kwargs)
         loss.backward(torch.randn_like(loss) if loss.dim() else None)
@@ -88,7 +92,7 @@ def _check_kd(shape, dtype, teacher_grad, **kwargs):
     assert len(grads) == (2 if teacher_grad else 1)
     grad_ids = {g.untyped_storage()._cdata for g in grads}
     big = [(op, st.nbytes()) for op, st in rec.big if st._cdata not in grad_ids]
-    assert not big, f"allocations larger than one chunk ({chunk_bytes} B) besides grads: {big}"
+    assert not big, f"allocations larger than {BIG} B besides grads: {big}"
     assert len(rec.big) == len(grads), f"gradients were copied: {[op for op, _ in rec.big]}"
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     bound = grad_bytes + LIVE_CHUNKS * chunk_bytes + LIVE_ROW_VECTORS * ROWS * 8
@@ -118,7 +122,7 @@ def test_inplace_backward_allocates_no_student_gradient(small_chunks, teacher_gr
     """inplace_backward=True writes d/ds over the logits: no N x V buffer for it at all."""
     s = torch.randn(ROWS, VOCAB, requires_grad=True)
     t = torch.randn(ROWS, VOCAB, requires_grad=teacher_grad)
-    rec = AllocationRecorder(keep_above=CHUNK_ROWS * VOCAB * 4)
+    rec = AllocationRecorder(keep_above=BIG)
     with rec:
         kd.kd_loss(s, t, temperature=2.0, impl="torch", inplace_backward=True).backward()
     assert s.grad.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
