@@ -1,7 +1,8 @@
 """No N x V temporary in impl="torch": every tensor allocated during forward + backward is
 recorded with a TorchDispatchMode, and everything besides the gradient tensors must fit in
-one chunk (reference.chunk_rows x V) or be per-row (the N x NCOL statistics table). CHUNK_ELEMENTS is patched small so that a full N x V
-temporary would be many chunks and could not hide under the bound.
+one chunk (reference.chunk_rows x V) or be per-row (the N x NCOL statistics table).
+CHUNK_ELEMENTS is patched small so that a full N x V temporary would be many chunks and could
+not hide under the bound.
 
 The mode also tracks which allocations are still alive (through weak references to their
 storages, which see C++ owners such as tensors saved for backward) and reports the peak of
