@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 
-
 def _find_csrc() -> Path:
     """The folder holding the C++/CUDA sources.
 
