@@ -181,9 +181,11 @@ def kd_loss(
             and student_logits.shape[-1] != teacher_logits.shape[-1]):
         vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
         raise ValueError(
-            f"student_logits has vocabulary width {vs} and teacher_logits has {vt}; if "
-            f"they share the first {min(vs, vt)} tokens (padded embedding rows), pass "
-            f"vocab_size={min(vs, vt)} to use the first {min(vs, vt)} columns of both"
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}: vocabulary "
+            f"widths {vs} and {vt}. If they share the first {min(vs, vt)} tokens (padded "
+            f"embedding rows), pass vocab_size={min(vs, vt)} to use the first {min(vs, vt)} "
+            "columns of both"
         )
     if process_group is None and student_logits.shape != teacher_logits.shape:
         raise ValueError(
