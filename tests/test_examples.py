@@ -18,12 +18,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 240) -> str:
+def _env() -> dict:
+    """The checkout's kdkernels first, whether or not the package is installed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(*args: str, timeout: int = 240) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "distill.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -48,7 +53,7 @@ def test_distill_loss_falls(divergence):
 def test_distill_rejects_bad_flags():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "distill.py"), "--alpha", "2"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env(),
     )
     assert proc.returncode != 0 and "--alpha" in proc.stderr
 
@@ -89,12 +94,10 @@ def test_hf_trainer_matches_the_kl_div_trajectory(impl):
 
 def test_hf_trainer_runs_from_the_command_line():
     _hf_example()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--steps", "12",
          "--teacher-steps", "20", "--batch", "4", "--length", "16", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = re.search(r"loss \(kdkernels\) fell from ([0-9.]+) to ([0-9.]+) in 12 steps", proc.stdout)

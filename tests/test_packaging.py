@@ -161,3 +161,19 @@ print(json.dumps({
     ext_loss, torch_loss = r["loss"]
     assert ext_loss == pytest.approx(torch_loss, rel=1e-12, abs=1e-12)
     assert r["grad_err"] < 1e-12
+
+
+def test_two_source_folders_never_share_a_build_folder(tmp_path, monkeypatch):
+    # build.ninja records absolute source paths: identical sources in two folders (two
+    # checkouts, or a checkout and an installed copy) get two build folders, so neither
+    # rebuilds the other's library
+    from kdkernels import ext_build
+
+    monkeypatch.setenv("KDKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "other-checkout" / "csrc"
+    shutil.copytree(ext_build.CSRC, copy)
+    flags = ["-O3"]
+    here = ext_build._cache_dir("cpu", ext_build.CPU_SOURCES, flags)
+    assert ext_build._cache_dir("cpu", ext_build.CPU_SOURCES, flags) == here  # stable
+    monkeypatch.setattr(ext_build, "CSRC", copy)
+    assert ext_build._cache_dir("cpu", ext_build.CPU_SOURCES, flags) != here
