@@ -1,6 +1,9 @@
 # Every target sets itself up on a fresh machine: it creates .venv and installs the package
-# with its test and bench extras when they are missing (or pyproject.toml changed).
+# with its EXTRAS when they are missing (or pyproject.toml changed). The default includes the
+# trl extra (trl, transformers and their data libraries, ~40 s on top of torch), so that the
+# TRL and Hugging Face tests run rather than skip: `make test EXTRAS=test,bench` leaves it out.
 PYTHON ?= python3
+EXTRAS ?= test,bench,trl
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdkernels-installed
@@ -10,7 +13,7 @@ STAMP  := $(VENV)/.kdkernels-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

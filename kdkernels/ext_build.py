@@ -1,7 +1,7 @@
 """Building the kdkernels C++/CUDA libraries (csrc/) and the build CLI.
 
 Two libraries, built with torch.utils.cpp_extension + ninja into a cache outside the source
-tree (~/.cache/kdkernels/<kind>-<torch version>-<hash of sources and flags>, or
+tree (~/.cache/kdkernels/<kind>-<torch version>-<hash of sources, their folder and flags>, or
 $KDKERNELS_CACHE_DIR):
 
     kdkernels_cpu   csrc/kd_cpu.cpp: TORCH_LIBRARY(kdkernels) schemas + CPU kernels. Built
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.resources
 import logging
 import os
 import re
@@ -36,7 +37,36 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+def _find_csrc() -> Path:
+    """The folder holding the C++/CUDA sources.
+
+    An installed package (wheel or sdist) carries them as package data, kdkernels/_csrc
+    (pyproject.toml maps the repository's top-level csrc/ there); a source checkout (run from
+    the repository, or an editable install) has them at <repository>/csrc. cpp_extension
+    compiles files, so the package data must be a real folder (not inside a zip archive).
+    Never raises: build() reports a folder without sources.
+    """
+    try:
+        packaged = importlib.resources.files("kdkernels").joinpath("_csrc")
+        if packaged.is_dir():
+            return Path(str(packaged)).resolve()
+    except (ModuleNotFoundError, TypeError, OSError):  # pragma: no cover - unusual loaders
+        pass
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _check_sources(names) -> None:
+    missing = [n for n in names if not (CSRC / n).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"kdkernels' C++ sources are missing from {CSRC} ({', '.join(missing)}): they "
+            "ship in the package as kdkernels/_csrc (a source checkout has them in csrc/); "
+            "reinstall kdkernels from a wheel or an sdist"
+        )
+
+
+CSRC = _find_csrc()
 HEADERS = ("kd_math.h", "kd_layout.h", "kd_checks.h")
 CPU_SOURCES = ("kd_cpu.cpp", "kd_cpu_simd.h", *HEADERS)
 CUDA_SOURCES = ("kd_cuda.cu", *HEADERS)
@@ -61,6 +91,10 @@ def _cpu_capability_flags() -> list[str]:
 
 def _cache_dir(kind: str, sources, flags) -> Path:
     h = hashlib.sha256()
+    # the sources' folder too: build.ninja records absolute source paths, so two checkouts
+    # (or a checkout and an installed copy) sharing one cache root would otherwise rebuild
+    # each other's library on every first use
+    h.update(str(CSRC).encode())
     for name in sources:
         h.update((CSRC / name).read_bytes())
     h.update(" ".join(flags).encode())
@@ -125,6 +159,7 @@ def build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path
         # without it the rows run on one thread. The library then needs libgomp.so.1, the
         # one torch has loaded already (torch/lib), so a single OpenMP runtime serves both.
         flags = ["-O3", "-DNDEBUG", "-fopenmp", *_cpu_capability_flags()]
+        _check_sources(CPU_SOURCES)
         d = _cache_dir("cpu", CPU_SOURCES, flags)
         cpp_extension.load(name="kdkernels_cpu", sources=[str(CSRC / "kd_cpu.cpp")],
                            extra_cflags=flags, extra_ldflags=["-fopenmp"],
@@ -140,6 +175,7 @@ def build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path
     os.environ["CUDA_HOME"] = home
     cpp_extension.CUDA_HOME = home  # read at call time; torch may have guessed another one
     flags = cuda_flags(ptxas_verbose)
+    _check_sources(CUDA_SOURCES)
     d = _cache_dir("cuda", CUDA_SOURCES, flags)
     cpp_extension.load(name="kdkernels_cuda", sources=[str(CSRC / "kd_cuda.cu")],
                        extra_cflags=["-O3", "-DNDEBUG"], extra_cuda_cflags=flags,

@@ -96,6 +96,33 @@ def _reject_forward_ad(**tensors) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _take_vocab(s: torch.Tensor, t: torch.Tensor, vocab_size, sharded: bool,
+                inplace_backward: bool):
+    """The first `vocab_size` columns of both logits (see kd_loss's `vocab_size`)."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if sharded:
+        raise ValueError("vocab_size is not supported with a process_group (sharded logits)")
+    vs, vt = s.shape[-1], t.shape[-1]
+    if not 1 <= vocab_size <= min(vs, vt):
+        raise ValueError(
+            f"vocab_size must be in [1, {min(vs, vt)}] (student_logits has vocabulary width "
+            f"{vs}, teacher_logits {vt}), got {vocab_size}"
+        )
+    if inplace_backward and vocab_size != vs:
+        raise ValueError(
+            f"inplace_backward=True needs vocab_size equal to student_logits' width {vs} "
+            f"(the gradient is written into its buffer), got vocab_size={vocab_size}"
+        )
+    # the kernels take contiguous rows: a narrower slice is copied (autograd copies its
+    # gradient back into the full-width tensor, zero in the dropped columns)
+    if vocab_size != vs:
+        s = s[..., :vocab_size].contiguous()
+    if vocab_size != vt:
+        t = t[..., :vocab_size].contiguous()
+    return s, t
+
+
 def _reduce(rows: torch.Tensor, reduction: str, valid_rows, batch: int, numel: int, shape):
     """Apply `reduction` to the (N,) row losses."""
     if reduction == "none":
@@ -129,6 +156,7 @@ def kd_loss(
     impl: str = "auto",
     inplace_backward: bool = False,
     process_group=None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Knowledge-distillation loss between student and teacher logits of shape (..., V).
 
@@ -143,6 +171,13 @@ def kd_loss(
     inplace_backward=True computes the student gradient during the forward and stores it in
     `student_logits`' memory (no extra N x V buffer): the logits are overwritten.
     process_group: logits are this rank's contiguous vocabulary shard (see distributed.py).
+
+    vocab_size: use the first `vocab_size` columns of both logits. For a teacher and a
+    student whose widths differ only by padded embedding rows (e.g. 152064 vs 151936): pass
+    the real vocabulary size; labels must then lie in [0, vocab_size). Currently the kernels
+    read contiguous rows, so a narrower `vocab_size` than a tensor's width copies that
+    tensor's first columns (one N x vocab_size copy, and its gradient is copied back into the
+    full width); inplace_backward needs the full width.
     """
     from . import distributed
 
@@ -154,6 +189,19 @@ def kd_loss(
     _reject_forward_ad(student_logits=student_logits, teacher_logits=teacher_logits)
     _check_logits("student_logits", student_logits, sharded)
     _check_logits("teacher_logits", teacher_logits, sharded)
+    if vocab_size is not None:
+        student_logits, teacher_logits = _take_vocab(
+            student_logits, teacher_logits, vocab_size, sharded, inplace_backward)
+    elif (not sharded and student_logits.shape[:-1] == teacher_logits.shape[:-1]
+            and student_logits.shape[-1] != teacher_logits.shape[-1]):
+        vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}: vocabulary "
+            f"widths {vs} and {vt}. If they share the first {min(vs, vt)} tokens (padded "
+            f"embedding rows), pass vocab_size={min(vs, vt)} to use the first {min(vs, vt)} "
+            "columns of both"
+        )
     if process_group is None and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
