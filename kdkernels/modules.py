@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .functional import kd_loss, kl_div
@@ -16,11 +18,9 @@ class KDLoss(torch.nn.Module):
     unknown names fail here, at construction.
     """
 
-    _KEYS = (
-        "divergence", "beta", "skew", "temperature", "teacher_temperature",
-        "temperature_scale", "kd_weight", "ce_weight", "ignore_index", "reduction", "impl",
-        "inplace_backward", "process_group",
-    )
+    # kd_loss's keyword-only arguments, read off its signature so the two never disagree
+    _KEYS = tuple(name for name, p in inspect.signature(kd_loss).parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     def __init__(self, **kwargs):
         super().__init__()
