@@ -134,6 +134,38 @@ def find_cuda_home() -> str | None:
     return None
 
 
+STAMP = "kdkernels.stamp"  # in a build folder: "<size> <sha256>" of the library built there
+
+
+def _digest(lib: Path) -> str:
+    h = hashlib.sha256()
+    with open(lib, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{lib.stat().st_size} {h.hexdigest()}"
+
+
+def _load_verified(cpp_extension, name: str, d: Path, **kwargs) -> None:
+    """cpp_extension.load into build folder d, guarded against a damaged cache.
+
+    ninja decides what to rebuild from timestamps only, so a library file that was cut short
+    (a full disk, a killed copy) looks up to date, and loading it kills the process (SIGBUS).
+    A stamp with the library's size and hash is written after each build and load; a library
+    that does not match its stamp (or has none) is deleted first, so it is linked again. A
+    file lock keeps another process from checking or stamping halfway through a build."""
+    import fcntl
+
+    lib, stamp = d / f"{name}.so", d / STAMP
+    with open(d / "kdkernels.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists() and (not stamp.exists() or stamp.read_text() != _digest(lib)):
+            lib.unlink()
+        cpp_extension.load(name=name, build_directory=str(d), **kwargs)
+        tmp = stamp.with_suffix(".tmp")
+        tmp.write_text(_digest(lib))
+        tmp.replace(stamp)
+
+
 def build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path:
     """Build (or reuse) and load library `kind` ("cpu" or "cuda"); returns its build dir."""
     if torch.version.cuda is not None and "CUDA_HOME" not in os.environ:
@@ -161,11 +193,10 @@ def build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path
         flags = ["-O3", "-DNDEBUG", "-fopenmp", *_cpu_capability_flags()]
         _check_sources(CPU_SOURCES)
         d = _cache_dir("cpu", CPU_SOURCES, flags)
-        cpp_extension.load(name="kdkernels_cpu", sources=[str(CSRC / "kd_cpu.cpp")],
-                           extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           extra_include_paths=[str(CSRC)],
-                           build_directory=str(d), is_python_module=False, verbose=verbose,
-                           with_cuda=False)
+        _load_verified(cpp_extension, "kdkernels_cpu", d,
+                       sources=[str(CSRC / "kd_cpu.cpp")], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
+                       is_python_module=False, verbose=verbose, with_cuda=False)
         return d
     if torch.version.cuda is None:
         raise RuntimeError("this torch build has no CUDA support")
@@ -177,10 +208,10 @@ def build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path
     flags = cuda_flags(ptxas_verbose)
     _check_sources(CUDA_SOURCES)
     d = _cache_dir("cuda", CUDA_SOURCES, flags)
-    cpp_extension.load(name="kdkernels_cuda", sources=[str(CSRC / "kd_cuda.cu")],
-                       extra_cflags=["-O3", "-DNDEBUG"], extra_cuda_cflags=flags,
-                       extra_include_paths=[str(CSRC)], build_directory=str(d),
-                       is_python_module=False, verbose=verbose, with_cuda=True)
+    _load_verified(cpp_extension, "kdkernels_cuda", d, sources=[str(CSRC / "kd_cuda.cu")],
+                   extra_cflags=["-O3", "-DNDEBUG"], extra_cuda_cflags=flags,
+                   extra_include_paths=[str(CSRC)], is_python_module=False,
+                   verbose=verbose, with_cuda=True)
     return d
 
 

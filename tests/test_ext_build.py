@@ -73,3 +73,39 @@ def test_ptxas_report_parser():
     (rec,) = ext_build.parse_ptxas(log)
     assert rec == {"kernel": "_Z3fooPf", "arch": "sm_90", "registers": 40, "stack": 0,
                    "spill_stores": 8, "spill_loads": 4}
+
+
+_USE_EXT = """
+import torch, kdkernels as kd
+s, t = torch.randn(4, 33, dtype=torch.float64), torch.randn(4, 33, dtype=torch.float64)
+got = kd.kd_loss(s, t, impl="ext", reduction="none")
+want = kd.kd_loss(s, t, impl="torch", reduction="none")
+torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+from kdkernels import ext_build
+print("LIB", next(ext_build._cache_dir("cpu", ext_build.CPU_SOURCES, [])
+                  .parent.glob("cpu-*/kdkernels_cpu.so")))
+"""
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    """A cached library cut to half its size (a full disk, a killed copy) is detected by its
+    stamp and linked again: the next process gives the right numbers instead of dying with
+    SIGBUS when the library is loaded. A library without a stamp is linked again too."""
+    env = dict(os.environ, KDKERNELS_CACHE_DIR=str(tmp_path), KDKERNELS_SKIP_CUDA_BUILD="1")
+
+    def use_ext():
+        r = subprocess.run([sys.executable, "-c", _USE_EXT], capture_output=True, text=True,
+                           timeout=900, env=env)
+        assert r.returncode == 0, f"rc {r.returncode}:\n{r.stderr[-3000:]}"
+        return Path(re.search(r"^LIB (.+)$", r.stdout, re.M).group(1))
+
+    lib = use_ext()
+    stamp = lib.parent / ext_build.STAMP
+    assert stamp.read_text() == ext_build._digest(lib)
+    data = lib.read_bytes()
+    lib.write_bytes(data[: len(data) // 2])
+    use_ext()
+    assert stamp.read_text() == ext_build._digest(lib)
+    stamp.unlink()
+    use_ext()
+    assert stamp.read_text() == ext_build._digest(lib)
