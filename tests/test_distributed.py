@@ -41,7 +41,7 @@ WIDTHS = {2: (20, 17), 4: (9, 14, 1, 13)}
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 DIV_KWARGS = {"jsd": {"beta": 0.3}, "skew_forward_kl": {"skew": 0.2},
               "skew_reverse_kl": {"skew": 0.35}}
-PG_TIMEOUT_S = 15  # a desynchronized collective errors out after this
+PG_TIMEOUT_S = 60  # a desynchronized collective errors out after this
 DEADLINE_S = 600  # the whole spawn group (~40 s on an idle 2-core machine); past it the
 # workers are killed and the unfinished cases fail
 
