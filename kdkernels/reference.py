@@ -151,24 +151,24 @@ def divergence_grads(lq, lp, div, saved, need_teacher: bool):
 
 
 def _shift(x, inv_t, out=None):
-    """(z - m, m) of a chunk: z = x / T shifted by its row maximum m (in z units).
+    """((x - m) / T, m) of a chunk: the logits shifted by their row maximum m (raw units,
+    the statistics table's maxima) and scaled.
 
-    The maximum is taken on the raw logits and the difference formed before the scaling,
-    (x - max x) / T: exact near the maximum, where the probability mass is, so log-probs
-    (z - m) - log sum e^(z - m) keep full precision even at |x| ~ 1e4. A row with nothing
-    finite gets m = -inf and is shifted by 0 (never -inf - -inf).
+    The difference is formed before the scaling, (x - max x) / T: exact near the maximum,
+    where the probability mass is, so log-probs (z - m) - log sum e^(z - m) keep full
+    precision at |x| ~ 1e4 for any T (x / T - max x / T would carry a rounding of |x / T|).
+    A row with nothing finite gets m = -inf and is shifted by 0 (never -inf - -inf).
     """
     m = x.amax(-1).to(acc_dtype(x.dtype))
-    finite = m > -math.inf
-    z = torch.sub(x, torch.where(finite, m, 0.0)[:, None], out=out).mul_(inv_t)
-    return z, m * inv_t
+    z = torch.sub(x, torch.where(m > -math.inf, m, 0.0)[:, None], out=out).mul_(inv_t)
+    return z, m
 
 
 def log_probs(x, inv_t, m, r, out=None):
-    """Log-probabilities x / T - m - r of a chunk given a (max, log-sum) pair in z units;
-    the pair is subtracted in two steps, never as one rounded logsumexp."""
+    """Log-probabilities (x - m) / T - r of a chunk given a (max, log-sum) pair (m in raw
+    units); the pair is subtracted in two steps, never as one rounded logsumexp."""
     z = x.to(m.dtype, copy=True) if out is None else out.copy_(x)
-    return z.mul_(inv_t).sub_(torch.where(m > -math.inf, m, 0.0)[:, None]).sub_(r[:, None])
+    return z.sub_(torch.where(m > -math.inf, m, 0.0)[:, None]).mul_(inv_t).sub_(r[:, None])
 
 
 def _label_logits(s, labels, spec, offset):
