@@ -33,8 +33,8 @@
 // -fopenmp.
 // Per-row statistics (the `stats` table, N x NSTAT in the accumulation type, columns of
 // kd_layout.h = kdkernels/_stats.py) hold what backward needs: raw maxima and log-sums of
-// both sides (never lse = m / T + log S rounded into one number: lp = (t - mt) / Tt - log St
-// keeps precision for logits of +-1e4 at any T), the T = 1 statistics for CE, s[label], the KL accumulator
+// both sides (never lse = m / T + log S rounded into one number:
+// lp = (t - mt) / Tt - log St keeps precision for logits of +-1e4 at any T), the T = 1 statistics for CE, s[label], the KL accumulator
 // and the divergence scalars.
 // Column ranges: kd_partial (pass 1), kd_mix_partial (the mixture's pass 2 given global
 // statistics) and kd_backward take the columns [offset, offset + Vr) of rows as (N, Vr)
@@ -208,6 +208,8 @@ A forward_row(const Row& r, const Params& pr, A* st) {
   // CE = (m1 - s[label]) + l1: m1 and s[label] are close (the label is likely), so their
   // difference is exact where m1 + l1 would round at |s| ~ 1e4
   if (r.ce) loss += A(pr.ce_weight) * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+  // a NaN, a +inf or no finite logit on a side (its maximum is not finite): NaN (kd_math.h)
+  if (!row_has_softmax(st[ST_MS], st[ST_MT])) loss = A(NAN);
   return loss;
 }
 
@@ -693,6 +695,14 @@ at::Tensor softmax_cpu(const at::Tensor& x, double inv_t, bool log) {
           const V vm(safe_ref(m));
           for (int64_t j = 0; j < round_up<A>(nn); j += W)
             lse_add(V::loadu(z + j), vm, vit, sum);
+        }
+        // a row with a NaN, a +inf or nothing finite (m not finite) has no softmax: NaN
+        // throughout (stored as is: the vector exp need not keep a NaN)
+        if (!kd_finite(m)) {
+          std::fill(z, z + TILE, A(NAN));
+          for (int64_t off = 0; off < v; off += TILE)
+            store_tile<A>(yr, xs, off, std::min(TILE, v - off), z);
+          continue;
         }
         // y = (x - m) / T - log S: the raw difference first (see kd_math.h)
         const A l = kd_log(hsum(sum));

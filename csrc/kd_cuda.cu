@@ -272,6 +272,11 @@ __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
       }
     }
   });
+  // a NaN logit may have been dropped by the pack maxima (fmax-like), never by the sums
+  // (exp(NaN) = NaN): mark the side's maximum NaN, as the table's contract says, once per
+  // thread; the merges below keep it (kd_max_nan)
+  if (p.ss != p.ss) p.ms = NAN;
+  if (p.st != p.st) p.mt = NAN;
   float m1 = p.ms;
   p = block_merge_kl<REV>(p, its, itt);
   if (ce_sep) block_merge_lse(m1, s1, 1.f);
@@ -328,7 +333,8 @@ __global__ void kd_finalize_kernel(
     float l = kd_scale * d;
     // CE = (m1 - s[label]) + l1: the close pair first (exact at |s| ~ 1e4)
     if (ce) l += ce_weight * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
-    loss[row] = l;
+    // a NaN, a +inf or no finite logit on a side: NaN (kd_math.h's non-finite policy)
+    loss[row] = row_has_softmax(p.ms, p.mt) ? l : NAN;
   }
 }
 
@@ -399,7 +405,7 @@ __global__ void kd_mix_finalize_kernel(
   const float d = (coef_p != 0.f ? coef_p * a : 0.f) + (coef_q != 0.f ? coef_q * bb : 0.f);
   float l = kd_scale * d;
   if (ce) l += ce_weight * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
-  loss[row] = l;
+  loss[row] = row_has_softmax(st[ST_MS], st[ST_MT]) ? l : NAN;
 }
 
 // A thread per row: the mixture's pass-2 sums of a range, the splits added in order.
@@ -561,14 +567,15 @@ __global__ void __launch_bounds__(THREADS) softmax_kernel(const T* __restrict__ 
   float m = kd_neg_inf<float>(), sum = 0.f;  // raw maximum, sum exp((x - m) / T)
   for (int64_t i = threadIdx.x; i < v; i += THREADS) {
     const float x = to_f(xr[i]);
-    const float nm = kd_max(m, x);
+    const float nm = kd_max_nan(m, x);
     lse_rebase(sum, ref_move(m, nm, inv_t));
     m = nm;
     lse_add(x, safe_ref(m), inv_t, sum);
   }
   block_merge_lse(m, sum, inv_t);
   __shared__ float ref, lsum;
-  if (threadIdx.x == 0) ref = safe_ref(m), lsum = kd_log(sum);
+  // a row with a NaN, a +inf or nothing finite (m not finite) has no softmax: NaN throughout
+  if (threadIdx.x == 0) ref = safe_ref(m), lsum = kd_finite(m) ? kd_log(sum) : NAN;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < v; i += THREADS) {
     // (x - m) / T - log S: the raw difference first (kd_math.h)

@@ -1,6 +1,22 @@
 // kd_math.h: the math of every kdkernels loss, shared by the CPU kernel (kd_cpu.cpp) and the
 // CUDA kernels (kd_cuda.cu). The formulas live here and nowhere else.
 //
+// Non-finite inputs, one policy for every divergence and backend (kdkernels/reference.py and
+// kdkernels/_stats.py follow it too), as PyTorch's log_softmax behaves:
+//   - a NaN or a +inf logit in a row (student or teacher) makes the row's loss NaN;
+//   - a row whose student or teacher logits are all -inf has no softmax: its loss is NaN;
+//   - -inf entries of a row that has finite ones are exact: padding (-inf in both) adds 0,
+//     q = 0 where p > 0 makes forward KL +inf (the true value), mixtures stay finite;
+//   - an ignored row (label == ignore_index) gives 0 and a gradient of exactly 0, whatever
+//     its logits;
+//   - softmax / log_softmax of a row with a NaN, a +inf or nothing but -inf is NaN.
+// How: a side's running maximum of the raw logits is NaN once a NaN is seen (kd_max_nan, per
+// tile, pack or merge: a flag per row, never a test per element) and +inf once a +inf is, so
+// the statistics table's maxima carry the row's state: a row whose student or teacher
+// maximum is not finite (NaN, +inf, or -inf: nothing finite) gets the loss NaN when it is
+// finished (row_has_softmax). The element masks below (where(weight > 0, ...)) and clamps
+// may drop a NaN element; they never decide the loss of such a row.
+//
 // One row (q = softmax(zs) student, p = softmax(zt) teacher, zs = s / Ts, zt = t / Tt):
 //
 //   Online statistics. A side x in {s, t} keeps a reference m_x, the largest RAW logit seen so
@@ -234,8 +250,8 @@ KD_HD KLPart<S> kl_part_empty() {
 // Exact merge of two partial states: move both to the larger (raw) references, then add.
 template <bool REVERSE, class S>
 KD_HD KLPart<S> kl_merge(KLPart<S> a, KLPart<S> b, S its, S itt) {
-  S ms = kd_max(a.ms, b.ms);
-  S mt = kd_max(a.mt, b.mt);
+  S ms = kd_max_nan(a.ms, b.ms);
+  S mt = kd_max_nan(a.mt, b.mt);
   kl_rebase<REVERSE>(a.ss, a.st, a.acc, ref_move(a.ms, ms, its), ref_move(a.mt, mt, itt));
   kl_rebase<REVERSE>(b.ss, b.st, b.acc, ref_move(b.ms, ms, its), ref_move(b.mt, mt, itt));
   KLPart<S> r;
@@ -250,9 +266,16 @@ KD_HD KLPart<S> kl_merge(KLPart<S> a, KLPart<S> b, S its, S itt) {
 // Exact merge of two (raw m, sum) pairs of one side of inverse temperature inv_t.
 template <class S>
 KD_HD void lse_merge(S& m, S& sum, S m2, S sum2, S inv_t) {
-  S mm = kd_max(m, m2);
+  S mm = kd_max_nan(m, m2);
   sum = sum * ref_move(m, mm, inv_t).scale + sum2 * ref_move(m2, mm, inv_t).scale;
   m = mm;
+}
+
+// Whether a row with these (raw) student and teacher maxima has both softmaxes: both finite.
+// Else its loss is NaN (the non-finite policy above).
+template <class S>
+KD_HD bool row_has_softmax(S ms, S mt) {
+  return kd_finite(ms) && kd_finite(mt);
 }
 
 // D from the merged state: forward acc / St - log St + log Ss, reverse symmetric.

@@ -30,7 +30,8 @@ rank, an all_gather of the tables and merge_all; the mixture then all-reduces mi
 Columns (float32, float64 for float64 logits). A side's maximum m of its RAW logits x and
 log-sum l of its scaled, shifted logits (the pair, never one rounded logsumexp):
 
-    MS, LS   student: m = max s over the range (-inf when none is finite),
+    MS, LS   student: m = max s over the range (-inf when none is finite; NaN when the
+             range holds a NaN, else +inf when it holds a +inf, as torch.amax),
              l = log sum exp((s - m) / Ts) (-inf for an empty range)
     MT, LT   teacher, the same with t and Tt
     M1, L1   the student at T = 1 for cross-entropy: max s and log sum exp(s - m)
@@ -52,6 +53,12 @@ shifts dm = (m - M) / T (0 when m == M, -inf for an empty side), and the accumul
 (every shifted difference (z - m) becomes (z - M) - dm). A range whose weighting mass is 0, or
 whose factor e^(dw) underflows, contributes 0 (as its probabilities underflow to 0 in the
 unsplit reference), even when its acc is +inf: never 0 * inf. NaN stays NaN.
+
+Non-finite inputs (the policy of every backend, csrc/kd_math.h): the maxima carry a row's
+state through partials and merges (torch.maximum keeps NaN and +inf), and finish gives NaN
+to a row whose merged student or teacher maximum is not finite: a NaN or a +inf logit, or no
+finite logit at all (no softmax). -inf entries of a row with finite ones are exact (padding
+adds 0; forward KL is +inf where q = 0 < p). Ignored rows are 0 whatever their logits.
 """
 
 from __future__ import annotations
@@ -146,8 +153,9 @@ def merge_all(parts: torch.Tensor, spec: LossSpec) -> torch.Tensor:
 
 def finish(stats: torch.Tensor, labels, spec: LossSpec, mix_sums=None):
     """(row losses (N,), finished stats) from merged statistics; for the mixture,
-    `mix_sums` is the (N, 4) merged output of mix_partial. Ignored rows are 0 (a where,
-    so non-finite logits of an ignored row never reach the loss)."""
+    `mix_sums` is the (N, 4) merged output of mix_partial. A row whose student or teacher
+    maximum is not finite (a NaN or +inf logit, or none finite) is NaN; ignored rows are 0
+    (a where, so non-finite logits of an ignored row never reach the loss)."""
     stats = stats.clone()
     div = spec.div
     if div.kind == "mixture":
@@ -170,6 +178,9 @@ def finish(stats: torch.Tensor, labels, spec: LossSpec, mix_sums=None):
         # is likely), so their difference is exact where m1 + l1 would round at |s| ~ 1e4
         ce = (stats[:, Col.M1] - stats[:, Col.LABEL]) + stats[:, Col.L1]
         loss = loss + spec.ce_weight * ce
+    # one test per row, whatever the element masks of the backends dropped
+    has_softmax = stats[:, Col.MS].isfinite() & stats[:, Col.MT].isfinite()
+    loss = torch.where(has_softmax, loss, torch.nan)
     if labels is not None:
         loss = torch.where(labels != spec.ignore_index, loss, 0.0)
     return loss, stats

@@ -26,6 +26,19 @@ For jsd (cp = a, cq = 1-a) u = 1 and the second term vanishes, leaving DESIGN.md
 q u and p u are formed as exp of log-space sums, so they never overflow or give 0 * inf.
 
 Entries that are -inf in both logits (vocab padding) have p = q = 0 and contribute 0.
+
+Non-finite inputs (the policy of every impl; csrc/kd_math.h states it for the kernels), as
+PyTorch's log_softmax behaves:
+  - a NaN or a +inf logit in a row (student or teacher) makes the row's loss NaN;
+  - a row whose student or teacher logits are all -inf has no softmax: its loss is NaN;
+  - -inf entries of a row that has finite ones are exact: padding (-inf in both) adds 0,
+    q = 0 where p > 0 makes forward KL +inf (the true value), mixtures stay finite;
+  - an ignored row (label == ignore_index) gives 0 and a gradient of exactly 0, whatever
+    its logits;
+  - softmax / log_softmax of a row with a NaN, a +inf or nothing but -inf is NaN.
+The element masks below (where(w > 0, ...), the lean KL path's nan_to_num) exist for padding
+and may drop a NaN element; the row's loss is decided once per row instead, by _stats.finish
+from the row maxima (amax keeps NaN and +inf; -inf means nothing finite).
 Chain rule: d/ds = dD/dzs / Ts, d/dt = dD/dzt / Tt.
 Cross-entropy (T = 1): CE = logsumexp(s) - s[label], dCE/ds = softmax(s) - onehot(label).
 """
