@@ -33,9 +33,9 @@
 // -fopenmp.
 // Per-row statistics (the `stats` table, N x NSTAT in the accumulation type, columns of
 // kd_layout.h = kdkernels/_stats.py) hold what backward needs: raw maxima and log-sums of
-// both sides (never lse = m / T + log S rounded into one number:
-// lp = (t - mt) / Tt - log St keeps precision for logits of +-1e4 at any T), the T = 1 statistics for CE, s[label], the KL accumulator
-// and the divergence scalars.
+// both sides (never lse = m / T + log S rounded into one number: lp = (t - mt) / Tt - log St
+// keeps precision for logits of +-1e4 at any T), the T = 1 statistics for CE, s[label], the
+// KL accumulator and the divergence scalars.
 // Column ranges: kd_partial (pass 1), kd_mix_partial (the mixture's pass 2 given global
 // statistics) and kd_backward take the columns [offset, offset + Vr) of rows as (N, Vr)
 // tensors, with GLOBAL labels; kdkernels/_stats.py merges and finishes the ranges' tables.
