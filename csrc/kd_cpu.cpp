@@ -705,12 +705,14 @@ at::Tensor softmax_cpu(const at::Tensor& x, double inv_t, bool log) {
           continue;
         }
         // y = (x - m) / T - log S: the raw difference first (see kd_math.h)
-        const A l = kd_log(hsum(sum));
+        const V vm(m), vl(kd_log(hsum(sum)));
         for (int64_t off = 0; off < v; off += TILE) {
           const int64_t nn = std::min(TILE, v - off);
-          load_logp<A>(xr, xs, off, nn, z, safe_ref(m), it, l);
-          if (!log)
-            for (int64_t j = 0; j < round_up<A>(nn); j += W) kd_exp(V::loadu(z + j)).store(z + j);
+          load_tile<A>(xr, xs, off, nn, z, false);
+          for (int64_t j = 0; j < round_up<A>(nn); j += W) {
+            const V l = (V::loadu(z + j) - vm) * vit - vl;
+            (log ? l : kd_exp(l)).store(z + j);
+          }
           store_tile<A>(yr, xs, off, nn, z);
         }
       }
