@@ -5,12 +5,13 @@
 //
 // Layout of a row's work. Rows run in parallel (at::parallel_for); a row is read in tiles of
 // TILE elements. Each tile is converted to the accumulation type (float; double for float64
-// logits), scaled by 1/T and copied into small stack buffers (L1-resident), so one kernel
-// serves every pair of input dtypes. The tile's maximum moves the row's references once per
+// logits) and copied into small stack buffers (L1-resident), so one kernel serves every pair
+// of input dtypes. The tile's maximum of the RAW logits moves the row's references once per
 // tile (kl_rebase); then the tile's elements are accumulated with Vectorized lanes against
-// fixed references. The vocabulary tail is padded with -inf in both logits, which by the
-// padding rule contributes exactly 0 (no scalar tail loop). Second passes (mixture pass 2,
-// backward) load the tiles already shifted to log-probabilities lq, lp (load_tile's shift).
+// fixed references, each shifted logit formed as (x - m) * inv_t (kd_math.h). The vocabulary
+// tail is padded with -inf in both logits, which by the padding rule contributes exactly 0
+// (no scalar tail loop). Second passes (mixture pass 2, backward) load the tiles already
+// shifted to log-probabilities lq, lp (load_logp).
 //
 // Speed of the mixture's element loops: an element is one long dependency chain (exp(-|d|),
 // log1p, softplus, the sum or the gradient) and the out-of-order window holds only a few
@@ -31,10 +32,10 @@
 // Threads: at::parallel_for is OpenMP in torch's CPU builds, so ext_build.py builds with
 // -fopenmp.
 // Per-row statistics (the `stats` table, N x NSTAT in the accumulation type, columns of
-// kd_layout.h = kdkernels/_stats.py) hold what backward needs: references and log-sums of
-// both sides (never lse = m + log S rounded into one number: lp = (zt - mt) - log St keeps
-// precision for logits of +-1e4), the T = 1 statistics for CE, s[label], the KL accumulator
-// and the divergence scalars.
+// kd_layout.h = kdkernels/_stats.py) hold what backward needs: raw maxima and log-sums of
+// both sides (never lse = m / T + log S rounded into one number: lp = (t - mt) / Tt - log St
+// keeps precision for logits of +-1e4 at any T), the T = 1 statistics for CE, s[label], the
+// KL accumulator and the divergence scalars.
 // Column ranges: kd_partial (pass 1), kd_mix_partial (the mixture's pass 2 given global
 // statistics) and kd_backward take the columns [offset, offset + Vr) of rows as (N, Vr)
 // tensors, with GLOBAL labels; kdkernels/_stats.py merges and finishes the ranges' tables.
@@ -96,53 +97,49 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   constexpr bool REV = K == REVERSE_KL;
-  alignas(64) A zs[TILE];
-  alignas(64) A zt[TILE];
-  alignas(64) A z1[TILE];
+  alignas(64) A xs[TILE];
+  alignas(64) A xt[TILE];
   const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
-  const bool ce_sep = r.ce && pr.inv_ts != 1.0;  // T = 1 statistics differ from the student's
+  // the T = 1 log-sum differs from the student's; its maximum is the student's (raw)
+  const bool ce_sep = r.ce && pr.inv_ts != 1.0;
   const A ninf = kd_neg_inf<A>();
-  A ms = ninf, mt = ninf, m1 = ninf;
+  A ms = ninf, mt = ninf;
   V ss(0), stt(0), acc(0), s1(0);
+  const V vits(its), vitt(itt);
   for (int64_t off = 0; off < r.v; off += TILE) {
     const int64_t n = std::min(TILE, r.v - off);
     const int64_t np = round_up<A>(n);
-    const A ts = load_tile<A>(r.s, r.ss, off, n, its, zs);
-    const A tt = load_tile<A>(r.t, r.tt, off, n, itt, zt);
-    const A nms = kd_max(ms, ts), nmt = kd_max(mt, tt);
+    const A ts = load_tile<A>(r.s, r.ss, off, n, xs);
+    const A tt = load_tile<A>(r.t, r.tt, off, n, xt);
+    const A nms = kd_max_nan(ms, ts), nmt = kd_max_nan(mt, tt);
     if (K == MIXTURE) {
-      lse_rebase(ss, ref_move(ms, nms));
-      lse_rebase(stt, ref_move(mt, nmt));
+      lse_rebase(ss, ref_move(ms, nms, its));
+      lse_rebase(stt, ref_move(mt, nmt, itt));
     } else {
-      kl_rebase<REV>(ss, stt, acc, ref_move(ms, nms), ref_move(mt, nmt));
+      kl_rebase<REV>(ss, stt, acc, ref_move(ms, nms, its), ref_move(mt, nmt, itt));
     }
+    if (ce_sep) lse_rebase(s1, ref_move(ms, nms, A(1)));
     ms = nms;
     mt = nmt;
     const V vms(safe_ref(ms)), vmt(safe_ref(mt));
     if (K == MIXTURE) {
       for (int64_t i = 0; i < np; i += W) {
-        lse_add(V::loadu(zs + i), vms, ss);
-        lse_add(V::loadu(zt + i), vmt, stt);
+        lse_add(V::loadu(xs + i), vms, vits, ss);
+        lse_add(V::loadu(xt + i), vmt, vitt, stt);
       }
     } else {
       for (int64_t i = 0; i < np; i += W)
-        kl_add<REV>(V::loadu(zs + i), V::loadu(zt + i), vms, vmt, ss, stt, acc);
+        kl_add<REV>(V::loadu(xs + i), V::loadu(xt + i), vms, vmt, vits, vitt, ss, stt, acc);
     }
-    if (ce_sep) {
-      const A t1 = load_tile<A>(r.s, r.ss, off, n, A(1), z1);
-      const A nm1 = kd_max(m1, t1);
-      lse_rebase(s1, ref_move(m1, nm1));
-      m1 = nm1;
-      const V vm1(safe_ref(m1));
-      for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(z1 + i), vm1, s1);
-    }
+    if (ce_sep)
+      for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
   }
   const A ss_ = hsum(ss), st_ = hsum(stt);
   st[ST_MS] = ms;
   st[ST_LS] = kd_log(ss_);
   st[ST_MT] = mt;
   st[ST_LT] = kd_log(st_);
-  st[ST_M1] = ce_sep ? m1 : ms;
+  st[ST_M1] = ms;
   st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
   st[ST_LABEL] = r.label >= 0 ? load_one<A>(r.s, r.ss, r.label) : A(0);
   st[ST_DIV] = st[ST_B] = st[ST_UQ] = st[ST_UP] = A(0);
@@ -163,15 +160,15 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums)
   const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
   const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
   V sa(0), sb(0), suq(0), sup(0);
-  // lq = (zs - ms) - log Ss (load_tile's shift): never through a rounded lse
-  const A qs[2] = {safe_ref(g[ST_MS]), g[ST_LS]}, pt[2] = {safe_ref(g[ST_MT]), g[ST_LT]};
+  // lq = (s - ms) / Ts - log Ss (load_logp): never through a rounded lse
+  const A ms = safe_ref(g[ST_MS]), ls = g[ST_LS], mt = safe_ref(g[ST_MT]), lt = g[ST_LT];
   with_mix_mode(c, [&](auto fast, auto unit) {
     constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
-      load_tile<A>(r.s, r.ss, off, n, its, zs, false, qs);  // lq
-      load_tile<A>(r.t, r.tt, off, n, itt, zt, false, pt);  // lp
+      load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
+      load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
       V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
       for (int64_t i = 0; i < np; i += W)
         mix_add<F, U>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
@@ -208,7 +205,11 @@ A forward_row(const Row& r, const Params& pr, A* st) {
     st[ST_DIV] = d;
   }
   A loss = A(pr.kd_scale) * d;
-  if (r.ce) loss += A(pr.ce_weight) * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
+  // CE = (m1 - s[label]) + l1: m1 and s[label] are close (the label is likely), so their
+  // difference is exact where m1 + l1 would round at |s| ~ 1e4
+  if (r.ce) loss += A(pr.ce_weight) * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+  // a NaN, a +inf or no finite logit on a side (its maximum is not finite): NaN (kd_math.h)
+  if (!row_has_softmax(st[ST_MS], st[ST_MT])) loss = A(NAN);
   return loss;
 }
 
@@ -232,13 +233,12 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   const A cce = ce ? g * A(pr.ce_weight) : A(0);
   const A D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
-  // lq = zs - (ms + log Ss) as (zs - ms) - log Ss (shift_tile); safe_ref keeps -inf rows
-  // NaN-free
+  // lq = (s - ms) / Ts - log Ss (load_logp), never s / Ts - lse with lse rounded; safe_ref
+  // keeps -inf rows NaN-free
   const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
-  // CE's softmax(s) = exp((z1 - m1) - l1): z1 = s at T = 1 (ce_sep); else the T = 1
-  // statistics are the student's and softmax(s) = exp(lq), so z1 = lq, m1 = l1 = 0
+  // CE's softmax(s) = exp((z1 - m1) - l1): z1 = s raw (ce_sep); else the T = 1 statistics
+  // are the student's and softmax(s) = exp(lq), so z1 = lq, m1 = l1 = 0
   const A m1 = ce_sep ? safe_ref(st[ST_M1]) : A(0), l1 = ce_sep ? st[ST_L1] : A(0);
-  const A qs[2] = {ms, ls}, pt[2] = {mt, lt};
   // element gradient (lane type X): the same code for the vector body and the label fix-up;
   // NT: whether the teacher's gradient is formed at all
   // (fast, unit: the mixture's element path, see with_mix_mode)
@@ -268,11 +268,11 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
-      load_tile<A>(r.s, r.ss, off, n, its, zs, false, qs);  // lq
-      load_tile<A>(r.t, r.tt, off, n, itt, zt, false, pt);  // lp
+      load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
+      load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
       const A* z1p = zs;
       if (ce_sep) {
-        load_tile<A>(r.s, r.ss, off, n, A(1), z1, false);
+        load_tile<A>(r.s, r.ss, off, n, z1, false);
         z1p = z1;
       }
       for (int64_t i = 0; i < np; i += W) {
@@ -314,8 +314,8 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
       const A sl = st[ST_LABEL];
       const A tl = load_one<A>(r.t, r.tt, r.label);
       A gsv, gtv;
-      const A lql = (sl * its - ms) - ls;
-      elem(std::false_type{}, fast, unit, lql, (tl * itt - mt) - lt, ce_sep ? sl : lql, A(1),
+      const A lql = (sl - ms) * its - ls;
+      elem(std::false_type{}, fast, unit, lql, (tl - mt) * itt - lt, ce_sep ? sl : lql, A(1),
            gsv, gtv);
       store_one<A>(r.gs, r.ss, r.label, gsv);
     }
@@ -682,23 +682,35 @@ at::Tensor softmax_cpu(const at::Tensor& x, double inv_t, bool log) {
       for (int64_t i = b; i < e; ++i) {
         const void* xr = static_cast<const char*>(x.data_ptr()) + i * v * es;
         void* yr = static_cast<char*>(y.data_ptr()) + i * v * es;
+        const A it = A(inv_t);
+        const V vit(it);
         A m = kd_neg_inf<A>();
         V sum(0);
         for (int64_t off = 0; off < v; off += TILE) {
           const int64_t nn = std::min(TILE, v - off);
-          const A tm = load_tile<A>(xr, xs, off, nn, A(inv_t), z);
-          const A nm = kd_max(m, tm);
-          lse_rebase(sum, ref_move(m, nm));
+          const A tm = load_tile<A>(xr, xs, off, nn, z);
+          const A nm = kd_max_nan(m, tm);
+          lse_rebase(sum, ref_move(m, nm, it));
           m = nm;
           const V vm(safe_ref(m));
-          for (int64_t j = 0; j < round_up<A>(nn); j += W) lse_add(V::loadu(z + j), vm, sum);
+          for (int64_t j = 0; j < round_up<A>(nn); j += W)
+            lse_add(V::loadu(z + j), vm, vit, sum);
         }
-        const V lse(safe_ref(m) + kd_log(hsum(sum)));
+        // a row with a NaN, a +inf or nothing finite (m not finite) has no softmax: NaN
+        // throughout (stored as is: the vector exp need not keep a NaN)
+        if (!kd_finite(m)) {
+          std::fill(z, z + TILE, A(NAN));
+          for (int64_t off = 0; off < v; off += TILE)
+            store_tile<A>(yr, xs, off, std::min(TILE, v - off), z);
+          continue;
+        }
+        // y = (x - m) / T - log S: the raw difference first (see kd_math.h)
+        const V vm(m), vl(kd_log(hsum(sum)));
         for (int64_t off = 0; off < v; off += TILE) {
           const int64_t nn = std::min(TILE, v - off);
-          load_tile<A>(xr, xs, off, nn, A(inv_t), z);
+          load_tile<A>(xr, xs, off, nn, z, false);
           for (int64_t j = 0; j < round_up<A>(nn); j += W) {
-            V l = V::loadu(z + j) - lse;
+            const V l = (V::loadu(z + j) - vm) * vit - vl;
             (log ? l : kd_exp(l)).store(z + j);
           }
           store_tile<A>(yr, xs, off, nn, z);

@@ -5,8 +5,9 @@
 //    included so its element templates find them. ATen builds Vectorized for the CPU
 //    capability ext_build.py compiles for (AVX512 / AVX2 / none).
 // 2. Tiles: a row is read in tiles converted from any input dtype to the accumulation type A
-//    (float; double for float64 logits), scaled by 1/T, padded with -inf to whole vectors
-//    (load_tile), and written back in the output dtype (store_tile, store_vec).
+//    (float; double for float64 logits) as raw logits (load_tile) or as log-probabilities
+//    (x - m) / T - l (load_logp), padded with -inf to whole vectors, and written back in the
+//    output dtype (store_tile, store_vec).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -166,86 +167,104 @@ constexpr int64_t round_up(int64_t n) {
 
 // ---- tile load / store: any input dtype <-> accumulation type A ---------------------------
 
-// dst[0:np] = (dst - m) - l in place (np a multiple of the lane count): log-probabilities
-// z - lse formed as (z - m) - log S, never through a rounded lse = m + log S (cancellation
-// at |z| ~ 1e4). Done once per tile in L1 so the element loop's chain starts at lq, lp.
+// dst[0:np] = (dst - m) * inv_t - l in place (np a multiple of the lane count): the
+// log-probabilities of raw logits given a side's (raw maximum, log-sum) pair, the difference
+// first (exact near the maximum for any T), never through a rounded lse = m / T + log S
+// (cancellation at |x| ~ 1e4). Done once per tile in L1 so the element loop's chain starts
+// at lq, lp.
 template <class A>
-void shift_tile(A* dst, int64_t np, A m, A l) {
+void shift_tile(A* dst, int64_t np, A m, A inv_t, A l) {
   using V = Vectorized<A>;
-  const V vm(m), vl(l);
-  for (int64_t i = 0; i < np; i += V::size()) ((V::loadu(dst + i) - vm) - vl).store(dst + i);
+  const V vm(m), vi(inv_t), vl(l);
+  for (int64_t i = 0; i < np; i += V::size())
+    ((V::loadu(dst + i) - vm) * vi - vl).store(dst + i);
 }
 
-// dst[0:n] = src[off:off+n] * scale in A, dst[n:round_up(n)] = -inf; returns max(dst)
-// (need_max) or -inf. shift = {m, l}: then dst = (src * scale - m) - l (see shift_tile),
-// fused into the load for float32.
+// dst[0:n] = src[off:off+n] (raw logits) in A, dst[n:round_up(n)] = -inf. Returns the
+// tile's maximum (need_max), NaN when the tile holds a NaN (the side's running maximum
+// carries it into the statistics table, where it marks the row), else -inf.
 template <class A>
-A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A scale, A* dst,
-            bool need_max = true, const A* shift = nullptr) {
+A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A* dst,
+            bool need_max = true) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const int64_t np = round_up<A>(n);
   int64_t i = 0;
   if constexpr (std::is_same_v<A, float>) {
-    if (st == at::kFloat && shift) {
-      const float* p = static_cast<const float*>(base) + off;
-      const V vm(shift[0]), vl(shift[1]);
-      for (; i + W <= n; i += W) ((V::loadu(p + i) * V(scale) - vm) - vl).store(dst + i);
-      for (; i < n; ++i) dst[i] = (p[i] * scale - shift[0]) - shift[1];
-      for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
-      return kd_neg_inf<A>();  // shifted: a second pass, which knows the references
-    }
     if (st == at::kFloat) {
-      const float* p = static_cast<const float*>(base) + off;
-      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
+      std::memcpy(dst, static_cast<const float*>(base) + off, n * sizeof(float));
+      i = n;
     } else if (st == at::kBFloat16) {
       const c10::BFloat16* p = static_cast<const c10::BFloat16*>(base) + off;
       for (; i + W <= n; i += W) {
         V v;
         at::vec::load_to_float(p + i, v);
-        (v * V(scale)).store(dst + i);
+        v.store(dst + i);
       }
     } else if (st == at::kHalf) {
       const c10::Half* p = static_cast<const c10::Half*>(base) + off;
       for (; i + W <= n; i += W) {
         V v;
         at::vec::load_to_float(p + i, v);
-        (v * V(scale)).store(dst + i);
+        v.store(dst + i);
       }
     }
   } else {
     if (st == at::kDouble) {
-      const double* p = static_cast<const double*>(base) + off;
-      for (; i + W <= n; i += W) (V::loadu(p + i) * V(scale)).store(dst + i);
+      std::memcpy(dst, static_cast<const double*>(base) + off, n * sizeof(double));
+      i = n;
     }
   }
   // tail (and uncommon dtype pairs, e.g. float64 teacher with a float32 student): scalar
   switch (st) {
     case at::kFloat:
-      for (; i < n; ++i) dst[i] = A(static_cast<const float*>(base)[off + i]) * scale;
+      for (; i < n; ++i) dst[i] = A(static_cast<const float*>(base)[off + i]);
       break;
     case at::kDouble:
-      for (; i < n; ++i) dst[i] = A(static_cast<const double*>(base)[off + i]) * scale;
+      for (; i < n; ++i) dst[i] = A(static_cast<const double*>(base)[off + i]);
       break;
     case at::kBFloat16:
-      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::BFloat16*>(base)[off + i])) * scale;
+      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::BFloat16*>(base)[off + i]));
       break;
     case at::kHalf:
-      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::Half*>(base)[off + i])) * scale;
+      for (; i < n; ++i) dst[i] = A(float(static_cast<const c10::Half*>(base)[off + i]));
       break;
     default:
       TORCH_CHECK(false, "kdkernels: unsupported dtype ", st);
   }
   for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
-  if (shift) shift_tile(dst, np, shift[0], shift[1]);
-  if (!need_max || shift) return kd_neg_inf<A>();  // a second pass knows the references
+  if (!need_max) return kd_neg_inf<A>();
+  // at::vec::maximum propagates NaN; so does kd_max_nan across the lanes
   V m(kd_neg_inf<A>());
   for (int64_t j = 0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
   alignas(64) A buf[W];
   m.store(buf);
   A r = buf[0];
-  for (int64_t j = 1; j < W; ++j) r = r > buf[j] ? r : buf[j];
+  for (int64_t j = 1; j < W; ++j) r = kd_max_nan(r, buf[j]);
   return r;
+}
+
+// dst[0:round_up(n)] = (src[off:off+n] - m) * inv_t - l: the tile's log-probabilities given
+// the side's (raw maximum m, log-sum l) (see shift_tile); padding stays -inf. Fused into the
+// load for float32.
+template <class A>
+void load_logp(const void* base, at::ScalarType st, int64_t off, int64_t n, A* dst, A m,
+               A inv_t, A l) {
+  if constexpr (std::is_same_v<A, float>) {
+    if (st == at::kFloat) {
+      using V = Vectorized<A>;
+      constexpr int64_t W = V::size();
+      const float* p = static_cast<const float*>(base) + off;
+      const V vm(m), vi(inv_t), vl(l);
+      int64_t i = 0;
+      for (; i + W <= n; i += W) ((V::loadu(p + i) - vm) * vi - vl).store(dst + i);
+      for (; i < n; ++i) dst[i] = (p[i] - m) * inv_t - l;
+      for (; i < round_up<A>(n); ++i) dst[i] = kd_neg_inf<A>();
+      return;
+    }
+  }
+  load_tile<A>(base, st, off, n, dst, false);
+  shift_tile(dst, round_up<A>(n), m, inv_t, l);
 }
 
 // dst[off:off+n] = src[0:n] converted to dtype st.

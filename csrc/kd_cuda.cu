@@ -116,28 +116,29 @@ __device__ __forceinline__ KLPart<float> shfl_part(const KLPart<float>& p, int o
   return o;
 }
 
-// Exact merge of every thread's partial KL state; the result is valid in thread 0.
+// Exact merge of every thread's partial KL state (raw maxima, inverse temperatures its,
+// itt); the result is valid in thread 0.
 template <bool REV>
-__device__ KLPart<float> block_merge_kl(KLPart<float> p) {
+__device__ KLPart<float> block_merge_kl(KLPart<float> p, float its, float itt) {
   __shared__ KLPart<float> sh[WARPS];
-  for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off));
+  for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off), its, itt);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) sh[warp] = p;
   __syncthreads();
   if (warp == 0) {
     p = lane < WARPS ? sh[lane] : kl_part_empty<float>();
-    for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off));
+    for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off), its, itt);
   }
   return p;
 }
 
-// Exact merge of (m, sum) pairs; valid in thread 0.
-__device__ void block_merge_lse(float& m, float& s) {
+// Exact merge of (raw m, sum) pairs of inverse temperature inv_t; valid in thread 0.
+__device__ void block_merge_lse(float& m, float& s, float inv_t) {
   __shared__ float shm[WARPS], shs[WARPS];
   for (int off = 16; off > 0; off >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
     const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-    lse_merge(m, s, m2, s2);
+    lse_merge(m, s, m2, s2, inv_t);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) shm[warp] = m, shs[warp] = s;
@@ -148,7 +149,7 @@ __device__ void block_merge_lse(float& m, float& s) {
     for (int off = 16; off > 0; off >>= 1) {
       const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
       const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-      lse_merge(m, s, m2, s2);
+      lse_merge(m, s, m2, s2, inv_t);
     }
   }
 }
@@ -212,14 +213,13 @@ __device__ __forceinline__ void for_elements(int64_t b, int64_t e, int64_t h, F&
   for (int64_t j = a + npk * PACK + threadIdx.x; j < e; j += THREADS) f(j, 1);
 }
 
+// Raw logits of a pack (cnt == PACK) or of one element, in float.
 template <class T>
-__device__ __forceinline__ void load_any(const T* p, int cnt, float scale, float* out) {
+__device__ __forceinline__ void load_any(const T* p, int cnt, float* out) {
   if (cnt == PACK) {
     load_pack(p, out);
-#pragma unroll
-    for (int k = 0; k < PACK; ++k) out[k] *= scale;
   } else {
-    out[0] = to_f(p[0]) * scale;
+    out[0] = to_f(p[0]);
   }
 }
 
@@ -248,13 +248,14 @@ __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
   const TS* sr = s + row * v;
   const TT* tr = t + row * v;
   KLPart<float> p = kl_part_empty<float>();
-  float m1 = kd_neg_inf<float>(), s1 = 0.f;
+  float s1 = 0.f;  // CE's sum exp(s - ms) at T = 1 (its maximum is the student's, raw)
   for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
-    float zs[PACK], zt[PACK];
-    load_any(sr + i, cnt, its, zs);
-    load_any(tr + i, cnt, itt, zt);
-    const float nms = kd_max(p.ms, pack_max(zs, cnt)), nmt = kd_max(p.mt, pack_max(zt, cnt));
-    kl_rebase<REV>(p.ss, p.st, p.acc, ref_move(p.ms, nms), ref_move(p.mt, nmt));
+    float xs[PACK], xt[PACK];
+    load_any(sr + i, cnt, xs);
+    load_any(tr + i, cnt, xt);
+    const float nms = kd_max(p.ms, pack_max(xs, cnt)), nmt = kd_max(p.mt, pack_max(xt, cnt));
+    kl_rebase<REV>(p.ss, p.st, p.acc, ref_move(p.ms, nms, its), ref_move(p.mt, nmt, itt));
+    if (ce_sep) lse_rebase(s1, ref_move(p.ms, nms, 1.f));
     p.ms = nms;
     p.mt = nmt;
     const float rs = safe_ref(p.ms), rt = safe_ref(p.mt);
@@ -262,30 +263,26 @@ __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
     for (int k = 0; k < PACK; ++k) {
       if (k < cnt) {
         if (K == MIXTURE) {
-          lse_add(zs[k], rs, p.ss);
-          lse_add(zt[k], rt, p.st);
+          lse_add(xs[k], rs, its, p.ss);
+          lse_add(xt[k], rt, itt, p.st);
         } else {
-          kl_add<REV>(zs[k], zt[k], rs, rt, p.ss, p.st, p.acc);
+          kl_add<REV>(xs[k], xt[k], rs, rt, its, itt, p.ss, p.st, p.acc);
         }
+        if (ce_sep) lse_add(xs[k], rs, s1);
       }
     }
-    if (ce_sep) {  // T = 1 statistics of s for the CE term
-      float z1[PACK];
-      load_any(sr + i, cnt, 1.f, z1);
-      const float nm1 = kd_max(m1, pack_max(z1, cnt));
-      lse_rebase(s1, ref_move(m1, nm1));
-      m1 = nm1;
-      const float r1 = safe_ref(m1);
-#pragma unroll
-      for (int k = 0; k < PACK; ++k)
-        if (k < cnt) lse_add(z1[k], r1, s1);
-    }
   });
-  p = block_merge_kl<REV>(p);
-  if (ce_sep) block_merge_lse(m1, s1);
+  // a NaN logit may have been dropped by the pack maxima (fmax-like), never by the sums
+  // (exp(NaN) = NaN): mark the side's maximum NaN, as the table's contract says, once per
+  // thread; the merges below keep it (kd_max_nan)
+  if (p.ss != p.ss) p.ms = NAN;
+  if (p.st != p.st) p.mt = NAN;
+  float m1 = p.ms;
+  p = block_merge_kl<REV>(p, its, itt);
+  if (ce_sep) block_merge_lse(m1, s1, 1.f);
   if (threadIdx.x == 0) {
     out[0] = p.ms, out[1] = p.ss, out[2] = p.mt, out[3] = p.st, out[4] = p.acc;
-    out[5] = m1, out[6] = s1;
+    out[5] = p.ms, out[6] = s1;
   }
 }
 
@@ -300,7 +297,7 @@ __global__ void kd_finalize_kernel(
     float* __restrict__ stats,            // (N, NSTAT) out
     float* __restrict__ loss,             // (N,) out, or nullptr (a range's statistics)
     int64_t n, int64_t v, int64_t offset, int splits, bool ce, bool ce_sep,
-    int64_t ignore_index, float kd_scale, float ce_weight) {
+    int64_t ignore_index, float its, float itt, float kd_scale, float ce_weight) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n) return;
@@ -317,14 +314,14 @@ __global__ void kd_finalize_kernel(
     const float* q = part + (row * splits + k) * NPART;
     KLPart<float> o;
     o.ms = q[0], o.ss = q[1], o.mt = q[2], o.st = q[3], o.acc = q[4];
-    p = kl_merge<REV>(p, o);
-    if (ce_sep) lse_merge(m1, s1, q[5], q[6]);
+    p = kl_merge<REV>(p, o, its, itt);
+    if (ce_sep) lse_merge(m1, s1, q[5], q[6], 1.f);
   }
   st[ST_MS] = p.ms;
   st[ST_LS] = kd_log(p.ss);
   st[ST_MT] = p.mt;
   st[ST_LT] = kd_log(p.st);
-  st[ST_M1] = ce_sep ? m1 : p.ms;
+  st[ST_M1] = p.ms;  // raw: the same maximum at any temperature
   st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
   const int64_t col = lab - offset;  // the label's column in the range
   st[ST_LABEL] = labels && col >= 0 && col < v ? to_f(s[row * v + col]) : 0.f;
@@ -334,8 +331,10 @@ __global__ void kd_finalize_kernel(
     const float d = kl_value<REV>(p.ss, p.st, p.acc);
     st[ST_DIV] = d;
     float l = kd_scale * d;
-    if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
-    loss[row] = l;
+    // CE = (m1 - s[label]) + l1: the close pair first (exact at |s| ~ 1e4)
+    if (ce) l += ce_weight * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+    // a NaN, a +inf or no finite logit on a side: NaN (kd_math.h's non-finite policy)
+    loss[row] = row_has_softmax(p.ms, p.mt) ? l : NAN;
   }
 }
 
@@ -354,20 +353,20 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   if (labels && labels[row] == ignore_index) return;
   const float* st = stats + row * NSTAT;
-  // lq = (zs - ms) - log Ss: never through a rounded lse (cancellation at |z| ~ 1e4)
+  // lq = (s - ms) / Ts - log Ss: never through a rounded lse (cancellation at |s| ~ 1e4)
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
   const TS* sr = s + row * v;
   const TT* tr = t + row * v;
   float sa = 0.f, sb = 0.f, suq = 0.f, sup = 0.f;
   for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
-    float zs[PACK], zt[PACK];
-    load_any(sr + i, cnt, its, zs);
-    load_any(tr + i, cnt, itt, zt);
+    float xs[PACK], xt[PACK];
+    load_any(sr + i, cnt, xs);
+    load_any(tr + i, cnt, xt);
 #pragma unroll
     for (int k = 0; k < PACK; ++k)
       if (k < cnt) {
-        const float lq = (zs[k] - ms) - ls, lp = (zt[k] - mt) - lt;
+        const float lq = (xs[k] - ms) * its - ls, lp = (xt[k] - mt) * itt - lt;
         mix_add(lq, lp, c, sa, sb, suq, sup);
         if (unit_sums && c.unit_u) {  // u = 1: the range's sum q u is its sum of q
           suq += kd_exp(lq);
@@ -405,8 +404,8 @@ __global__ void kd_mix_finalize_kernel(
   st[ST_DIV] = a, st[ST_B] = bb, st[ST_UQ] = unit_u ? 1.f : uq, st[ST_UP] = unit_u ? 1.f : up;
   const float d = (coef_p != 0.f ? coef_p * a : 0.f) + (coef_q != 0.f ? coef_q * bb : 0.f);
   float l = kd_scale * d;
-  if (ce) l += ce_weight * ((st[ST_M1] + st[ST_L1]) - st[ST_LABEL]);
-  loss[row] = l;
+  if (ce) l += ce_weight * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+  loss[row] = row_has_softmax(st[ST_MS], st[ST_MT]) ? l : NAN;
 }
 
 // A thread per row: the mixture's pass-2 sums of a range, the splits added in order.
@@ -434,7 +433,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
     const float* __restrict__ stats,      // (N, NSTAT) the rows' global finished statistics
     TS* gs,                               // (N, V) grad of s out
     TT* __restrict__ gt,                  // (N, V) grad of t out, or nullptr
-    int64_t v, int64_t offset, int64_t chunk, float its, float itt, bool ce, bool ce_sep,
+    int64_t v, int64_t offset, int64_t chunk, float its, float itt, bool ce,
     int64_t ignore_index, float kd_scale, float ce_weight, float mix, float coef_p,
     float coef_q) {
   constexpr bool REV = K == REVERSE_KL;
@@ -467,14 +466,13 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
   const float D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
   for_elements(b, e, h, [&](int64_t i, int cnt) {
-    float zs[PACK], zt[PACK], z1[PACK], os[PACK], ot[PACK];
-    load_any(sr + i, cnt, its, zs);
-    load_any(tr + i, cnt, itt, zt);
-    if (ce_sep) load_any(sr + i, cnt, 1.f, z1);
+    float xs[PACK], xt[PACK], os[PACK], ot[PACK];
+    load_any(sr + i, cnt, xs);
+    load_any(tr + i, cnt, xt);
 #pragma unroll
     for (int k = 0; k < PACK; ++k) {
       if (k < cnt) {
-        const float lq = (zs[k] - ms) - ls, lp = (zt[k] - mt) - lt;
+        const float lq = (xs[k] - ms) * its - ls, lp = (xt[k] - mt) * itt - lt;
         float a, bt;
         if (K == MIXTURE) {
           mix_grad(lq, lp, c, D, B, Uq, Up, a, bt);
@@ -482,10 +480,8 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
           kl_grad<REV>(lq, lp, D, a, bt);
         }
         a *= cs;
-        if (ce) {
-          const float x1 = ce_sep ? z1[k] : zs[k];
-          a += cce * ce_grad(x1, m1, l1, (i + k == lab - offset) ? 1.f : 0.f);
-        }
+        // softmax(s) at T = 1 from the raw logit and the T = 1 pair (M1 = MS, raw)
+        if (ce) a += cce * ce_grad(xs[k], m1, l1, (i + k == lab - offset) ? 1.f : 0.f);
         os[k] = a;
         ot[k] = bt * ct;
       }
@@ -568,20 +564,22 @@ __global__ void __launch_bounds__(THREADS) softmax_kernel(const T* __restrict__ 
                                                           int64_t v, float inv_t, bool log) {
   const T* xr = x + int64_t(blockIdx.x) * v;
   T* yr = y + int64_t(blockIdx.x) * v;
-  float m = kd_neg_inf<float>(), sum = 0.f;
+  float m = kd_neg_inf<float>(), sum = 0.f;  // raw maximum, sum exp((x - m) / T)
   for (int64_t i = threadIdx.x; i < v; i += THREADS) {
-    const float z = to_f(xr[i]) * inv_t;
-    const float nm = kd_max(m, z);
-    lse_rebase(sum, ref_move(m, nm));
+    const float x = to_f(xr[i]);
+    const float nm = kd_max_nan(m, x);
+    lse_rebase(sum, ref_move(m, nm, inv_t));
     m = nm;
-    lse_add(z, safe_ref(m), sum);
+    lse_add(x, safe_ref(m), inv_t, sum);
   }
-  block_merge_lse(m, sum);
-  __shared__ float lse;
-  if (threadIdx.x == 0) lse = safe_ref(m) + kd_log(sum);
+  block_merge_lse(m, sum, inv_t);
+  __shared__ float ref, lsum;
+  // a row with a NaN, a +inf or nothing finite (m not finite) has no softmax: NaN throughout
+  if (threadIdx.x == 0) ref = safe_ref(m), lsum = kd_finite(m) ? kd_log(sum) : NAN;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < v; i += THREADS) {
-    const float l = to_f(xr[i]) * inv_t - lse;
+    // (x - m) / T - log S: the raw difference first (kd_math.h)
+    const float l = (to_f(xr[i]) - ref) * inv_t - lsum;
     yr[i] = T(log ? l : kd_exp(l));
   }
 }
@@ -716,7 +714,8 @@ void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, c
       KD_CUDA_CHECK(cudaGetLastError());
       kd_finalize_kernel<K, TS><<<fin_blocks, 128, 0, stream>>>(
           sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v, offset,
-          sp_.splits, ce, ce_sep, pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight));
+          sp_.splits, ce, ce_sep, pr.ignore_index, float(pr.inv_ts), float(pr.inv_tt),
+          float(pr.kd_scale), float(pr.ce_weight));
       KD_CUDA_CHECK(cudaGetLastError());
       if constexpr (K == MIXTURE) {
         if (lossp) {
@@ -770,7 +769,6 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
   const bool ce = pr.ce_weight != 0 && lab != nullptr;
-  const bool ce_sep = ce && pr.inv_ts != 1.0;
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
   dispatch_pair(s, t, [&](auto sz, auto tz) {
     using TS = decltype(sz);
@@ -780,7 +778,7 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
       kd_grad_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
           grad, static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()),
           lab, stats.data_ptr<float>(), static_cast<TS*>(gs), static_cast<TT*>(gt), v, offset,
-          sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, ce_sep, pr.ignore_index,
+          sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, pr.ignore_index,
           float(pr.kd_scale), float(pr.ce_weight), float(pr.mix), float(pr.coef_p),
           float(pr.coef_q));
       KD_CUDA_CHECK(cudaGetLastError());

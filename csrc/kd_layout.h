@@ -10,18 +10,18 @@ namespace kd {
 
 // Columns of the (N, NSTAT) statistics table of a column range (kdkernels/_stats.py).
 enum Stat : int {
-  ST_MS = 0,  // student: max of zs over the range (-inf when none is finite)
-  ST_LS,      // student: log sum exp(zs - ms)
-  ST_MT,      // teacher: max of zt
-  ST_LT,      // teacher: log sum exp(zt - mt)
-  ST_M1,      // student at T = 1 (cross-entropy): max of s
+  ST_MS = 0,  // student: max of the RAW logits s over the range (-inf when none is finite)
+  ST_LS,      // student: log sum exp((s - ms) / Ts)
+  ST_MT,      // teacher: max of the raw logits t
+  ST_LT,      // teacher: log sum exp((t - mt) / Tt)
+  ST_M1,      // student at T = 1 (cross-entropy): max of s (= ST_MS: maxima are raw)
   ST_L1,      // log sum exp(s - m1)
   ST_LABEL,   // s[label] when the label falls in the range, else 0
   ST_DIV,     // KL kinds: D (finished); mixture: A = sum p (lp - lm)
   ST_B,       // mixture: B = sum q (lq - lm)
   ST_UQ,      // mixture: sum q u
   ST_UP,      // mixture: sum p u
-  ST_ACC,     // KL kinds: sum e^(zw - mw) ((zw - mw) - (zo - mo)) over the range
+  ST_ACC,     // KL kinds: sum e^(zw') (zw' - zo') over the range, z' = (x - m) / T
   NSTAT
 };
 

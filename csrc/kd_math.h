@@ -1,18 +1,41 @@
 // kd_math.h: the math of every kdkernels loss, shared by the CPU kernel (kd_cpu.cpp) and the
 // CUDA kernels (kd_cuda.cu). The formulas live here and nowhere else.
 //
+// Non-finite inputs, one policy for every divergence and backend (kdkernels/reference.py and
+// kdkernels/_stats.py follow it too), as PyTorch's log_softmax behaves:
+//   - a NaN or a +inf logit in a row (student or teacher) makes the row's loss NaN;
+//   - a row whose student or teacher logits are all -inf has no softmax: its loss is NaN;
+//   - -inf entries of a row that has finite ones are exact: padding (-inf in both) adds 0,
+//     q = 0 where p > 0 makes forward KL +inf (the true value), mixtures stay finite;
+//   - an ignored row (label == ignore_index) gives 0 and a gradient of exactly 0, whatever
+//     its logits;
+//   - softmax / log_softmax of a row with a NaN, a +inf or nothing but -inf is NaN.
+// How: a side's running maximum of the raw logits is NaN once a NaN is seen (kd_max_nan, per
+// tile, pack or merge: a flag per row, never a test per element) and +inf once a +inf is, so
+// the statistics table's maxima carry the row's state: a row whose student or teacher
+// maximum is not finite (NaN, +inf, or -inf: nothing finite) gets the loss NaN when it is
+// finished (row_has_softmax). The element masks below (where(weight > 0, ...)) and clamps
+// may drop a NaN element; they never decide the loss of such a row.
+//
 // One row (q = softmax(zs) student, p = softmax(zt) teacher, zs = s / Ts, zt = t / Tt):
 //
-//   Online statistics. A side x in {s, t} keeps a reference m_x (the largest logit seen so far)
-//   and S_x = sum exp(z_x - m_x), so lse_x = m_x + log S_x. When the reference moves from m to
-//   m' >= m, every exp(z - m) gets the factor c = exp(m - m') and every shifted logit (z - m)
-//   the additive change delta = m - m' (ref_move). A reference of -inf means "nothing finite
-//   seen": sums are 0 and are reset, never multiplied by exp(inf) or shifted by inf - inf.
+//   Online statistics. A side x in {s, t} keeps a reference m_x, the largest RAW logit seen so
+//   far (the statistics table's maxima are raw, kdkernels/_stats.py), and
+//   S_x = sum exp((x - m_x) / T_x), so lse_x = m_x / T_x + log S_x. Every shifted logit is
+//   formed as (x - m) * inv_t: the difference first, exact near the maximum where the mass
+//   is, then the scale, so log-probabilities keep full precision at |x| ~ 1e4 for any T
+//   (x / T - m / T would carry a rounding of |x / T| into every probability). Below, "z - m"
+//   stands for that scaled difference. When the reference moves from m to m' >= m, every
+//   exp((x - m) / T) gets the factor c = exp((m - m') / T) and every shifted logit the
+//   additive change delta = (m - m') / T (ref_move). A reference of -inf means "nothing
+//   finite seen": sums are 0 and are reset, never multiplied by exp(inf) or shifted by
+//   inf - inf.
 //
 //   forward_kl  D = sum p (lp - lq),  lp - lq = (zt - mt) - (zs - ms) - log St + log Ss
 //               so D = acc / St - log St + log Ss with acc = sum e_t ((zt - mt) - (zs - ms)),
-//               e_t = exp(zt - mt). acc sums SHIFTED differences (no cancellation against lse:
-//               logits of +-1e4 keep full precision). When refs move:
+//               e_t = exp(zt - mt) (shifted logits as above). acc sums SHIFTED differences
+//               (no cancellation against lse: logits of +-1e4 keep full precision). When
+//               refs move:
 //               acc' = c_t (acc + (delta_t - delta_s) St)                       (kl_rebase)
 //               dD/dzs = q - p,   dD/dzt = p (lp - lq - D)
 //   reverse_kl  the same with the roles of s and t swapped:
@@ -77,6 +100,20 @@ KD_HD double kd_clamp(double x, double lo, double hi) {
   return x < hi ? x : hi;
 }
 
+// max(a, b) that is NaN when a or b is: for the running maxima, which carry a NaN logit
+// into the statistics table (see the non-finite policy above); scalars only, once per tile,
+// pack or merge.
+template <class S>
+KD_HD S kd_max_nan(S a, S b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// -inf < x < +inf (false for NaN)
+template <class S>
+KD_HD bool kd_finite(S x) {
+  return x > S(-INFINITY) && x < S(INFINITY);
+}
+
 // log(1 + x) for x in [0, 1] without a general log or a division: x * P(x), P the degree-8
 // least-squares Chebyshev fit of log1p(x) / x on [0, 1] (max error 2.2e-8; evaluated in
 // float32, 1.4e-7 absolute = 2 ulps of log 2, and exact at 0). Used by the mixture
@@ -108,23 +145,24 @@ KD_HD S kd_neg_inf() {
 
 // ---- online statistics -------------------------------------------------------------------
 
-// How sums taken against reference `from` change when it moves to `to` (to >= from).
+// How sums taken against raw reference `from` change when it moves to `to` (to >= from), for
+// a side of inverse temperature inv_t.
 template <class S>
 struct RefMove {
-  S scale;  // exp(from - to): factor of every exp(z - from)
-  S delta;  // from - to: change of every shifted logit z - from
+  S scale;  // exp((from - to) inv_t): factor of every exp((x - from) inv_t)
+  S delta;  // (from - to) inv_t: change of every shifted logit (x - from) inv_t
 };
 
 template <class S>
-KD_HD RefMove<S> ref_move(S from, S to) {
+KD_HD RefMove<S> ref_move(S from, S to, S inv_t) {
   RefMove<S> r;
   if (from == to || from == kd_neg_inf<S>()) {
     // nothing moved, or nothing was accumulated: keep (or reset) without inf arithmetic
     r.scale = from == to ? S(1) : S(0);
     r.delta = S(0);
   } else {
-    r.scale = kd_exp(from - to);
-    r.delta = from - to;
+    r.delta = (from - to) * inv_t;
+    r.scale = kd_exp(r.delta);
   }
   return r;
 }
@@ -136,15 +174,22 @@ KD_HD S safe_ref(S m) {
   return m == kd_neg_inf<S>() ? S(0) : m;
 }
 
-// Running (sum exp(z - m)) of one side after its reference moved.
+// Running (sum exp((x - m) inv_t)) of one side after its reference moved.
 template <class W, class S>
 KD_HD void lse_rebase(W& sum, RefMove<S> r) {
   sum = sum * W(r.scale);
 }
 
+// One raw logit x (element or lane) into sum exp((x - m) inv_t); m a safe reference >= x.
 template <class W>
-KD_HD void lse_add(W z, W m, W& sum) {
-  sum = sum + kd_exp(z - m);
+KD_HD void lse_add(W x, W m, W inv_t, W& sum) {
+  sum = sum + kd_exp((x - m) * inv_t);
+}
+
+// The same at T = 1 (cross-entropy's statistics).
+template <class W>
+KD_HD void lse_add(W x, W m, W& sum) {
+  sum = sum + kd_exp(x - m);
 }
 
 // c * acc for the weighting side's factor c, except that c = 0 (the factor underflowed, or
@@ -170,11 +215,13 @@ KD_HD void kl_rebase(W& ss, W& st, W& acc, RefMove<S> rs, RefMove<S> rt) {
   st = st * W(rt.scale);
 }
 
-// One element (or lane) into the running KL state; ms, mt are safe references >= zs, zt.
+// One element (or lane) of raw logits xs, xt into the running KL state; ms, mt are safe
+// references >= xs, xt; its, itt the inverse temperatures. One subtraction and one
+// multiplication per logit: (x - m) * inv_t.
 template <bool REVERSE, class W>
-KD_HD void kl_add(W zs, W zt, W ms, W mt, W& ss, W& st, W& acc) {
-  W ds = zs - ms;
-  W dt = zt - mt;
+KD_HD void kl_add(W xs, W xt, W ms, W mt, W its, W itt, W& ss, W& st, W& acc) {
+  W ds = (xs - ms) * its;
+  W dt = (xt - mt) * itt;
   W es = kd_exp(ds);
   W et = kd_exp(dt);
   ss = ss + es;
@@ -200,13 +247,13 @@ KD_HD KLPart<S> kl_part_empty() {
   return p;
 }
 
-// Exact merge of two partial states: move both to the larger references, then add.
+// Exact merge of two partial states: move both to the larger (raw) references, then add.
 template <bool REVERSE, class S>
-KD_HD KLPart<S> kl_merge(KLPart<S> a, KLPart<S> b) {
-  S ms = kd_max(a.ms, b.ms);
-  S mt = kd_max(a.mt, b.mt);
-  kl_rebase<REVERSE>(a.ss, a.st, a.acc, ref_move(a.ms, ms), ref_move(a.mt, mt));
-  kl_rebase<REVERSE>(b.ss, b.st, b.acc, ref_move(b.ms, ms), ref_move(b.mt, mt));
+KD_HD KLPart<S> kl_merge(KLPart<S> a, KLPart<S> b, S its, S itt) {
+  S ms = kd_max_nan(a.ms, b.ms);
+  S mt = kd_max_nan(a.mt, b.mt);
+  kl_rebase<REVERSE>(a.ss, a.st, a.acc, ref_move(a.ms, ms, its), ref_move(a.mt, mt, itt));
+  kl_rebase<REVERSE>(b.ss, b.st, b.acc, ref_move(b.ms, ms, its), ref_move(b.mt, mt, itt));
   KLPart<S> r;
   r.ms = ms;
   r.mt = mt;
@@ -216,12 +263,19 @@ KD_HD KLPart<S> kl_merge(KLPart<S> a, KLPart<S> b) {
   return r;
 }
 
-// Exact merge of two (m, sum) pairs of one side.
+// Exact merge of two (raw m, sum) pairs of one side of inverse temperature inv_t.
 template <class S>
-KD_HD void lse_merge(S& m, S& sum, S m2, S sum2) {
-  S mm = kd_max(m, m2);
-  sum = sum * ref_move(m, mm).scale + sum2 * ref_move(m2, mm).scale;
+KD_HD void lse_merge(S& m, S& sum, S m2, S sum2, S inv_t) {
+  S mm = kd_max_nan(m, m2);
+  sum = sum * ref_move(m, mm, inv_t).scale + sum2 * ref_move(m2, mm, inv_t).scale;
   m = mm;
+}
+
+// Whether a row with these (raw) student and teacher maxima has both softmaxes: both finite.
+// Else its loss is NaN (the non-finite policy above).
+template <class S>
+KD_HD bool row_has_softmax(S ms, S mt) {
+  return kd_finite(ms) && kd_finite(mt);
 }
 
 // D from the merged state: forward acc / St - log St + log Ss, reverse symmetric.

@@ -27,26 +27,38 @@ and this module, once for all of them:
 So a whole row is one partial; the vocab-parallel path (distributed.py) is a partial per
 rank, an all_gather of the tables and merge_all; the mixture then all-reduces mix_partial.
 
-Columns (float32, float64 for float64 logits). z = logit / T for the side's temperature; a
-side's maximum m and log-sum l (the pair, never one rounded logsumexp m + l):
+Columns (float32, float64 for float64 logits). A side's maximum m of its RAW logits x and
+log-sum l of its scaled, shifted logits (the pair, never one rounded logsumexp):
 
-    MS, LS   student: m = max zs over the range (-inf when none is finite),
-             l = log sum exp(zs - m) (-inf for an empty range)
-    MT, LT   teacher, the same over zt
-    M1, L1   the student at T = 1 for cross-entropy (copies of MS, LS when inv_ts == 1)
+    MS, LS   student: m = max s over the range (-inf when none is finite; NaN when the
+             range holds a NaN, else +inf when it holds a +inf, as torch.amax),
+             l = log sum exp((s - m) / Ts) (-inf for an empty range)
+    MT, LT   teacher, the same with t and Tt
+    M1, L1   the student at T = 1 for cross-entropy: max s and log sum exp(s - m)
+             (copies of MS, LS when inv_ts == 1)
+
+The maxima are raw so that every shifted logit is formed as (x - m) / T, exact near the
+maximum whatever T: log p = (x - m) / T - l keeps full precision at |x| ~ 1e4, where
+x / T - m / T would carry a rounding of |x / T| into every probability.
     LABEL    s[label] (raw logit) when the label falls in the range, else 0
     DIV      KL kinds: D, the row's divergence (set by finish); mixture: A = sum p (lp - lm)
     B, UQ, UP  mixture: sum q (lq - lm), sum q u, sum p u (see _spec.py)
-    ACC      KL kinds: acc = sum e^(zw - mw) ((zw - mw) - (zo - mo)) over the range, against
+    ACC      KL kinds: acc = sum e^(zw') (zw' - zo') over the range, z' = (x - m) / T against
              the range's own maxima; w is the weighting side (teacher for forward KL, student
              for reverse), o the other. D = acc / e^lw - lw + lo.
 
 The merge of two ranges moves each to the larger maxima M: l' = logaddexp over the pair with
-shifts dm = m - M (0 when m == M, -inf for an empty side), and the accumulator
+shifts dm = (m - M) / T (0 when m == M, -inf for an empty side), and the accumulator
     acc' = e^(dw) (acc + e^(lw) (dw - do))
 (every shifted difference (z - m) becomes (z - M) - dm). A range whose weighting mass is 0, or
 whose factor e^(dw) underflows, contributes 0 (as its probabilities underflow to 0 in the
 unsplit reference), even when its acc is +inf: never 0 * inf. NaN stays NaN.
+
+Non-finite inputs (the policy of every backend, csrc/kd_math.h): the maxima carry a row's
+state through partials and merges (torch.maximum keeps NaN and +inf), and finish gives NaN
+to a row whose merged student or teacher maximum is not finite: a NaN or a +inf logit, or no
+finite logit at all (no softmax). -inf entries of a row with finite ones are exact (padding
+adds 0; forward KL is +inf where q = 0 < p). Ignored rows are 0 whatever their logits.
 """
 
 from __future__ import annotations
@@ -108,9 +120,11 @@ def merge(a: torch.Tensor, b: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """The statistics of the union of two disjoint column ranges, exactly."""
     out = torch.empty_like(a)
     shifts = {}
+    inv_t = {Col.MS: spec.inv_ts, Col.MT: spec.inv_tt, Col.M1: 1.0}
     for m, l in PAIRS:
         big = torch.maximum(a[:, m], b[:, m])
-        da, db = _shift(a[:, m], big), _shift(b[:, m], big)
+        # shifts of the scaled logits: raw differences, then the scale
+        da, db = _shift(a[:, m], big) * inv_t[m], _shift(b[:, m], big) * inv_t[m]
         out[:, m] = big
         out[:, l] = torch.logaddexp(a[:, l] + da, b[:, l] + db)
         shifts[m] = (da, db)
@@ -139,8 +153,9 @@ def merge_all(parts: torch.Tensor, spec: LossSpec) -> torch.Tensor:
 
 def finish(stats: torch.Tensor, labels, spec: LossSpec, mix_sums=None):
     """(row losses (N,), finished stats) from merged statistics; for the mixture,
-    `mix_sums` is the (N, 4) merged output of mix_partial. Ignored rows are 0 (a where,
-    so non-finite logits of an ignored row never reach the loss)."""
+    `mix_sums` is the (N, 4) merged output of mix_partial. A row whose student or teacher
+    maximum is not finite (a NaN or +inf logit, or none finite) is NaN; ignored rows are 0
+    (a where, so non-finite logits of an ignored row never reach the loss)."""
     stats = stats.clone()
     div = spec.div
     if div.kind == "mixture":
@@ -163,6 +178,9 @@ def finish(stats: torch.Tensor, labels, spec: LossSpec, mix_sums=None):
         # is likely), so their difference is exact where m1 + l1 would round at |s| ~ 1e4
         ce = (stats[:, Col.M1] - stats[:, Col.LABEL]) + stats[:, Col.L1]
         loss = loss + spec.ce_weight * ce
+    # one test per row, whatever the element masks of the backends dropped
+    has_softmax = stats[:, Col.MS].isfinite() & stats[:, Col.MT].isfinite()
+    loss = torch.where(has_softmax, loss, torch.nan)
     if labels is not None:
         loss = torch.where(labels != spec.ignore_index, loss, 0.0)
     return loss, stats

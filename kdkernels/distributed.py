@@ -341,7 +341,7 @@ class ShardedSoftmax(torch.autograd.Function):
                     x[i : i + step], inv_t)
             pairs = _all_gather(local, group)  # (W, n, 2)
             m = pairs[:, :, 0].amax(0)
-            shift = torch.where(pairs[:, :, 0] == m, 0.0, pairs[:, :, 0] - m)
+            shift = torch.where(pairs[:, :, 0] == m, 0.0, pairs[:, :, 0] - m) * inv_t
             lse_rest = torch.logsumexp(pairs[:, :, 1] + shift, 0)
             for i in range(0, n if v else 0, step):
                 z = reference.log_probs(x[i : i + step], inv_t, m[i : i + step],

@@ -26,6 +26,19 @@ For jsd (cp = a, cq = 1-a) u = 1 and the second term vanishes, leaving DESIGN.md
 q u and p u are formed as exp of log-space sums, so they never overflow or give 0 * inf.
 
 Entries that are -inf in both logits (vocab padding) have p = q = 0 and contribute 0.
+
+Non-finite inputs (the policy of every impl; csrc/kd_math.h states it for the kernels), as
+PyTorch's log_softmax behaves:
+  - a NaN or a +inf logit in a row (student or teacher) makes the row's loss NaN;
+  - a row whose student or teacher logits are all -inf has no softmax: its loss is NaN;
+  - -inf entries of a row that has finite ones are exact: padding (-inf in both) adds 0,
+    q = 0 where p > 0 makes forward KL +inf (the true value), mixtures stay finite;
+  - an ignored row (label == ignore_index) gives 0 and a gradient of exactly 0, whatever
+    its logits;
+  - softmax / log_softmax of a row with a NaN, a +inf or nothing but -inf is NaN.
+The element masks below (where(w > 0, ...), the lean KL path's nan_to_num) exist for padding
+and may drop a NaN element; the row's loss is decided once per row instead, by _stats.finish
+from the row maxima (amax keeps NaN and +inf; -inf means nothing finite).
 Chain rule: d/ds = dD/dzs / Ts, d/dt = dD/dzt / Tt.
 Cross-entropy (T = 1): CE = logsumexp(s) - s[label], dCE/ds = softmax(s) - onehot(label).
 """
@@ -151,24 +164,24 @@ def divergence_grads(lq, lp, div, saved, need_teacher: bool):
 
 
 def _shift(x, inv_t, out=None):
-    """(z - m, m) of a chunk: z = x / T shifted by its row maximum m (in z units).
+    """((x - m) / T, m) of a chunk: the logits shifted by their row maximum m (raw units,
+    the statistics table's maxima) and scaled.
 
-    The maximum is taken on the raw logits and the difference formed before the scaling,
-    (x - max x) / T: exact near the maximum, where the probability mass is, so log-probs
-    (z - m) - log sum e^(z - m) keep full precision even at |x| ~ 1e4. A row with nothing
-    finite gets m = -inf and is shifted by 0 (never -inf - -inf).
+    The difference is formed before the scaling, (x - max x) / T: exact near the maximum,
+    where the probability mass is, so log-probs (z - m) - log sum e^(z - m) keep full
+    precision at |x| ~ 1e4 for any T (x / T - max x / T would carry a rounding of |x / T|).
+    A row with nothing finite gets m = -inf and is shifted by 0 (never -inf - -inf).
     """
     m = x.amax(-1).to(acc_dtype(x.dtype))
-    finite = m > -math.inf
-    z = torch.sub(x, torch.where(finite, m, 0.0)[:, None], out=out).mul_(inv_t)
-    return z, m * inv_t
+    z = torch.sub(x, torch.where(m > -math.inf, m, 0.0)[:, None], out=out).mul_(inv_t)
+    return z, m
 
 
 def log_probs(x, inv_t, m, r, out=None):
-    """Log-probabilities x / T - m - r of a chunk given a (max, log-sum) pair in z units;
-    the pair is subtracted in two steps, never as one rounded logsumexp."""
+    """Log-probabilities (x - m) / T - r of a chunk given a (max, log-sum) pair (m in raw
+    units); the pair is subtracted in two steps, never as one rounded logsumexp."""
     z = x.to(m.dtype, copy=True) if out is None else out.copy_(x)
-    return z.mul_(inv_t).sub_(torch.where(m > -math.inf, m, 0.0)[:, None]).sub_(r[:, None])
+    return z.sub_(torch.where(m > -math.inf, m, 0.0)[:, None]).mul_(inv_t).sub_(r[:, None])
 
 
 def _label_logits(s, labels, spec, offset):

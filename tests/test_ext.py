@@ -249,6 +249,45 @@ def test_partial_of_padding_and_of_zero_probability_columns(divergence):
     assert loss[2] == math.inf if divergence == "forward_kl" else math.isfinite(loss[2])
 
 
+def test_partial_maxima_are_raw():
+    # the table's maxima are those of the RAW logits at any temperature (kdkernels/_stats.py),
+    # the log-sums those of the scaled differences (x - m) / T
+    s, t = logits((3, 50), scale=3.0), logits((3, 50), scale=3.0)
+    spec = range_spec("forward_kl", 2.0, 0.7)
+    part = ext.partial(s, t, torch.tensor([1, 2, 3]), spec, 0)
+    ms, mt = s.amax(1), t.amax(1)
+    for col, want in ((Col.MS, ms), (Col.MT, mt), (Col.M1, ms)):
+        assert torch.equal(part[:, col], want)
+    torch.testing.assert_close(part[:, Col.LS], torch.logsumexp((s - ms[:, None]) / 2.0, 1))
+    torch.testing.assert_close(part[:, Col.LT], torch.logsumexp((t - mt[:, None]) / 0.7, 1))
+    torch.testing.assert_close(part[:, Col.L1], torch.logsumexp(s - ms[:, None], 1))
+
+
+@pytest.mark.parametrize("case", ["nan", "posinf", "neginf-row"])
+@pytest.mark.parametrize("divergence", RANGE_DIVS)
+def test_partial_carries_non_finite_rows(divergence, case):
+    # a NaN or a +inf logit in one range, or a student row that is -inf in every range: the
+    # ranges' maxima carry it through the merge, and the row is NaN (kd_math.h's policy), as
+    # the whole-row op says; the NaN sits in the second of four 1024-column tiles
+    v = 4096
+    s, t = logits((3, v)), logits((3, v))
+    if case == "nan":
+        t[1, 1500] = math.nan
+    elif case == "posinf":
+        s[1, 1500] = math.inf
+    else:
+        s[1] = -math.inf
+    lab = torch.tensor([4, 25, 3000])
+    spec = range_spec(divergence, 2.0, 0.7)
+    whole, _ = torch.ops.kdkernels.kd_forward(s, t, lab, *spec.as_args())
+    part = ext.partial(s, t, lab, spec, 0)
+    assert not (part[1, Col.MS].isfinite() and part[1, Col.MT].isfinite())
+    ranged, _ = ranged_stats(s, t, lab, spec, ((0, 1000), (1000, 2000), (2000, v)))
+    for loss in (whole, ranged):
+        assert loss[1].isnan() and torch.isfinite(loss[[0, 2]]).all(), loss
+    torch.testing.assert_close(ranged[[0, 2]], whole[[0, 2]], rtol=2e-6, atol=2e-6)
+
+
 # The merge of a range whose accumulator is +inf (q = 0 where p > 0) into one whose maximum
 # is far larger: the factor e^(m - M) underflows and the range must contribute 0 (its
 # probabilities underflow to 0 in the unsplit sum), never 0 * inf = NaN, in any order.

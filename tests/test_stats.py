@@ -123,3 +123,51 @@ def test_nan_accumulator_stays_nan():
     b = reference.partial(s[:, 8:], t[:, 8:], None, spec, 8)
     loss, _ = _stats.finish(_stats.merge(a, b, spec), None, spec)
     assert loss.isnan().all()
+
+
+NON_FINITE = ("nan-student", "posinf-teacher", "all-neginf-student", "all-neginf-teacher")
+
+
+def _non_finite_row(case):
+    """(s, t, which row holds the case) of 3 rows of width 37; the case is in row 1."""
+    s, t = torch.randn(3, 37), torch.randn(3, 37)
+    if case == "nan-student":
+        s[1, 30] = math.nan
+    elif case == "posinf-teacher":
+        t[1, 12] = math.inf
+    elif case == "all-neginf-student":
+        s[1] = -math.inf
+    else:
+        t[1] = -math.inf
+    return s, t
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_non_finite_row_through_ranges_is_nan(name, case):
+    """The maxima carry a NaN or a +inf logit, and -inf (nothing finite) through partials and
+    merges in any order; finish makes that row NaN, an ignored one 0, and leaves the others."""
+    spec = spec_of(name)
+    s, t = _non_finite_row(case)
+    for labels, want_row in ((torch.tensor([3, 20, 36]), None), (torch.tensor([3, -100, 36]), 0)):
+        for order in (None, (3, 1, 0, 2)):
+            got, _ = split_forward(s, t, labels, spec, SPLITS, order)
+            if want_row is None:
+                assert got[1].isnan(), got
+            else:
+                assert got[1] == 0, got
+            want, _ = reference.forward_stats(s[[0, 2]], t[[0, 2]], labels[[0, 2]], spec)
+            torch.testing.assert_close(got[[0, 2]], want)
+
+
+def test_finish_of_non_finite_maxima():
+    """finish decides from the merged maxima alone: NaN, +inf or -inf (no finite logit) on
+    either side gives NaN whatever the other columns say."""
+    spec = spec_of("forward_kl", ce_weight=0.0)
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    stats = reference.partial(s, t, None, spec)
+    stats[0, Col.MS] = math.nan
+    stats[1, Col.MT] = math.inf
+    stats[2, Col.MS] = -math.inf
+    loss, _ = _stats.finish(stats, None, spec)
+    assert loss[:3].isnan().all() and torch.isfinite(loss[3])
