@@ -19,9 +19,10 @@ teacher gradients) C x V buffers plus what the loss kernel of one chunk needs.
 Scalar reductions compute the gradients in the forward, scaled by the reduction's global
 factor (token_mean: 1 / the non-ignored rows of the WHOLE batch, counted from the labels
 before the first chunk); backward only multiplies them by the upstream scalar (as Liger's
-fused-linear losses do). reduction="none" keeps the inputs and recomputes the chunks in
-backward with the upstream row gradients: a weight gradient is a sum over rows and cannot
-be rescaled row by row afterwards.
+fused-linear losses do). reduction="none" recomputes the chunks in backward with the
+upstream row gradients: a weight gradient is a sum over rows and cannot be rescaled row by
+row afterwards. A second backward through the same graph (retain_graph=True) recomputes
+too: the first one handed its gradients over to autograd.
 
 Chunk rule: C = H // 4 rows, so that one C x V buffer holds a quarter as many elements as
 the weight, clamped so that one buffer in the logits' dtype stays within
@@ -185,46 +186,42 @@ def _run(cfg: _Config, tensors, need, row_weight):
 
 class _LinearKD(torch.autograd.Function):
     """Scalar reductions: gradients computed in forward, scaled by the upstream scalar in
-    backward. reduction="none": forward computes values only; backward recomputes."""
+    backward. reduction="none", and a second backward through the same graph
+    (retain_graph=True): the chunks are recomputed with the upstream gradients."""
 
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, tl, labels, cfg: _Config):
         tensors = (sh, sw, sb, th, tw, tb, tl, labels)
         need = tuple(cfg.grad_enabled and bool(x) for x in ctx.needs_input_grad[:7])
-        ctx.cfg = cfg
+        ctx.cfg, ctx.need = cfg, need
+        # the inputs themselves (no copies), for a backward that recomputes
+        ctx.save_for_backward(*tensors)
         n, v = sh.shape[0], sw.shape[0]
-        lead = (n,)
+        if cfg.reduction == "none":
+            return _run(cfg, tensors, (False,) * 7, None)[0]
         valid = None
         if cfg.reduction == "token_mean":
             ignore = dict(cfg.kd)["ignore_index"]
             count = n if labels is None else (labels != ignore).sum()
             valid = torch.as_tensor(count, dtype=acc_dtype(sh.dtype), device=sh.device)
-        if cfg.reduction == "none":
-            rows, _ = _run(cfg, tensors, (False,) * 7, None)
-            ctx.save_for_backward(*tensors)
-            ctx.need = need
-            return rows
         # the reduction's factor on every row, known before the first chunk
         one = torch.ones((), dtype=acc_dtype(sh.dtype), device=sh.device)
-        factor = _reduce(one, cfg.reduction, valid, cfg.batch, n * v, ())
-        rows, ctx.grads = _run(cfg, tensors, need, factor)
-        return _reduce(rows, cfg.reduction, valid, cfg.batch, n * v, lead)
+        ctx.factor = _reduce(one, cfg.reduction, valid, cfg.batch, n * v, ())
+        rows, grads = _run(cfg, tensors, need, ctx.factor)
+        if any(need):
+            ctx.grads = grads
+        return _reduce(rows, cfg.reduction, valid, cfg.batch, n * v, (n,))
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):
-        cfg = ctx.cfg
-        if cfg.reduction == "none":
-            rows_weight = grad_out.reshape(-1)
-            _, grads = _run(cfg, ctx.saved_tensors, ctx.need, rows_weight)
-            return (*grads, None, None)
         grads = getattr(ctx, "grads", None)
-        if grads is None:
-            raise RuntimeError(
-                "linear_kd_loss: the gradients computed in the forward are consumed by the "
-                "first backward; a second backward through the same loss (retain_graph=True) "
-                "needs reduction='none' or a new forward"
-            )
+        if grads is None:  # reduction="none", or the stored gradients were consumed
+            weight = grad_out.reshape(-1) if ctx.cfg.reduction == "none" else (
+                ctx.factor * grad_out)
+            _, grads = _run(ctx.cfg, ctx.saved_tensors, ctx.need, weight)
+            return (*grads, None, None)
+        # handed over, not kept: autograd can then adopt them as .grad without a copy
         del ctx.grads
         # the common case (loss.backward() of the loss itself) skips the multiplications
         if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
@@ -325,8 +322,8 @@ def linear_kd_loss(
     Gradients reach the student's hidden states, weight and bias, and the teacher's hidden
     states, weight, bias or logits when they require grad (self/online distillation).
     Scalar reductions compute the gradients in the forward (backward scales them by the
-    upstream gradient; a second backward through the same loss is an error);
-    reduction="none" recomputes the chunks in backward (two passes of GEMMs).
+    upstream gradient); reduction="none" recomputes the chunks in backward (two passes of
+    GEMMs), as does a second backward through the same graph.
 
     chunk_size: rows per chunk; default chunk_rows(N, H, V, dtype) (see the module doc).
     """
