@@ -419,7 +419,7 @@ def test_bench_linear_runs(capsys):
             assert (p, div) in providers, out
     assert "|loss - eager|" in out and "time vs the four GEMMs" in out
     # the kd rows' loss and weight-gradient differences from eager (last two columns)
-    kd_rows = [row for row in table if row and row[0] == "kd"]
+    kd_rows = [row for row in table if row and row[0] == "kd" and row[-1] != "..."]
     assert len(kd_rows) == 2 and all(float(r[-2]) < 1e-5 and float(r[-1]) < 1e-5
                                      for r in kd_rows), out
     assert "(not the target shape)" in out and "MISSED" not in out
