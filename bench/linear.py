@@ -2,8 +2,10 @@
 
 Providers, same shapes, same run (teacher frozen, forward + backward):
   gemm_floor   the four GEMMs alone: teacher logits, student logits, grad_hidden = G @ W,
-               grad_W = G^T h (G: an N x V stand-in for the logit gradient). On a CPU they
-               dominate any fused-linear loss: the floor of its time.
+               grad_W = G^T h (G: an N x V stand-in for the logit gradient), the logits
+               written into buffers allocated once, outside the measurement. On a CPU they
+               dominate any fused-linear loss: the floor of its time (its memory column
+               does not count those buffers).
   eager        materialized logits and the F.kl_div line (bench/providers.py eager_loss)
   kd           kd.linear_kd_loss (impl=ext on CPU by default: --impl)
   liger        Liger-Kernel's chunked LigerFusedLinearJSDLoss (jsd only; when installed)
@@ -47,24 +49,26 @@ def make_inputs(n, h, v, dtype, device, seed):
 
 
 class _FourGemms(torch.autograd.Function):
-    """Only the GEMMs: forward the teacher and student logits, backward grad_hidden and
-    grad_W with the student logits standing in for their gradient (values do not matter)."""
+    """Only the GEMMs: forward the teacher and student logits into N x V buffers allocated
+    once (no page faults of fresh buffers in the floor), backward grad_hidden and grad_W with
+    the student logits standing in for their gradient (values do not matter)."""
 
     @staticmethod
-    def forward(ctx, sh, sw, th, tw):
-        th @ tw.T
-        ctx.save_for_backward(sh, sw, sh @ sw.T)
+    def forward(ctx, sh, sw, th, tw, bufs):
+        torch.mm(th, tw.T, out=bufs[1])
+        g = torch.mm(sh, sw.T, out=bufs[0])
+        ctx.save_for_backward(sh, sw, g)
         return sh.new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):
         sh, sw, g = ctx.saved_tensors
-        return g @ sw, g.T @ sh, None, None
+        return g @ sw, g.T @ sh, None, None, None
 
 
-def _gemm_floor(x, divergence, cfg):
+def _gemm_floor(x, divergence, cfg, bufs):
     return _FourGemms.apply(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
-                            x["teacher_weight"])
+                            x["teacher_weight"], bufs)
 
 
 def _eager(x, divergence, cfg):
@@ -96,7 +100,9 @@ def _liger_module(cfg):
 def make_step(provider, divergence, cfg, impl, chunk_size):
     """(step function x -> loss, or None, note)."""
     if provider == "gemm_floor":
-        return _gemm_floor, ""
+        n, v = cfg.n, cfg.v
+        bufs = [torch.empty(n, v, dtype=cfg.dtype, device=cfg.device) for _ in range(2)]
+        return functools.partial(_gemm_floor, bufs=bufs), ""
     if provider == "eager":
         return _eager, ""
     if provider == "kd":

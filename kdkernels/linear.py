@@ -24,9 +24,12 @@ upstream row gradients: a weight gradient is a sum over rows and cannot be resca
 row afterwards. A second backward through the same graph (retain_graph=True) recomputes
 too: the first one handed its gradients over to autograd.
 
-Chunk rule: C = H // 4 rows, so that one C x V buffer holds a quarter as many elements as
-the weight, clamped so that one buffer in the logits' dtype stays within
-[MIN_CHUNK_BYTES, MAX_CHUNK_BYTES], and to [1, N].
+Chunk rule (chunk_rows): at most C = 3H/8 rows, so that the student and teacher C x V
+buffers together hold 3/4 as many elements as one lm_head weight (a softcap whose gradient
+is needed adds a third buffer), clamped so that one buffer in the logits' dtype stays within
+[MIN_CHUNK_BYTES, MAX_CHUNK_BYTES] (GEMMs of a useful height for small heads; a bound for
+huge ones); the N rows are then split into ceil(N / C) chunks of equal size. On a CPU the
+GEMMs of a chunk run faster the taller the chunk is: chunk_size trades memory for time.
 """
 
 from __future__ import annotations
@@ -51,13 +54,17 @@ _KD_OPTIONS = ("divergence", "beta", "skew", "temperature", "teacher_temperature
 
 
 def chunk_rows(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: H // 4, with one chunk x V buffer of `dtype` kept within
-    [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES], and at least 1, at most n_rows (when n_rows > 0)."""
+    """Rows per chunk: at most 3 * H // 8 (the student and teacher chunk buffers together
+    then hold 3/4 as many elements as one lm_head weight), with one chunk x V buffer of
+    `dtype` kept within [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES]; the rows are then split into
+    equal chunks (no short last chunk, whose GEMMs would run at a poor shape)."""
     row_bytes = max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
     lo = max(1, MIN_CHUNK_BYTES // row_bytes)
     hi = max(1, MAX_CHUNK_BYTES // row_bytes)
-    rows = min(max(hidden // 4, lo), hi)
-    return max(1, min(rows, n_rows))
+    most = min(max(3 * hidden // 8, lo), hi)
+    if n_rows <= most:
+        return max(1, n_rows)
+    return -(-n_rows // -(-n_rows // most))  # ceil(n / ceil(n / most))
 
 
 # --------------------------------------------------------------------------------------
@@ -92,21 +99,26 @@ def _capped_logits(out, h, w, b, cap, keep_tanh):
     return keep_tanh
 
 
-def _linear_grads(g, tanh, h, w, grads, i, j):
-    """Back through cap and the linear layer: g (rows, V) is d loss / d cap(z) of rows
-    [i, j); grads = [grad_h, grad_w accumulator, grad_b accumulator] (entries may be None)."""
+def _linear_grads(g, tanh, h, w, row_weight, grads, i, j):
+    """Back through cap and the linear layer for rows [i, j): g (rows, V) is the loss
+    gradient of the capped logits for an upstream gradient of 1 per row, row_weight (rows,)
+    float32 the real one; grads = [grad_h, grad_w accumulator, grad_b accumulator] (entries
+    may be None). The row weights multiply the small side (h, the (rows, H) product), never
+    the (rows, V) gradient."""
     grad_h, grad_w, grad_b = grads
     if tanh is not None:
         g.mul_(tanh.square_().neg_().add_(1.0))  # d/dz c tanh(z/c) = 1 - tanh(z/c)^2
+    rw = row_weight[:, None]
     if grad_h is not None:
-        torch.mm(g, w, out=grad_h[i:j])
+        grad_h[i:j] = torch.mm(g, w) * rw
     if grad_w is not None:
+        hw = (h * rw).to(h.dtype)  # one rounding, as the weighted gradient's would be
         if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.t(), h)
+            grad_w.addmm_(g.t(), hw)
         else:  # low precision: one rounding per chunk, the sum over chunks in float32
-            grad_w.add_(torch.mm(g.t(), h))
+            grad_w.add_(torch.mm(g.t(), hw))
     if grad_b is not None:
-        grad_b.add_(g.sum(0, dtype=grad_b.dtype))
+        grad_b.add_(torch.mv(g.t(), row_weight.to(g.dtype)))
 
 
 def _grad_buffers(h, w, b, need):
@@ -122,7 +134,9 @@ def _grad_buffers(h, w, b, need):
 
 def _run(cfg: _Config, tensors, need, row_weight):
     """Row losses (N,) and, for the inputs flagged in `need`, the gradients of
-    sum(row_weight * rows); row_weight is a 0-d tensor (one factor for every row) or (N,)."""
+    sum(row_weight * rows); row_weight is a 0-d tensor (one factor for every row) or (N,).
+    The loss kernel computes each chunk's gradient for an upstream gradient of 1 per row
+    (in its forward, over the student buffer); the weights are applied by _linear_grads."""
     sh, sw, sb, th, tw, tb, tl, labels = tensors
     n, v = sh.shape[0], sw.shape[0]
     want_s, want_t = any(need[0:3]), any(need[3:7])
@@ -159,22 +173,27 @@ def _run(cfg: _Config, tensors, need, row_weight):
         if not (want_s or want_t):
             rows[i:j] = kd_loss(s, t, lab, reduction="none", **kd)
             continue
-        with torch.enable_grad():
-            # leaves sharing the buffers' memory: the in-place backward writes d/ds over s
-            s_in = s.detach().requires_grad_()
-            t_in = t.detach().requires_grad_(want_t)
-            r = kd_loss(s_in, t_in, lab, reduction="none", inplace_backward=True, **kd)
-            w_rows = row_weight.expand(j - i) if row_weight.dim() == 0 else row_weight[i:j]
-            inputs = (s_in, t_in) if want_t else (s_in,)
-            gs, *gt = torch.autograd.grad(r, inputs, w_rows.to(r.dtype))
+        if want_t:
+            with torch.enable_grad():
+                # leaves sharing the buffers' memory: the in-place backward writes over s
+                s_in = s.detach().requires_grad_()
+                t_in = t.detach().requires_grad_()
+                r = kd_loss(s_in, t_in, lab, reduction="none", inplace_backward=True, **kd)
+                gs, gt = torch.autograd.grad(r, (s_in, t_in), torch.ones_like(r))
+        else:
+            # the forward writes d/ds for an upstream gradient of 1 per row over s
+            r = kd_loss(s, t, lab, reduction="none", inplace_backward=True, **kd)
+            gs = s
         rows[i:j] = r.detach()
+        w_rows = (row_weight.expand(j - i) if row_weight.dim() == 0
+                  else row_weight[i:j]).to(rows.dtype)
         if want_s:
-            _linear_grads(gs, s_th, sh[i:j], sw, s_grads, i, j)
+            _linear_grads(gs, s_th, sh[i:j], sw, w_rows, s_grads, i, j)
         if want_t:
             if tl is None:
-                _linear_grads(gt[0], t_th, th[i:j], tw, t_grads, i, j)
+                _linear_grads(gt, t_th, th[i:j], tw, w_rows, t_grads, i, j)
             else:
-                grad_tl[i:j] = gt[0]
+                grad_tl[i:j] = gt * w_rows[:, None]
 
     def cast(g, like):
         return None if g is None else g.to(like.dtype)

@@ -290,13 +290,21 @@ def test_module():
 
 
 def test_chunk_rule():
-    """H // 4 rows, one buffer within [32 MiB, 512 MiB] of the dtype, within [1, N]."""
+    """At most 3H/8 rows, one buffer within [32 MiB, 512 MiB] of the dtype, equal chunks."""
     f32, bf16 = torch.float32, torch.bfloat16
-    assert linear.chunk_rows(2048, 512, 128256, f32) == 128  # 128 x V float32 = 66 MB
-    assert linear.chunk_rows(2048, 64, 128256, f32) == (32 << 20) // (128256 * 4)
-    assert linear.chunk_rows(1 << 20, 65536, 262144, bf16) == (512 << 20) // (262144 * 2)
+    # 3 * 512 / 8 = 192 rows at most: 11 chunks of 187 (the last one 178)
+    assert linear.chunk_rows(2048, 512, 128256, f32) == 187
+    assert linear.chunk_rows(2048, 512, 128256, bf16) == 187
+    # a small head: 24 rows would be under 32 MiB; 65 rows -> 32 chunks of 64
+    assert linear.chunk_rows(2048, 64, 128256, f32) == 64
+    # a huge head: 512 MiB of bfloat16 is 1024 rows of 262144
+    assert linear.chunk_rows(1 << 20, 65536, 262144, bf16) == 1024
     assert linear.chunk_rows(10, 4096, 1000, f32) == 10
     assert linear.chunk_rows(0, 8, 10, f32) == 1
+    for n in (1, 191, 192, 193, 1000, 4097):
+        c = linear.chunk_rows(n, 512, 128256, f32)
+        k = -(-n // c)
+        assert c <= max(192, 1) and n - (k - 1) * c > c - k, (n, c)
 
 
 @pytest.mark.parametrize("teacher_grad", [False, True], ids=["frozen-teacher", "teacher-grad"])
