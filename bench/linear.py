@@ -8,7 +8,9 @@ Providers, same shapes, same run (teacher frozen, forward + backward):
                does not count those buffers).
   eager        materialized logits and the F.kl_div line (bench/providers.py eager_loss)
   kd           kd.linear_kd_loss (impl=ext on CPU by default: --impl)
-  liger        Liger-Kernel's chunked LigerFusedLinearJSDLoss (jsd only; when installed)
+  liger        Liger-Kernel's chunked LigerFusedLinearJSDLoss (jsd only; when installed),
+               hard-label weight 0: its loss follows its own scaling conventions (no T^2),
+               so its |loss - eager| column shows that difference, not an error
 
 Peak extra memory: the peak of everything allocated during forward + backward above what
 was live before (bench/measure.py), minus the student's weight and hidden gradients (which
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import time
 
 import numpy as np
@@ -113,11 +116,15 @@ def make_step(provider, divergence, cfg, impl, chunk_size):
     if module is None:
         return None, "liger: not installed (pip install liger-kernel), skipped"
 
+    # recent versions take (student_bias, teacher_bias) after the labels, without defaults
+    biases = ((None, None) if "student_bias" in inspect.signature(module.forward).parameters
+              else ())
+
     def liger(x, divergence, cfg):
         labels = torch.zeros(x["student_hidden"].shape[0], dtype=torch.long,
                              device=x["student_hidden"].device)
         return module(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
-                      x["teacher_weight"], labels)
+                      x["teacher_weight"], labels, *biases)
 
     return liger, ""
 

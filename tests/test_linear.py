@@ -432,3 +432,37 @@ def test_bench_linear_runs(capsys):
                                      for r in kd_rows), out
     assert "(not the target shape)" in out and "MISSED" not in out
 
+
+
+def test_bench_linear_liger_provider(capsys, monkeypatch):
+    """The Liger provider's plumbing with a stand-in module of the same interface (the real
+    one is an optional extra): its row and the jsd targets against it are reported."""
+    import sys
+    import types
+
+    from bench import linear as bench_linear
+    from bench.providers import Config, eager_loss
+
+    class FakeLigerJSD(torch.nn.Module):
+        def __init__(self, weight_hard_loss, weight_soft_loss, beta, temperature):
+            super().__init__()
+            self.cfg = Config(0, 0, torch.float32, torch.device("cpu"), temperature, beta)
+
+        def forward(self, student_input, student_weight, teacher_input, teacher_weight,
+                    true_labels, student_bias, teacher_bias):
+            with torch.no_grad():
+                t = teacher_input @ teacher_weight.T
+            return eager_loss(student_input @ student_weight.T, t, "jsd", self.cfg)
+
+    fake = types.ModuleType("liger_kernel.chunked_loss")
+    fake.LigerFusedLinearJSDLoss = FakeLigerJSD
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", fake)
+    rc = bench_linear.main(["--n", "16", "--h", "8", "--v", "64", "--reps", "1",
+                            "--divergence", "jsd", "--providers", "kd", "liger"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    liger_rows = [line.split() for line in out.splitlines() if line.startswith("liger ")]
+    assert len(liger_rows) == 1 and liger_rows[0][1] == "jsd", out
+    target = [line for line in out.splitlines() if "kd jsd time / liger jsd time" in line]
+    assert len(target) == 1 and "n/a" not in target[0], out
