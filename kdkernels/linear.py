@@ -49,9 +49,6 @@ __all__ = ["linear_kd_loss", "LinearKDLoss", "chunk_rows"]
 MIN_CHUNK_BYTES = 32 << 20
 MAX_CHUNK_BYTES = 512 << 20
 
-_KD_OPTIONS = ("divergence", "beta", "skew", "temperature", "teacher_temperature",
-               "temperature_scale", "kd_weight", "ce_weight", "ignore_index", "impl")
-
 
 def chunk_rows(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: at most 3 * H // 8 (the student and teacher chunk buffers together
@@ -335,8 +332,8 @@ def linear_kd_loss(
 
     student_hidden (..., H), student_weight (V, H), student_bias (V,); teacher_hidden
     (..., Ht) with the student's leading shape, teacher_weight (V, Ht); labels (...). The
-    other keyword arguments are kd_loss's, with the same meaning and the same result
-    (batchmean divides by student_hidden.shape[0]; mean by the number of logits).
+    other keyword arguments are kd_loss's, with the same meaning and the same result as on
+    the materialized logits (batchmean divides by their first dim; mean by their number).
 
     Gradients reach the student's hidden states, weight and bias, and the teacher's hidden
     states, weight, bias or logits when they require grad (self/online distillation).
@@ -410,7 +407,8 @@ def linear_kd_loss(
     cfg = _Config(kd=tuple(options.items()), reduction=reduction,
                   student_softcap=caps["student_softcap"],
                   teacher_softcap=caps["teacher_softcap"], chunk=chunk_size,
-                  batch=student_hidden.shape[0], grad_enabled=torch.is_grad_enabled())
+                  # batchmean: the first dim of the logits (V for a single row, as kd_loss)
+                  batch=lead[0] if lead else vocab, grad_enabled=torch.is_grad_enabled())
     out = _LinearKD.apply(sh, student_weight, student_bias, th, teacher_weight, teacher_bias,
                           tl, flat_labels, cfg)
     return out.reshape(lead) if reduction == "none" else out

@@ -199,6 +199,16 @@ def test_reductions_float64(reduction):
                                chunk_size=4, student_softcap=3.0, ignore_index=-100)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none", "token_mean"])
+def test_single_row(reduction):
+    """Hidden states (H,): logits (V,), a 0-d label; batchmean divides by V as kd_loss does
+    for 1-D logits (F.kl_div's first dim)."""
+    x, _ = make_inputs((), torch.float64)
+    out, _ = check_against_materialized("torch", x, torch.tensor(5), STUDENT,
+                                        reduction=reduction, ce_weight=0.5)
+    assert out.shape == () and float(out) > 0
+
+
 def test_custom_ignore_index_and_no_labels():
     x, labels = make_inputs((6,), torch.float64)
     labels[labels == -100] = 7
