@@ -263,6 +263,11 @@ def main(argv=None) -> int:
           f"CPUs, {info['torch_threads']} torch threads); torch {info['torch']}")
     print(f"# N={n} H={h} V={v} {dtype_name(cfg.dtype)} T={args.temperature:g} "
           f"beta={args.beta:g} reps={reps} impl={args.impl} forward+backward, teacher frozen")
+    from kdkernels.linear import chunk_rows
+
+    chunk = args.chunk_size or chunk_rows(n, h, v, cfg.dtype)
+    print(f"# kd: {-(-n // chunk)} chunks of {min(chunk, n)} rows (chunk x V buffers of "
+          f"{_fmt_bytes(min(chunk, n) * v * cfg.dtype.itemsize)} each)")
     t0 = time.perf_counter()
     rows, notes = run(cfg, h, args.divergence, args.providers, reps, args.impl,
                       args.chunk_size, args.seed)
