@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "traffic": "bytes per logit element of the Triton kernels, counted under the interpreter",
     "distributed": "vocab-parallel kd_loss over several gloo processes",
+    "linear": "the fused linear loss (hidden states + lm_head weights) against its GEMMs",
 }
 
 

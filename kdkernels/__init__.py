@@ -5,7 +5,9 @@
 """
 
 from .functional import kd_loss, kl_div, log_softmax, softmax
+from .linear import LinearKDLoss, linear_kd_loss
 from .modules import KDLoss, KLDivLoss
 
-__all__ = ["kd_loss", "kl_div", "softmax", "log_softmax", "KDLoss", "KLDivLoss"]
+__all__ = ["kd_loss", "kl_div", "softmax", "log_softmax", "KDLoss", "KLDivLoss",
+           "linear_kd_loss", "LinearKDLoss"]
 __version__ = "0.1.0"

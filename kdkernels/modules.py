@@ -47,3 +47,37 @@ class KLDivLoss(torch.nn.KLDivLoss):
     def forward(self, input, target):
         return kl_div(input, target, reduction=self.reduction, log_target=self.log_target,
                       impl=self.impl)
+
+
+class LinearKDLoss(torch.nn.Module):
+    """`linear_kd_loss` as a module: LinearKDLoss(**kwargs)(student_hidden, student_weight,
+    teacher_hidden=None, teacher_weight=None, labels=None, *, teacher_logits=None,
+    student_bias=None, teacher_bias=None).
+
+    Keyword arguments are linear_kd_loss's options (softcaps, chunk_size and kd_loss's
+    options); unknown names fail here, at construction.
+    """
+
+    _KEYS = (
+        "student_softcap", "teacher_softcap", "chunk_size", "divergence", "beta", "skew",
+        "temperature", "teacher_temperature", "temperature_scale", "kd_weight", "ce_weight",
+        "ignore_index", "reduction", "impl",
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(self._KEYS))
+        if unknown:
+            raise TypeError(f"LinearKDLoss got unknown arguments {unknown}; known: {self._KEYS}")
+        self.kwargs = kwargs
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                labels=None, *, teacher_logits=None, student_bias=None, teacher_bias=None):
+        from .linear import linear_kd_loss  # linear.py imports this module
+
+        return linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                              labels, teacher_logits=teacher_logits, student_bias=student_bias,
+                              teacher_bias=teacher_bias, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,414 @@
+"""Fused linear distillation: the loss from hidden states and lm_head weights, no logits.
+
+    s = cap_s(h W^T + b),   t = cap_t(h_t W_t^T + b_t)   (or t given as teacher_logits)
+    cap(z) = c tanh(z / c) when a softcap c is given (Gemma's final_logit_softcapping)
+    loss = reduce(kd_loss rows of (s, t))
+
+The rows are processed in chunks of C rows. Per chunk: one GEMM into a C x V student buffer
+(and one into a C x V teacher buffer), the fused loss of kd_loss with inplace_backward=True
+(any impl, through the normal dispatch), which writes g = d loss / d s over the student
+buffer, then
+
+    d/dz cap(z) = 1 - tanh(z / c)^2           (tanh kept from the forward of the chunk)
+    grad_h[chunk] = g @ W,   grad_W += g^T h[chunk],   grad_b += sum_rows g
+
+with grad_W and grad_b accumulated in float32 for low-precision weights. The N x V logits
+never exist: the extra memory is two (three with a softcap, four with a teacher softcap and
+teacher gradients) C x V buffers plus what the loss kernel of one chunk needs.
+
+Scalar reductions compute the gradients in the forward, scaled by the reduction's global
+factor (token_mean: 1 / the non-ignored rows of the WHOLE batch, counted from the labels
+before the first chunk); backward only multiplies them by the upstream scalar (as Liger's
+fused-linear losses do). reduction="none" recomputes the chunks in backward with the
+upstream row gradients: a weight gradient is a sum over rows and cannot be rescaled row by
+row afterwards. A second backward through the same graph (retain_graph=True) recomputes
+too: the first one handed its gradients over to autograd.
+
+Chunk rule (chunk_rows): at most C = 3H/8 rows, so that the student and teacher C x V
+buffers together hold 3/4 as many elements as one lm_head weight (a softcap whose gradient
+is needed adds a third buffer), clamped so that one buffer in the logits' dtype stays within
+[MIN_CHUNK_BYTES, MAX_CHUNK_BYTES] (GEMMs of a useful height for small heads; a bound for
+huge ones); the N rows are then split into ceil(N / C) chunks of equal size. On a CPU the
+GEMMs of a chunk run faster the taller the chunk is: chunk_size trades memory for time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._common import acc_dtype, first_order_only
+from ._spec import REDUCTIONS
+from .functional import _check_positive, _reduce, kd_loss
+from .modules import LinearKDLoss
+
+__all__ = ["linear_kd_loss", "LinearKDLoss", "chunk_rows"]
+
+MIN_CHUNK_BYTES = 32 << 20
+MAX_CHUNK_BYTES = 512 << 20
+
+
+def chunk_rows(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: at most 3 * H // 8 (the student and teacher chunk buffers together
+    then hold 3/4 as many elements as one lm_head weight), with one chunk x V buffer of
+    `dtype` kept within [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES]; the rows are then split into
+    equal chunks (no short last chunk, whose GEMMs would run at a poor shape)."""
+    row_bytes = max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
+    lo = max(1, MIN_CHUNK_BYTES // row_bytes)
+    hi = max(1, MAX_CHUNK_BYTES // row_bytes)
+    most = min(max(3 * hidden // 8, lo), hi)
+    if n_rows <= most:
+        return max(1, n_rows)
+    return -(-n_rows // -(-n_rows // most))  # ceil(n / ceil(n / most))
+
+
+# --------------------------------------------------------------------------------------
+# the chunk loop: forward values and (optionally) gradients for given row weights
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    kd: tuple  # (name, value) pairs of the kd_loss options
+    reduction: str
+    student_softcap: float | None
+    teacher_softcap: float | None
+    chunk: int
+    batch: int  # first dim of student_hidden (batchmean)
+    grad_enabled: bool
+
+
+def _capped_logits(out, h, w, b, cap, keep_tanh):
+    """out <- cap(h @ w^T + b); returns tanh(z / c) in keep_tanh's memory when asked."""
+    if b is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(b, h, w.t(), out=out)
+    if cap is None:
+        return None
+    if keep_tanh is None:
+        out.div_(cap).tanh_().mul_(cap)
+        return None
+    torch.div(out, cap, out=keep_tanh).tanh_()
+    torch.mul(keep_tanh, cap, out=out)
+    return keep_tanh
+
+
+def _linear_grads(g, tanh, h, w, row_weight, grads, i, j):
+    """Back through cap and the linear layer for rows [i, j): g (rows, V) is the loss
+    gradient of the capped logits for an upstream gradient of 1 per row, row_weight (rows,)
+    float32 the real one; grads = [grad_h, grad_w accumulator, grad_b accumulator] (entries
+    may be None). The row weights multiply the small side (h, the (rows, H) product), never
+    the (rows, V) gradient."""
+    grad_h, grad_w, grad_b = grads
+    if tanh is not None:
+        g.mul_(tanh.square_().neg_().add_(1.0))  # d/dz c tanh(z/c) = 1 - tanh(z/c)^2
+    rw = row_weight[:, None]
+    if grad_h is not None:
+        grad_h[i:j] = torch.mm(g, w) * rw
+    if grad_w is not None:
+        hw = (h * rw).to(h.dtype)  # one rounding, as the weighted gradient's would be
+        if grad_w.dtype == g.dtype:
+            grad_w.addmm_(g.t(), hw)
+        else:  # low precision: one rounding per chunk, the sum over chunks in float32
+            grad_w.add_(torch.mm(g.t(), hw))
+    if grad_b is not None:
+        grad_b.add_(torch.mv(g.t(), row_weight.to(g.dtype)))
+
+
+def _grad_buffers(h, w, b, need):
+    """[grad_h, grad_w, grad_b] for the flagged ones (a None bias is never flagged)."""
+    need_h, need_w, need_b = need
+    acc = acc_dtype(w.dtype)
+    return [
+        torch.empty_like(h) if need_h else None,
+        torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None,
+        torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None,
+    ]
+
+
+def _run(cfg: _Config, tensors, need, row_weight):
+    """Row losses (N,) and, for the inputs flagged in `need`, the gradients of
+    sum(row_weight * rows); row_weight is a 0-d tensor (one factor for every row) or (N,).
+    The loss kernel computes each chunk's gradient for an upstream gradient of 1 per row
+    (in its forward, over the student buffer); the weights are applied by _linear_grads."""
+    sh, sw, sb, th, tw, tb, tl, labels = tensors
+    n, v = sh.shape[0], sw.shape[0]
+    want_s, want_t = any(need[0:3]), any(need[3:7])
+    c = cfg.chunk
+    kd = dict(cfg.kd)
+    rows = torch.empty(n, dtype=acc_dtype(sh.dtype), device=sh.device)
+    # per-chunk buffers, reused by every chunk: student logits (then their gradient), the
+    # teacher logits, and tanh(z / c) where the softcap's derivative is needed
+    s_buf = sh.new_empty((c, v))
+    t_buf = th.new_empty((c, v)) if tl is None else None
+    s_tanh = sh.new_empty((c, v)) if want_s and cfg.student_softcap is not None else None
+    t_tanh = (th.new_empty((c, v)) if want_t and tl is None
+              and cfg.teacher_softcap is not None else None)
+    s_grads = _grad_buffers(sh, sw, sb, need[0:3])
+    if tl is None:
+        t_grads = _grad_buffers(th, tw, tb, need[3:6])
+        grad_tl = None
+    else:
+        t_grads = [None, None, None]
+        grad_tl = torch.empty_like(tl) if need[6] else None
+
+    for i in range(0, n, c):
+        j = min(i + c, n)
+        s = s_buf[: j - i]
+        s_th = _capped_logits(s, sh[i:j], sw, sb, cfg.student_softcap,
+                              None if s_tanh is None else s_tanh[: j - i])
+        if tl is None:
+            t = t_buf[: j - i]
+            t_th = _capped_logits(t, th[i:j], tw, tb, cfg.teacher_softcap,
+                                  None if t_tanh is None else t_tanh[: j - i])
+        else:
+            t, t_th = tl[i:j], None
+        lab = None if labels is None else labels[i:j]
+        if not (want_s or want_t):
+            rows[i:j] = kd_loss(s, t, lab, reduction="none", **kd)
+            continue
+        if want_t:
+            with torch.enable_grad():
+                # leaves sharing the buffers' memory: the in-place backward writes over s
+                s_in = s.detach().requires_grad_()
+                t_in = t.detach().requires_grad_()
+                r = kd_loss(s_in, t_in, lab, reduction="none", inplace_backward=True, **kd)
+                gs, gt = torch.autograd.grad(r, (s_in, t_in), torch.ones_like(r))
+        else:
+            # the forward writes d/ds for an upstream gradient of 1 per row over s
+            r = kd_loss(s, t, lab, reduction="none", inplace_backward=True, **kd)
+            gs = s
+        rows[i:j] = r.detach()
+        w_rows = (row_weight.expand(j - i) if row_weight.dim() == 0
+                  else row_weight[i:j]).to(rows.dtype)
+        if want_s:
+            _linear_grads(gs, s_th, sh[i:j], sw, w_rows, s_grads, i, j)
+        if want_t:
+            if tl is None:
+                _linear_grads(gt, t_th, th[i:j], tw, w_rows, t_grads, i, j)
+            else:
+                grad_tl[i:j] = gt * w_rows[:, None]
+
+    def cast(g, like):
+        return None if g is None else g.to(like.dtype)
+
+    grads = (s_grads[0], cast(s_grads[1], sw), cast(s_grads[2], sb),
+             t_grads[0], cast(t_grads[1], tw), cast(t_grads[2], tb), grad_tl)
+    return rows, grads
+
+
+class _LinearKD(torch.autograd.Function):
+    """Scalar reductions: gradients computed in forward, scaled by the upstream scalar in
+    backward. reduction="none", and a second backward through the same graph
+    (retain_graph=True): the chunks are recomputed with the upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, tl, labels, cfg: _Config):
+        tensors = (sh, sw, sb, th, tw, tb, tl, labels)
+        need = tuple(cfg.grad_enabled and bool(x) for x in ctx.needs_input_grad[:7])
+        ctx.cfg, ctx.need = cfg, need
+        # the inputs themselves (no copies), for a backward that recomputes
+        ctx.save_for_backward(*tensors)
+        n, v = sh.shape[0], sw.shape[0]
+        if cfg.reduction == "none":
+            return _run(cfg, tensors, (False,) * 7, None)[0]
+        valid = None
+        if cfg.reduction == "token_mean":
+            ignore = dict(cfg.kd)["ignore_index"]
+            count = n if labels is None else (labels != ignore).sum()
+            valid = torch.as_tensor(count, dtype=acc_dtype(sh.dtype), device=sh.device)
+        # the reduction's factor on every row, known before the first chunk
+        one = torch.ones((), dtype=acc_dtype(sh.dtype), device=sh.device)
+        ctx.factor = _reduce(one, cfg.reduction, valid, cfg.batch, n * v, ())
+        rows, grads = _run(cfg, tensors, need, ctx.factor)
+        if any(need):
+            ctx.grads = grads
+        return _reduce(rows, cfg.reduction, valid, cfg.batch, n * v, (n,))
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_out):
+        grads = getattr(ctx, "grads", None)
+        if grads is None:  # reduction="none", or the stored gradients were consumed
+            weight = grad_out.reshape(-1) if ctx.cfg.reduction == "none" else (
+                ctx.factor * grad_out)
+            _, grads = _run(ctx.cfg, ctx.saved_tensors, ctx.need, weight)
+            return (*grads, None, None)
+        # handed over, not kept: autograd can then adopt them as .grad without a copy
+        del ctx.grads
+        # the common case (loss.backward() of the loss itself) skips the multiplications
+        if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
+            grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
+        return (*grads, None, None)
+
+
+# --------------------------------------------------------------------------------------
+# public function: validate, flatten to (N, H), dispatch the chunk loop
+# --------------------------------------------------------------------------------------
+
+
+def _check_tensor(name, x, dim=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-d, got shape {tuple(x.shape)}")
+    if dim is None and x.dim() == 0:
+        raise ValueError(f"{name} must have a hidden dimension, got a 0-d tensor")
+
+
+def _check_layer(prefix, hidden, weight, bias, vocab=None):
+    """hidden (..., H), weight (V, H), bias (V,): names the argument that disagrees."""
+    _check_tensor(f"{prefix}_hidden", hidden)
+    _check_tensor(f"{prefix}_weight", weight, dim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{prefix}_weight must have shape (V, {prefix}_hidden.shape[-1]) = (V, "
+            f"{hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}_weight has an empty vocabulary: shape {tuple(weight.shape)}")
+    if vocab is not None and weight.shape[0] != vocab:
+        raise ValueError(
+            f"{prefix}_weight has vocabulary {weight.shape[0]}, the student's is {vocab}: "
+            f"got {prefix}_weight {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight and {prefix}_hidden must have the same dtype, got "
+                        f"{weight.dtype} and {hidden.dtype}")
+    if bias is not None:
+        _check_tensor(f"{prefix}_bias", bias, dim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{prefix}_bias must have shape ({weight.shape[0]},) (the "
+                             f"vocabulary of {prefix}_weight), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{prefix}_bias must have {prefix}_weight's dtype {weight.dtype}, "
+                            f"got {bias.dtype}")
+    for name, x in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} must be on {prefix}_hidden's device {hidden.device}, "
+                             f"got {x.device}")
+
+
+def _flat(x, lead_numel):
+    x = x.reshape(lead_numel, x.shape[-1])
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    temperature_scale: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "token_mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """kd_loss of the logits of two linear heads, computed chunk by chunk: the (..., V)
+    logits are never materialized.
+
+    student logits = cap(student_hidden @ student_weight.T + student_bias), with
+    cap(z) = c * tanh(z / c) for c = student_softcap (no cap when None); the teacher's the
+    same with its own hidden states, weight, bias and softcap, or `teacher_logits` (..., V)
+    given directly (used as given: teacher_softcap and teacher_bias then are errors).
+
+    student_hidden (..., H), student_weight (V, H), student_bias (V,); teacher_hidden
+    (..., Ht) with the student's leading shape, teacher_weight (V, Ht); labels (...). The
+    other keyword arguments are kd_loss's, with the same meaning and the same result as on
+    the materialized logits (batchmean divides by their first dim; mean by their number).
+
+    Gradients reach the student's hidden states, weight and bias, and the teacher's hidden
+    states, weight, bias or logits when they require grad (self/online distillation).
+    Scalar reductions compute the gradients in the forward (backward scales them by the
+    upstream gradient); reduction="none" recomputes the chunks in backward (two passes of
+    GEMMs), as does a second backward through the same graph.
+
+    chunk_size: rows per chunk; default chunk_rows(N, H, V, dtype) (see the module doc).
+    """
+    _check_layer("student", student_hidden, student_weight, student_bias)
+    vocab = student_weight.shape[0]
+    lead = student_hidden.shape[:-1]
+    n = math.prod(lead)
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give either teacher_logits or teacher_hidden and teacher_weight, "
+                             "not both")
+        for name, x in (("teacher_bias", teacher_bias), ("teacher_softcap", teacher_softcap)):
+            if x is not None:
+                raise ValueError(f"{name} applies to teacher_hidden @ teacher_weight.T; "
+                                 "teacher_logits are used as given")
+        _check_tensor("teacher_logits", teacher_logits)
+        if teacher_logits.shape != (*lead, vocab):
+            raise ValueError(
+                f"teacher_logits must have shape student_hidden.shape[:-1] + (V,) = "
+                f"{(*lead, vocab)}, got {tuple(teacher_logits.shape)}")
+        if teacher_logits.device != student_hidden.device:
+            raise ValueError(f"teacher_logits must be on student_hidden's device "
+                             f"{student_hidden.device}, got {teacher_logits.device}")
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+            raise ValueError(f"{missing} is None: give teacher_hidden and teacher_weight, "
+                             "or teacher_logits")
+        _check_layer("teacher", teacher_hidden, teacher_weight, teacher_bias, vocab)
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher_hidden must have student_hidden's leading shape {tuple(lead)}, got "
+                f"{tuple(teacher_hidden.shape)}")
+        if teacher_hidden.device != student_hidden.device:
+            raise ValueError(f"teacher_hidden must be on student_hidden's device "
+                             f"{student_hidden.device}, got {teacher_hidden.device}")
+    caps = {}
+    for name, c in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        caps[name] = None if c is None else _check_positive(name, c)
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape student_hidden.shape[:-1] = {tuple(lead)}, "
+                             f"got {tuple(labels.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is None:
+        chunk_size = chunk_rows(n, student_hidden.shape[-1], vocab, student_hidden.dtype)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    chunk_size = max(1, min(chunk_size, n))
+
+    options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                   teacher_temperature=teacher_temperature, temperature_scale=temperature_scale,
+                   kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
+                   impl=impl)
+    sh = _flat(student_hidden, n)
+    th = None if teacher_hidden is None else _flat(teacher_hidden, n)
+    tl = None if teacher_logits is None else _flat(teacher_logits, n)
+    flat_labels = None if labels is None else labels.reshape(n)
+    if n == 0:  # no chunk will call kd_loss: validate the options on empty logits
+        empty = sh.new_zeros((0, vocab))
+        kd_loss(empty, empty if tl is None else tl, flat_labels, **options)
+    cfg = _Config(kd=tuple(options.items()), reduction=reduction,
+                  student_softcap=caps["student_softcap"],
+                  teacher_softcap=caps["teacher_softcap"], chunk=chunk_size,
+                  # batchmean: the first dim of the logits (V for a single row, as kd_loss)
+                  batch=lead[0] if lead else vocab, grad_enabled=torch.is_grad_enabled())
+    out = _LinearKD.apply(sh, student_weight, student_bias, th, teacher_weight, teacher_bias,
+                          tl, flat_labels, cfg)
+    return out.reshape(lead) if reduction == "none" else out
