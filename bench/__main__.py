@@ -1,9 +1,9 @@
-"""python -m bench [traffic | distributed] [options]
+"""python -m bench [traffic | distributed | linear] [options]
 
 Without a subcommand: the provider benchmark of bench/cli.py (`python -m bench --help`).
-`traffic` and `distributed` hand the rest of the command line to bench/traffic.py and
-bench/distributed.py, imported only when asked for: traffic.py must set TRITON_INTERPRET
-before any Triton kernel is imported, and neither should pay for the other's imports.
+A subcommand hands the rest of the command line to bench/<name>.py, imported only when asked
+for: traffic.py must set TRITON_INTERPRET before any Triton kernel is imported, and none
+should pay for the others' imports.
 """
 
 from __future__ import annotations
