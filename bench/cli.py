@@ -45,7 +45,8 @@ def parser():
         description="Benchmark kdkernels against eager PyTorch, torch.compile and the copy "
                     "floor on this machine's device. Subcommands: `python -m bench traffic "
                     "...` (Triton bytes per element), `python -m bench distributed ...` "
-                    "(vocab-parallel over gloo).",
+                    "(vocab-parallel over gloo), `python -m bench linear ...` (the fused "
+                    "linear loss against its GEMMs).",
         epilog="Providers: " + ", ".join(PROVIDERS) + " (kd-* for each impl that can run).",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
