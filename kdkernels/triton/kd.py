@@ -54,6 +54,21 @@
 # An ignored row reads nothing: its pairs are the empty range's (-inf, -inf), its D, A, B,
 # Uq, Up and loss 0.
 #
+# Non-finite logits, one policy for every divergence (as PyTorch's log_softmax):
+#   - a NaN or a +inf logit (inf - inf) in a row, student or teacher, makes its loss NaN;
+#   - a row whose student or teacher logits are all -inf has no softmax: its loss is NaN;
+#   - -inf entries of a row that has finite ones are exact: padding (-inf in both) adds 0,
+#     q = 0 where p > 0 makes forward KL +inf (the true value), mixtures stay finite;
+#   - an ignored row (label == ignore_index) is 0, with a gradient of exactly 0, whatever its
+#     logits (it reads nothing; the backward writes a where, never a product).
+# The masks of the sums (weight > 0: never 0 * inf for padding) would drop a NaN, so it is
+# not left to propagate through them: a per-row flag from the whole row's sums decides. A
+# side's sum l is >= 1 when its maximum is finite (the maximum adds e^0), 0 when nothing is
+# finite and NaN after a NaN or a +inf (a +inf maximum gives inf - inf), so "no softmax" is
+# not (l > 0), i.e. not (log l > -inf) on the table. Where a row is finished (_store_row,
+# the mixture's pass 2) D, or A, B, Uq, Up, are NaN on such rows. The flag costs a scalar
+# per row, nothing per element; the gradient of such a row may be NaN too.
+#
 # The same kernels serve the row-statistics interface of _stats.py over a range of columns
 # [offset, offset + Vr) (partial, mix_partial, grads at the bottom): labels stay GLOBAL ids
 # and the kernels rebase them by `offset`. FINISH = False leaves the table unfinished (ACC
@@ -228,7 +243,10 @@ def _store_row(
     tl.store(p + C_ACC, acc)
     d = 0.0
     if FINISH:
-        d = _kl_value(ls, lt, acc, KIND)
+        # the whole row's sums: l >= 1 on a side with a finite maximum (the maximum adds
+        # e^0), 0 when nothing is finite, NaN after a NaN or a +inf (inf - inf): either side
+        # without a softmax makes D NaN, which no mask below may drop (see the top)
+        d = tl.where((ls > 0) & (lt > 0), _kl_value(ls, lt, acc, KIND), float("nan"))
         loss = kd_scale * d
         if HAS_CE:
             # lse(s) - s[label] = (m1 - s[label]) + log l1, exact near the max
@@ -393,8 +411,12 @@ def _finish_mix(
     if HAS_CE:
         # lse(s) - s[label] = (m1 - s[label]) + log l1, from pass 1
         loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL)) + tl.load(st + C_L1))
-    if HAS_LABELS:
+    if HAS_LABELS:  # ignored rows read nothing: their NaN sums never reach the outputs
         loss = tl.where(valid, loss, 0.0)
+        a_sum = tl.where(valid, a_sum, 0.0)
+        b_sum = tl.where(valid, b_sum, 0.0)
+        uq = tl.where(valid, uq, 0.0)
+        up = tl.where(valid, up, 0.0)
     tl.store(st + C_DIV, a_sum)
     tl.store(st + C_B, b_sum)
     tl.store(st + C_UQ, uq)
@@ -468,6 +490,14 @@ def _kd_mix_kernel(
         else:  # u = 1: q u = q, p u = p (the backward does not read them then)
             uq += tl.sum(q, 0)
             up += tl.sum(p, 0)
+    # The global pairs give the row's softmaxes: log l >= 0 on a side with a finite maximum,
+    # -inf when nothing is finite, NaN after a NaN or a +inf. Either side without one makes
+    # every sum NaN, which the masks in the loop (p > 0, q > 0) would have dropped.
+    has_softmax = (rs > -float("inf")) & (rt > -float("inf"))
+    a_sum = tl.where(has_softmax, a_sum, float("nan"))
+    b_sum = tl.where(has_softmax, b_sum, float("nan"))
+    uq = tl.where(has_softmax, uq, float("nan"))
+    up = tl.where(has_softmax, up, float("nan"))
     if FINISH:
         if HAS_LABELS:
             # the same predicate (lo < V for every program), re-derived from the loop
