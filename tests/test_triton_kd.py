@@ -333,6 +333,60 @@ def test_mixture_underflow(divergence):
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
+NON_FINITE = ("nan-student", "nan-teacher", "posinf-student", "posinf-teacher",
+              "all-neginf-student", "all-neginf-teacher", "all-neginf-both")
+
+
+def _non_finite_rows(case, n=3, v=23):
+    """(s, t) whose row 1 holds the case, at column 17: a later tile (block_v = 4) and the
+    last chunk of a split row; the other rows are ordinary."""
+    s, t = logits(n, v), logits(n, v)
+    side = t if "teacher" in case else s
+    if case.startswith("nan"):
+        side[1, 17] = math.nan
+    elif case.startswith("posinf"):
+        side[1, 17] = math.inf
+    else:
+        side[1] = -math.inf
+        if case.endswith("both"):
+            t[1] = -math.inf
+    return s, t
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("case", NON_FINITE)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_finite_rows_over_tiles_and_split(divergence, case, split):
+    """The non-finite policy (top of kd.py) through the tile loop and the merge kernels: the
+    row is NaN; ignored, it is 0 with a gradient of exactly 0; the other rows are exact."""
+    s, t = _non_finite_rows(case)
+    kw = dict(divergence=divergence, temperature=2.0, ce_weight=0.5, **DIV_KW)
+    for labels in ([3, 5, 7], [3, -100, 7]):
+        labels = torch.tensor(labels, device=DEVICE)
+        with forced(block_v=4, split=split):
+            out, gs, gt = run("triton", s, t, labels, torch.ones(3, device=DEVICE), True, **kw)
+        want = kd.kd_loss(s, t, labels, impl="torch", reduction="none", **kw)
+        torch.testing.assert_close(out[[0, 2]], want[[0, 2]], rtol=2e-6, atol=2e-6)
+        if labels[1] == -100:
+            assert out[1] == 0 and (gs[1] == 0).all() and (gt[1] == 0).all()
+        else:
+            assert out[1].isnan(), out
+
+
+@pytest.mark.parametrize("case", ["nan-teacher", "posinf-teacher", "all-neginf-teacher"])
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_mix_partial_of_a_row_without_softmax_is_nan(divergence, case):
+    """Given global statistics without a softmax on a side, a range's mixture sums are NaN
+    (the p > 0 masks of the sums would otherwise drop the NaN and give a finite loss)."""
+    s, t = _non_finite_rows(case)
+    spec = LossSpec(Divergence.from_user(divergence, 0.3, 0.2), inv_ts=0.5, inv_tt=0.5,
+                    kd_scale=4.0)
+    _, stats = tkd.kd_fwd(s, t, None, *spec.as_args())
+    with forced(block_v=4, split=2):
+        sums = tkd.mix_partial(_cols(s, 5, 23), _cols(t, 5, 23), spec, stats, 5)
+    assert sums[1].isnan().all() and torch.isfinite(sums[[0, 2]]).all()
+
+
 def test_identical_inputs_give_zero():
     s = logits(4, 100)
     for divergence in DIVERGENCES:

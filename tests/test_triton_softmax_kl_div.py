@@ -127,6 +127,45 @@ def test_softmax_all_inf_row_is_nan_like_torch():
         assert max_err(y[1], ref[1]) <= 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, numpy
+@pytest.mark.parametrize("tiles", ["one_tile", "several_tiles"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_non_finite_rows_are_nan(monkeypatch, tiles, log):
+    """A NaN or a +inf (in a later tile) or nothing but -inf: the whole row is NaN, the
+    other rows are untouched."""
+    if tiles == "several_tiles":
+        monkeypatch.setattr(sm, "MAX_BLOCK", 128)
+    x = torch.randn(5, 300)
+    x[1, 250] = float("nan")
+    x[2, 250] = float("inf")
+    x[3] = -float("inf")
+    y = (kd.log_softmax if log else kd.softmax)(x.to(DEVICE), 2.0, impl="triton")
+    assert y[1:4].isnan().all()
+    ref = (torch.log_softmax if log else torch.softmax)(x[[0, 4]] / 2.0, -1)
+    assert max_err(y[[0, 4]].cpu(), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.7, 3.0, 1e3])
+@pytest.mark.parametrize("tiles", ["one_tile", "several_tiles"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_large_logits_any_temperature(monkeypatch, tiles, log, temperature):
+    """Logits of ~1e4 spread over a few units of T: the shifted logit is formed as
+    (x - max x) / T, exact near the maximum, so the error stays float32-sized for any T
+    (x / T - max x / T would round at |x / T| ~ 1e7 for T = 1e-3)."""
+    if tiles == "several_tiles":
+        monkeypatch.setattr(sm, "MAX_BLOCK", 128)
+    g = torch.Generator().manual_seed(3)
+    x = 1e4 + torch.randn(3, 300, generator=g) * 3 * temperature
+    x[1] -= 2e4
+    y, _ = check_softmax(x, temperature=temperature, log=log)
+    # a few float32 roundings of each value against float64: torch's own float32 baseline
+    # (x / T first) is no such bound (1e-1 at T = 1e-3)
+    fn = torch.log_softmax if log else torch.softmax
+    truth = fn(x.double() / temperature, -1)
+    err = (y.detach().cpu().double() - truth).abs()
+    assert (err <= 4 * 2.0**-24 * (1 + truth.abs())).all(), err.max()
+
+
 def test_softmax_other_dim_and_non_contiguous():
     x = torch.randn(5, 6, 7).transpose(0, 2)
     check_softmax(x, temperature=1.0, log=False, dim=1)

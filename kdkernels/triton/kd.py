@@ -19,41 +19,63 @@
 # Chain rule: d/ds = dD/dzs / Ts, d/dt = dD/dzt / Tt; dCE/ds = softmax(s) - onehot(label).
 #
 # Forward, forward/reverse KL (+ CE): ONE pass over the row with online (max, sum) pairs for
-# zs and zt, as in flash-attention: after a tile, m' = max(m, max_tile), l' = l e^(m - m')
-# + sum_tile e^(z - m'). The value comes from the same pass through a third running sum; for
-# forward KL (reverse: swap s <-> t)
-#     acc = sum_j e^(zt_j - mt) ((zt_j - mt) - (zs_j - ms))
+# s and t, as in flash-attention. The maxima are of the RAW logits (the table's units), and
+# every shifted logit is formed as (x - m) / T: exact near the maximum, where the mass is,
+# for any T (x / T - m / T would carry a rounding of |x / T| into every probability). After
+# a tile, m' = max(m, max_tile), l' = l e^((m - m') / T) + sum_tile e^((x - m') / T). The
+# value comes from the same pass through a third running sum; for forward KL (reverse:
+# swap s <-> t), with ys = (s - ms) / Ts = zs - ms / Ts and yt likewise,
+#     acc = sum_j e^(yt_j) (yt_j - ys_j)
 #     D   = sum p (zt - zs) - lse_t + lse_s = acc / lt - log lt + log ls
-# (zt - zs = (zt - mt) - (zs - ms) + mt - ms, and lse = m + log l.) The SHIFTED difference is
-# accumulated, so logits of +-1e4 never cancel against lse: only entries near the maxima have
-# weight, and there the shifted values are small. When the maxima move to (mt', ms'):
-#     acc' = e^(mt - mt') (acc + lt ((mt - mt') - (ms - ms')))         (_rebase)
-# The same rule merges the partial (m, l, acc) triples of a split row exactly. At T = 1 the
-# CE logsumexp is the student's (CE_SHARED); otherwise a third (max, sum) pair runs on s.
-# Entries masked or -inf in both inputs have weight 0 and are dropped with a where (never
-# 0 * inf); q = 0 where p > 0 gives +inf, the true value.
+# (zt - zs = yt - ys + mt / Tt - ms / Ts, and lse = m / T + log l.) The SHIFTED difference
+# is accumulated, so logits of +-1e4 never cancel against lse: only entries near the maxima
+# have weight, and there the shifted values are small. When the maxima move to (mt', ms'),
+# with the scaled shifts dt = (mt - mt') / Tt, ds = (ms - ms') / Ts:
+#     acc' = e^dt (acc + lt (dt - ds))                                    (_rebase)
+# The same rule merges the partial (m, l, acc) triples of a split row exactly (_stats.merge).
+# At T = 1 the CE logsumexp is the student's (CE_SHARED); otherwise a third sum runs on s
+# at T = 1, sharing the student's raw maximum. Entries masked or -inf in both inputs have
+# weight 0 and are dropped with a where (never 0 * inf); q = 0 where p > 0 gives +inf, the
+# true value.
 #
 # Forward, mixture: pass 1 is the same kernel with KIND = MIXTURE (stats only); pass 2
 # (_kd_mix_kernel) re-reads the row and sums A, B, Uq, Up from the saved logsumexps.
 #
 # Saved per row: the (N, NCOL) float32 table of kdkernels/_stats.py, indexed by its `Col`
-# (the C_* constexprs below): MS, LS, MT, LT, M1, L1 = each logsumexp as its pair (m, log l)
-# for zs, zt and s at T = 1 (copies of the student's at Ts = 1; without a CE term and at
-# Ts != 1 the empty range's); LABEL = s[label]; ACC = the raw accumulator above; DIV = D (KL
-# kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture; at u = 1, Uq = sum q and Up = sum p,
-# which the backward does not read).
-# O(rows) floats, never an N x V tensor. The pair is never summed: lq = (zs - m) - log l is
-# exact near the max, where the mass is, while zs - (m + log l) would carry the rounding of
-# m + log l, an ulp of |z| (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as a relative error.
+# (the C_* constexprs below): MS, LS, MT, LT, M1, L1 = each logsumexp as its pair (raw max
+# m, log l) for s at Ts, t at Tt and s at T = 1 (copies of the student's at Ts = 1; without
+# a CE term and at Ts != 1 the empty range's); LABEL = s[label]; ACC = the accumulator
+# above; DIV = D (KL kinds) or DIV, B, UQ, UP = A, B, Uq, Up (mixture; at u = 1,
+# Uq = sum q and Up = sum p, which the backward does not read).
+# O(rows) floats, never an N x V tensor. The pair is never summed: lq = (s - m) / Ts - log l
+# is exact near the max, where the mass is, while zs - (m / Ts + log l) would carry the
+# rounding of the logsumexp, an ulp of |z| (~1e-3 at |z| ~ 1e4), into every q = exp(lq) as
+# a relative error.
 # An ignored row reads nothing: its pairs are the empty range's (-inf, -inf), its D, A, B,
 # Uq, Up and loss 0.
+#
+# Non-finite logits, one policy for every divergence (as PyTorch's log_softmax):
+#   - a NaN or a +inf logit (inf - inf) in a row, student or teacher, makes its loss NaN;
+#   - a row whose student or teacher logits are all -inf has no softmax: its loss is NaN;
+#   - -inf entries of a row that has finite ones are exact: padding (-inf in both) adds 0,
+#     q = 0 where p > 0 makes forward KL +inf (the true value), mixtures stay finite;
+#   - an ignored row (label == ignore_index) is 0, with a gradient of exactly 0, whatever its
+#     logits (it reads nothing; the backward writes a where, never a product).
+# The masks of the sums (weight > 0: never 0 * inf for padding) would drop a NaN, so it is
+# not left to propagate through them: a per-row flag from the whole row's sums decides. A
+# side's sum l is >= 1 when its maximum is finite (the maximum adds e^0), 0 when nothing is
+# finite and NaN after a NaN or a +inf (a +inf maximum gives inf - inf), so "no softmax" is
+# not (l > 0), i.e. not (log l > -inf) on the table. Where a row is finished (_store_row,
+# the mixture's pass 2) D, or A, B, Uq, Up, are NaN on such rows. The flag costs a scalar
+# per row, nothing per element; the gradient of such a row may be NaN too.
 #
 # The same kernels serve the row-statistics interface of _stats.py over a range of columns
 # [offset, offset + Vr) (partial, mix_partial, grads at the bottom): labels stay GLOBAL ids
 # and the kernels rebase them by `offset`. FINISH = False leaves the table unfinished (ACC
 # raw, DIV 0) for _stats.merge_all and _stats.finish.
 #
-# Backward: ONE pass re-reading s and t, recomputing lq, lp from the saved pairs and writing
+# Backward: ONE pass re-reading s and t, recomputing lq = (s - ms) / Ts - log ls and lp
+# likewise from the saved pairs (raw maxima, as everywhere the table is read) and writing
 # d s (and d t) in the input dtype, already multiplied by grad_output, kd_scale / T, the
 # ce_weight term and the ignore mask. It is elementwise given the row scalars, so a split
 # row needs no merge. With inplace_backward the forward runs it for an upstream gradient of
@@ -62,9 +84,10 @@
 # Vocab split (few rows for the GPU): the grid is (N, n_split); program (row, c) covers
 # columns [c * chunk, (c + 1) * chunk) and writes its partial table row (the same layout,
 # unfinished); _kd_merge_kernel merges a row's n_split partials at once with _stats.merge's
-# rule and finishes the row (_kd_mix_merge_kernel: plain sums). It stays in a kernel rather
-# than partials + _stats.merge_all, whose Python fold would launch ~30 small torch ops per
-# chunk (n_split reaches hundreds for a handful of rows).
+# rule (raw shifts scaled by 1 / T) and finishes the row (_kd_mix_merge_kernel: plain
+# sums). It stays in a kernel rather than partials + _stats.merge_all, whose Python fold
+# would launch ~30 small torch ops per chunk (n_split reaches hundreds for a handful of
+# rows).
 #
 # Memory traffic per element (b = bytes of the logits), one read of each input per pass:
 #   forward/reverse KL: forward 2b, backward 2b + b (d s) [+ b (d t)]   -> 5b = 10 B bf16
@@ -135,14 +158,13 @@ def _shift(m, big):
 
 
 @triton.jit
-def _rebase(acc, l_w, mw_old, mw_new, mo_old, mo_new):
-    # acc = sum e^(w - mw_old) ((w - mw_old) - (o - mo_old)) re-expressed against the new
-    # maxima: e^(mw_old - mw_new) (acc + l_w ((mw_old - mw_new) - (mo_old - mo_new))).
+def _rebase(acc, l_w, dw, do):
+    # acc = sum e^(w' - mw) (w' - o') re-expressed against maxima moved by the scaled shifts
+    # dw = (mw_old - mw_new) / Tw <= 0, do = (mo_old - mo_new) / To:
+    # e^dw (acc + l_w (dw - do)) (_stats.merge's rule).
     # l_w = 0 means no weight yet (acc = 0); an underflowed factor drops the old terms, as
     # their probabilities underflow in the reference too. Equal maxima (-inf included)
-    # shift by 0; mo_old = -inf < mo_new only happens when acc is already +inf. NaN stays.
-    dw = _shift(mw_old, mw_new)
-    do = _shift(mo_old, mo_new)
+    # shift by 0; do = -inf only happens when acc is already +inf. NaN stays.
     alpha = tl.exp(dw)
     keep = ((l_w > 0) & (alpha > 0)) | (acc != acc)
     return tl.where(keep, (acc + tl.where(keep, l_w, 0.0) * (dw - do)) * alpha, 0.0)
@@ -221,7 +243,10 @@ def _store_row(
     tl.store(p + C_ACC, acc)
     d = 0.0
     if FINISH:
-        d = _kl_value(ls, lt, acc, KIND)
+        # the whole row's sums: l >= 1 on a side with a finite maximum (the maximum adds
+        # e^0), 0 when nothing is finite, NaN after a NaN or a +inf (inf - inf): either side
+        # without a softmax makes D NaN, which no mask below may drop (see the top)
+        d = tl.where((ls > 0) & (lt > 0), _kl_value(ls, lt, acc, KIND), float("nan"))
         loss = kd_scale * d
         if HAS_CE:
             # lse(s) - s[label] = (m1 - s[label]) + log l1, exact near the max
@@ -278,32 +303,37 @@ def _kd_fwd_kernel(
         mask = cols < hi
         xs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         xt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        zs = xs * inv_ts
-        zt = xt * inv_tt
-        ms_new = tl.maximum(ms, tl.max(zs, 0))
-        mt_new = tl.maximum(mt, tl.max(zt, 0))
+        # raw maxima; every shifted logit is (x - m) / T, exact near the maximum for any T
+        ms_new = tl.maximum(ms, tl.max(xs, 0))
+        mt_new = tl.maximum(mt, tl.max(xt, 0))
         rs = _ref(ms_new)
         rt = _ref(mt_new)
-        es = tl.exp(zs - rs)
-        et = tl.exp(zt - rt)
+        ys = (xs - rs) * inv_ts  # zs - ms
+        yt = (xt - rt) * inv_tt  # zt - mt
+        es = tl.exp(ys)
+        et = tl.exp(yt)
+        # the previous sums' shifts to the new maxima, scaled: (m - m') / T (0 when equal,
+        # -inf from the empty start)
+        dms = _shift(ms, ms_new) * inv_ts
+        dmt = _shift(mt, mt_new) * inv_tt
         if KIND == 0:
             # sum e^(zt - mt) ((zt - mt) - (zs - ms)) over entries of nonzero weight
-            acc = _rebase(acc, lt, mt, mt_new, ms, ms_new)
-            acc += tl.sum(tl.where(et > 0, et * ((zt - rt) - (zs - rs)), 0.0), 0)
+            acc = _rebase(acc, lt, dmt, dms)
+            acc += tl.sum(tl.where(et > 0, et * (yt - ys), 0.0), 0)
         if KIND == 1:
-            acc = _rebase(acc, ls, ms, ms_new, mt, mt_new)
-            acc += tl.sum(tl.where(es > 0, es * ((zs - rs) - (zt - rt)), 0.0), 0)
-        ls = ls * tl.exp(ms - rs) + tl.sum(es, 0)
-        lt = lt * tl.exp(mt - rt) + tl.sum(et, 0)
-        ms = ms_new
-        mt = mt_new
+            acc = _rebase(acc, ls, dms, dmt)
+            acc += tl.sum(tl.where(es > 0, es * (ys - yt), 0.0), 0)
         if HAS_CE:
             if not CE_SHARED:
-                m1_new = tl.maximum(m1, tl.max(xs, 0))
-                r1 = _ref(m1_new)
-                l1 = l1 * tl.exp(m1 - r1) + tl.sum(tl.exp(xs - r1), 0)
-                m1 = m1_new
-    if CE_SHARED or not HAS_CE:
+                # the CE pair at T = 1 shares the raw maximum: only its sum is separate
+                l1 = l1 * tl.exp(_shift(ms, ms_new)) + tl.sum(tl.exp(xs - rs), 0)
+        ls = ls * tl.exp(dms) + tl.sum(es, 0)
+        lt = lt * tl.exp(dmt) + tl.sum(et, 0)
+        ms = ms_new
+        mt = mt_new
+    if HAS_CE and not CE_SHARED:
+        m1 = ms
+    else:
         # Ts = 1: the CE pair is the student's. Without a CE term the pair is not
         # accumulated: the student's when Ts = 1 all the same, else the empty range.
         m1 = tl.where(inv_ts == 1.0, ms, m1)
@@ -318,14 +348,14 @@ def _kd_fwd_kernel(
 
 
 @triton.jit
-def _merge_pair(p, M: tl.constexpr, L: tl.constexpr, km):
-    # the (max, sum) of a row from its chunks' (max, log-sum) pairs: the online update
-    # applied to whole chunks, each shifted to the common maximum
+def _merge_pair(p, M: tl.constexpr, L: tl.constexpr, km, inv_t):
+    # the (max, sum) of a row from its chunks' (raw max, log-sum) pairs: the online update
+    # applied to whole chunks, each shifted to the common maximum by (m_k - m) / T
     m_k = tl.load(p + M, mask=km, other=-float("inf"))
     l_k = tl.load(p + L, mask=km, other=-float("inf"))
     m = tl.max(m_k, 0)
-    dm = _shift(m_k, m)
-    return m, tl.sum(tl.exp(l_k + dm), 0), m_k, dm, l_k
+    dm = _shift(m_k, m) * inv_t
+    return m, tl.sum(tl.exp(l_k + dm), 0), dm, l_k
 
 
 @triton.jit
@@ -335,6 +365,8 @@ def _kd_merge_kernel(
     stats_ptr,  # (N, NCOL) fp32 out: the row's table
     part_ptr,  # (N, n_split, NCOL) fp32: the tables of _kd_fwd_kernel's programs
     n_split,  # partials per row
+    inv_ts,  # 1 / student temperature (the maxima are raw: shifts are scaled)
+    inv_tt,  # 1 / teacher temperature
     kd_scale,  # weight of D
     ce_weight,  # weight of CE
     ignore_index,  # label of rows that contribute 0
@@ -349,16 +381,16 @@ def _kd_merge_kernel(
     k = tl.arange(0, SPLIT_BLOCK)
     km = k < n_split
     p = part_ptr + (row * n_split + k) * C_NCOL
-    ms, ls, ms_k, dms, ls_k = _merge_pair(p, C_MS, C_LS, km)
-    mt, lt, mt_k, dmt, lt_k = _merge_pair(p, C_MT, C_LT, km)
-    m1, l1, _, _, _ = _merge_pair(p, C_M1, C_L1, km)
+    ms, ls, dms, ls_k = _merge_pair(p, C_MS, C_LS, km, inv_ts)
+    mt, lt, dmt, lt_k = _merge_pair(p, C_MT, C_LT, km, inv_tt)
+    m1, l1, _, _ = _merge_pair(p, C_M1, C_L1, km, 1.0)
     target = tl.sum(tl.load(p + C_LABEL, mask=km, other=0.0), 0)
     acc_k = tl.load(p + C_ACC, mask=km, other=0.0)
     acc = 0.0
     if KIND == 0:
-        acc = tl.sum(_rebase(acc_k, tl.exp(lt_k), mt_k, mt, ms_k, ms), 0)
+        acc = tl.sum(_rebase(acc_k, tl.exp(lt_k), dmt, dms), 0)
     if KIND == 1:
-        acc = tl.sum(_rebase(acc_k, tl.exp(ls_k), ms_k, ms, mt_k, mt), 0)
+        acc = tl.sum(_rebase(acc_k, tl.exp(ls_k), dms, dmt), 0)
     _store_row(stats_ptr + row * C_NCOL, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1,
                target, acc, kd_scale, ce_weight, KIND, HAS_LABELS, HAS_CE, FINISH)
 
@@ -379,8 +411,12 @@ def _finish_mix(
     if HAS_CE:
         # lse(s) - s[label] = (m1 - s[label]) + log l1, from pass 1
         loss += ce_weight * ((tl.load(st + C_M1) - tl.load(st + C_LABEL)) + tl.load(st + C_L1))
-    if HAS_LABELS:
+    if HAS_LABELS:  # ignored rows read nothing: their NaN sums never reach the outputs
         loss = tl.where(valid, loss, 0.0)
+        a_sum = tl.where(valid, a_sum, 0.0)
+        b_sum = tl.where(valid, b_sum, 0.0)
+        uq = tl.where(valid, uq, 0.0)
+        up = tl.where(valid, up, 0.0)
     tl.store(st + C_DIV, a_sum)
     tl.store(st + C_B, b_sum)
     tl.store(st + C_UQ, uq)
@@ -436,10 +472,10 @@ def _kd_mix_kernel(
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
         mask = cols < hi
-        zs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_ts
-        zt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_tt
-        lq = (zs - ms) - rs
-        lp = (zt - mt) - rt
+        xs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        xt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        lq = (xs - ms) * inv_ts - rs
+        lp = (xt - mt) * inv_tt - rt
         lm = _logaddexp(lp + log_a, lq + log_1ma)
         p = tl.exp(lp)
         q = tl.exp(lq)
@@ -454,6 +490,14 @@ def _kd_mix_kernel(
         else:  # u = 1: q u = q, p u = p (the backward does not read them then)
             uq += tl.sum(q, 0)
             up += tl.sum(p, 0)
+    # The global pairs give the row's softmaxes: log l >= 0 on a side with a finite maximum,
+    # -inf when nothing is finite, NaN after a NaN or a +inf. Either side without one makes
+    # every sum NaN, which the masks in the loop (p > 0, q > 0) would have dropped.
+    has_softmax = (rs > -float("inf")) & (rt > -float("inf"))
+    a_sum = tl.where(has_softmax, a_sum, float("nan"))
+    b_sum = tl.where(has_softmax, b_sum, float("nan"))
+    uq = tl.where(has_softmax, uq, float("nan"))
+    up = tl.where(has_softmax, up, float("nan"))
     if FINISH:
         if HAS_LABELS:
             # the same predicate (lo < V for every program), re-derived from the loop
@@ -573,8 +617,8 @@ def _kd_bwd_kernel(
         mask = inside & valid  # ignored rows read nothing and get zeros
         xs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         xt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        lq = (xs * inv_ts - ms) - rs
-        lp = (xt * inv_tt - mt) - rt
+        lq = (xs - ms) * inv_ts - rs
+        lp = (xt - mt) * inv_tt - rt
         q = tl.exp(lq)
         p = tl.exp(lp)
         if KIND == 0:
@@ -760,8 +804,8 @@ def _stats_pass(s, t, labels, args, offset: int, finish: bool):
     )
     if split:
         _kd_merge_kernel[(n,)](
-            lab, loss_arg, stats, part, cfg.n_split, kd_scale, ce_weight, ignore_index,
-            KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, FINISH=finish,
+            lab, loss_arg, stats, part, cfg.n_split, inv_ts, inv_tt, kd_scale, ce_weight,
+            ignore_index, KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, FINISH=finish,
             SPLIT_BLOCK=cfg.split_block, num_warps=1,
         )
     return loss, stats

@@ -1,13 +1,15 @@
 # Softmax / log_softmax with a temperature over the last dim of (N, V) logits.
 #
-# Forward, one program per row, z = x / T = x * inv_t:
-#   m = max_j z_j,  d = sum_j exp(z_j - m)   (logsumexp(z) = m + log d)
-#   softmax      y = exp(z - m) / d
-#   log_softmax  y = (z - m) - log d
+# Forward, one program per row, z = x / T = x * inv_t, with the maximum of the RAW logits:
+#   m = max_j x_j,  d = sum_j exp((x_j - m) / T)   (logsumexp(z) = m / T + log d)
+#   softmax      y = exp((x - m) / T) / d
+#   log_softmax  y = (x - m) / T - log d
+# The difference x - m is formed before the scaling: exact near the maximum, where the mass
+# is, for any T (x / T - m / T would carry a rounding of |x / T| into every y).
 # (m, d) are computed online over vocab tiles, as in flash-attention: after a tile with
-# maximum mt, m' = max(m, mt) and d' = d * exp(m - m') + sum_tile exp(z - m'). A second
-# loop re-reads x and writes y. When the whole row fits one tile (V <= BLOCK) it stays in
-# registers and x is read once.
+# maximum mt, m' = max(m, mt) and d' = d * exp((m - m') / T) + sum_tile exp((x - m') / T).
+# A second loop re-reads x and writes y. When the whole row fits one tile (V <= BLOCK) it
+# stays in registers and x is read once.
 #
 # Backward (g = dL/dy, y saved from the forward, dz/dx = 1/T):
 #   softmax      dy_i/dz_k = y_i (d_ik - y_k)
@@ -22,8 +24,9 @@
 #   backward  softmax: read g, y twice, write dx   5b   (3b when V <= BLOCK)
 #             log_softmax: read g twice, y once, write dx   4b   (3b when V <= BLOCK)
 #
-# Entries of x equal to -inf (vocab padding) give y = 0 (log_softmax: -inf); a row that is
-# entirely -inf gives nan, as torch.softmax does (0 / 0).
+# Entries of x equal to -inf (vocab padding) give y = 0 (log_softmax: -inf). A row with a
+# NaN, a +inf (m = +inf: inf - inf) or nothing but -inf (m = -inf: -inf - -inf) is NaN
+# throughout, as torch.softmax: the NaN reaches d, and every y divides by or subtracts it.
 
 from __future__ import annotations
 
@@ -55,12 +58,13 @@ def _softmax_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < V
-        z = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_t
-        m = tl.max(z, 0)
-        e = tl.exp(z - m)
+        x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        zm = (x - m) * inv_t
+        e = tl.exp(zm)
         d = tl.sum(e, 0)
         if LOG:
-            y = (z - m) - tl.log(d)
+            y = zm - tl.log(d)
         else:
             y = e / d
         tl.store(y_row + cols, y, mask=mask)
@@ -69,24 +73,24 @@ def _softmax_fwd_kernel(
         d = 0.0
         for start in range(0, V, BLOCK):
             mask = start + cols < V
-            z = tl.load(x_row + start + cols, mask=mask, other=-float("inf"))
-            z = z.to(tl.float32) * inv_t
-            m_new = tl.maximum(m, tl.max(z, 0))
+            x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
             # while every entry so far is -inf, keep d = 0 instead of exp(-inf + inf) = nan
             m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
+            d = d * tl.exp((m - m_ref) * inv_t) + tl.sum(tl.exp((x - m_ref) * inv_t), 0)
             m = m_new
-        # y from z - m (exact for nearby values) rather than z - lse: lse = m + log d rounds
-        # at the magnitude of m, an error of up to 2**-24 |m| in every y
+        # y from (x - m) / T (exact for nearby values) rather than x / T - lse: lse rounds at
+        # the magnitude of x / T, an error of up to 2**-24 |x / T| in every y
         log_d = tl.log(d)
         inv_d = 1.0 / d
         for start in range(0, V, BLOCK):
             mask = start + cols < V
-            z = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            zm = (x - m) * inv_t
             if LOG:
-                y = (z - m) - log_d
+                y = zm - log_d
             else:
-                y = tl.exp(z - m) * inv_d
+                y = tl.exp(zm) * inv_d
             tl.store(y_row + start + cols, y, mask=mask)
 
 
