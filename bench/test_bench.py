@@ -374,7 +374,7 @@ def test_distributed_compares_impls_on_the_same_shards(tmp_path, capsys):
         assert float(r["step_ms"]) > 0 and float(r["unsharded_ms"]) > 0
         assert int(r["peak_extra_B"]) >= 8 * 34 * 4  # the larger rank's gradient, at least
         assert float(r["peak_x_local_nv_fp32"]) >= 1.0
-        assert r["ops"] == "all_gather"
+        assert r["ops"] == "all_gather+all_gather"  # the call header, then the statistics
         for key in ("machine", "cpu", "torch", "date", "command"):
             assert r[key], key
     assert float(rows[0]["loss"]) == pytest.approx(float(rows[1]["loss"]), rel=1e-5)
