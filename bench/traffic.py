@@ -15,7 +15,7 @@ active lane. The figure reported is bytes per logit element (N x V; for kl_div, 
 of the input): forward, backward and both. O(N) traffic (row statistics, losses, upstream
 row gradients) is included; it is negligible per element at real V.
 
-Targets of issue 3 (bfloat16, teacher without gradient):
+Targets (bfloat16, teacher without gradient):
     forward_kl, reverse_kl   fwd+bwd <= 10.5 B/elem, forward alone <= 4.1 B/elem
     jsd, skew_*              fwd+bwd <= 14.5 B/elem
 --check exits 1 when a bf16 kd_loss row misses its target.
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-grad", action="store_true",
                    help="also measure kd_loss with a teacher that requires grad (+dt rows)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 if a bf16 kd_loss row misses the issue's target")
+                   help="exit 1 if a bf16 kd_loss row misses its target")
     p.add_argument("--csv", type=Path, help="also write the results as CSV")
     args = p.parse_args(argv)
 
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                             f"{r.bwd_b:.4f}", f"{r.total_b:.4f}"])
     missed = [r for r in results if r.meets_target() is False]
     if missed:
-        print(f"\n{len(missed)} kd_loss row(s) miss the issue-3 target: "
+        print(f"\n{len(missed)} kd_loss row(s) miss their target: "
               + ", ".join(f"{r.variant} {r.n}x{r.v}" for r in missed))
     return 1 if (missed and args.check) else 0
 

@@ -3,7 +3,7 @@
 The counter is checked on kernels whose traffic is known exactly from their code (the
 Triton softmax and kl_div kernels: see the traffic notes at the top of their files), at odd
 widths, so that counting whole tiles instead of masked-in lanes would fail. Then the
-issue-3 targets are checked on the kd_loss kernels.
+targets of bench/traffic.py are checked on the kd_loss kernels.
 """
 
 import importlib
@@ -118,7 +118,7 @@ def test_table_and_csv(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# issue-3 targets on the kd_loss kernels (bfloat16, teacher without gradient)
+# the targets on the kd_loss kernels (bfloat16, teacher without gradient)
 # --------------------------------------------------------------------------------------
 
 KD_MISSING = importlib.util.find_spec("kdkernels.triton.kd") is None

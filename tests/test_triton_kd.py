@@ -373,6 +373,22 @@ def test_non_finite_rows_over_tiles_and_split(divergence, case, split):
             assert out[1].isnan(), out
 
 
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("case", NON_FINITE)
+def test_non_finite_maxima_in_the_table(case, split):
+    """The table's maxima carry the row's state as torch.amax (what _stats.finish reads): NaN
+    after a NaN, +inf after a +inf, -inf when nothing is finite; the other rows are exact."""
+    s, t = _non_finite_rows(case)
+    spec = _shard_spec("forward_kl", 0.5, 0.5)
+    labels = torch.tensor([3, 5, 7], device=DEVICE)
+    with forced(block_v=4, split=split):
+        stats = tkd.partial(s, t, labels, spec)
+    C = _stats.Col
+    for c, x in ((C.MS, s), (C.MT, t), (C.M1, s)):
+        torch.testing.assert_close(stats[:, c], x.amax(1), rtol=0, atol=0, equal_nan=True,
+                                   msg=c.name)
+
+
 @pytest.mark.parametrize("case", ["nan-teacher", "posinf-teacher", "all-neginf-teacher"])
 @pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
 def test_mix_partial_of_a_row_without_softmax_is_nan(divergence, case):

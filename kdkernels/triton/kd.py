@@ -67,7 +67,10 @@
 # finite and NaN after a NaN or a +inf (a +inf maximum gives inf - inf), so "no softmax" is
 # not (l > 0), i.e. not (log l > -inf) on the table. Where a row is finished (_store_row,
 # the mixture's pass 2) D, or A, B, Uq, Up, are NaN on such rows. The flag costs a scalar
-# per row, nothing per element; the gradient of such a row may be NaN too.
+# per row, nothing per element; the gradient of such a row may be NaN too. The table's
+# maxima carry the row's state for _stats.finish as torch.amax: NaN after a NaN (restored
+# from the sum where the GPU's max dropped it), +inf after a +inf, -inf when nothing is
+# finite.
 #
 # The same kernels serve the row-statistics interface of _stats.py over a range of columns
 # [offset, offset + Vr) (partial, mix_partial, grads at the bottom): labels stay GLOBAL ids
@@ -233,6 +236,12 @@ def _store_row(
     # One row of the table from the final (max, sum) pairs, sums and KL accumulator: each
     # logsumexp as its pair (m, log l), never summed (see the top of the file). FINISH (KL
     # kinds): D and the row loss too; otherwise DIV, B, UQ, UP are 0 (pass 1 of a range).
+    # The maxima carry a NaN logit as torch.amax does (_stats.finish reads them): the GPU's
+    # max may drop a NaN (maxnum), the sum never does, so a NaN sum under a maximum that is
+    # not +inf (+inf - +inf is the other NaN) marks one.
+    ms = tl.where((ls != ls) & (ms != float("inf")), float("nan"), ms)
+    mt = tl.where((lt != lt) & (mt != float("inf")), float("nan"), mt)
+    m1 = tl.where((l1 != l1) & (m1 != float("inf")), float("nan"), m1)
     tl.store(p + C_MS, ms)
     tl.store(p + C_LS, tl.log(ls))
     tl.store(p + C_MT, mt)
