@@ -126,11 +126,13 @@ def table(rows, cfg: Config, grad_rows_checked: int) -> str:
 
 
 def verdict(value, op: str, target: float) -> str:
-    """met / MISSED for `value op target` (op "<=" or ">="); n/a without a value."""
+    """met / MISSED for `value op target` (op "<=", "<", ">=" or ">"); n/a without a value."""
     if value is None:
         return "n/a"
-    ok = value <= target if op == "<=" else value >= target
-    return "met" if ok else "MISSED"
+    compare = {"<=": float.__le__, "<": float.__lt__, ">=": float.__ge__, ">": float.__gt__}
+    if op not in compare:
+        raise ValueError(f"op must be one of {sorted(compare)}, got {op!r}")
+    return "met" if compare[op](float(value), float(target)) else "MISSED"
 
 
 def target_line(name: str, formula: str, value, op: str, target: float,

@@ -404,3 +404,12 @@ def test_distributed_targets_at_their_shape():
     assert verdict(lines, "extension vs reference") == ("MISSED", pytest.approx(2.0))
     assert verdict(lines, "memory per rank") == ("met", pytest.approx(1.0))
     assert bd.targets(rows[:1])[1].split()[-5] == "n/a"  # no ext row: no ratio
+
+
+@pytest.mark.parametrize("op,value,want", [("<=", 1.0, "met"), ("<", 1.0, "MISSED"),
+                                           ("<", 0.07, "met"), (">=", 3.0, "met"),
+                                           (">", 3.0, "MISSED"), (">", 3.5, "met")])
+def test_verdict_for_every_comparison(op, value, want):
+    from bench.report import verdict
+
+    assert verdict(value, op, 1.0 if op.startswith("<") else 3.0) == want
