@@ -406,13 +406,27 @@ def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
     return y.movedim(-1, dim) if moved else y
 
 
-def softmax(x, temperature: float = 1.0, *, dim: int = -1, impl: str = "auto",
+def _cast(x, dtype):
+    """torch.softmax's `dtype`: the input is cast to it before the operation (so the math
+    and the result, and the gradient's accuracy, are those of that dtype)."""
+    if dtype is None or not isinstance(x, torch.Tensor):
+        return x
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    return x.to(dtype)
+
+
+def softmax(x, temperature: float = 1.0, *, dim: int = -1, dtype=None, impl: str = "auto",
             process_group=None):
-    """softmax(x / temperature) along `dim`, chunked, math in float32, result in x.dtype."""
-    return _temperature_softmax("x", x, temperature, dim, impl, False, process_group)
+    """softmax(x / temperature) along `dim`, chunked, math in float32 (float64 for float64
+    input), result in x.dtype; `dtype` casts x first, as torch.softmax's does."""
+    return _temperature_softmax("x", _cast(x, dtype), temperature, dim, impl, False,
+                                process_group)
 
 
-def log_softmax(x, temperature: float = 1.0, *, dim: int = -1, impl: str = "auto",
+def log_softmax(x, temperature: float = 1.0, *, dim: int = -1, dtype=None, impl: str = "auto",
                 process_group=None):
-    """log_softmax(x / temperature) along `dim`, chunked, math in float32, result in x.dtype."""
-    return _temperature_softmax("x", x, temperature, dim, impl, True, process_group)
+    """log_softmax(x / temperature) along `dim`, chunked, math in float32 (float64 for
+    float64 input), result in x.dtype; `dtype` casts x first, as torch.log_softmax's does."""
+    return _temperature_softmax("x", _cast(x, dtype), temperature, dim, impl, True,
+                                process_group)
