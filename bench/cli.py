@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import run
+from .measure import pick_device, run
 from .providers import DIVERGENCES, DTYPES, KD_IMPLS, MODES, PROVIDERS, Config, dtype_name
 from .report import machine_info, table, targets, write_csv
 
@@ -88,9 +88,7 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     cuda = device.type == "cuda"
     n = args.n or (128 if args.quick else 8192 if cuda else 2048)
     v = 4096 if args.quick and args.v == 128256 else args.v

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from .measure import measure_memory, time_iterations
+from .measure import measure_memory, pick_device, time_iterations
 from .providers import DTYPES, Config, dtype_name, eager_loss
 from .report import _fmt_bytes, _fmt_s, machine_info, target_line
 
@@ -248,9 +248,7 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     quick = dict(n=256, h=64, v=4096) if args.quick else dict(TARGET)
     n, h, v = (args.n or quick["n"]), (args.h or quick["h"]), (args.v or quick["v"])
     reps = 2 if args.quick and args.reps == 3 else args.reps

@@ -342,3 +342,10 @@ def _default_warmup(provider, device):
     # CPU: the memory-profiled iteration is the warm-up; compiled providers need one more
     # iteration that compiles (its time is compile time, not run time).
     return 1 if provider in COMPILED else 0
+
+
+def pick_device(asked: str | None) -> torch.device:
+    """--device: the one asked for (cuda must exist), else cuda when available, else cpu."""
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(asked or ("cuda" if torch.cuda.is_available() else "cpu"))
