@@ -12,11 +12,13 @@ plus a little of the hard labels. Trainer shows its progress bar; about half a m
 laptop CPU.
 
     pip install 'kdkernels[transformers]'
-    python examples/hf_trainer.py [--steps 200] [--loss kdkernels|kl_div] [--impl auto]
+    python examples/hf_trainer.py [--steps 200] [--loss kdkernels|linear|kl_div] [--impl auto]
 
 `--loss kl_div` trains with the same loss written with torch.nn.functional (the version
-kdkernels replaces); with the same seed both give the same loss trajectory (what
-tests/test_examples.py checks), and kdkernels never builds the (tokens x V) probabilities.
+kdkernels replaces); `--loss linear` computes it from the models' last hidden states and
+lm_head weights with kd.linear_kd_loss, so not even the logits are built. With the same seed
+all three give the same loss trajectory (what tests/test_examples.py checks), and kdkernels
+never builds the (tokens x V) probabilities.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        if self.loss_kind == "linear":
+            return self._linear_loss(model, inputs, labels, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
@@ -131,6 +135,24 @@ class DistillationTrainer(Trainer):
         else:
             total = kl_div_loss(s, t[..., : self.vocab_size], labels, self.temperature,
                                 self.kd_weight, self.ce_weight)
+        return self._average(model, total, labels, outputs, return_outputs, num_items_in_batch)
+
+    def _linear_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
+        """The same loss from the last hidden states and the lm_head weights
+        (kd.linear_kd_loss): neither model's (tokens x V) logits are ever built. The teacher's
+        padded rows are left out by taking the first vocab_size rows of its lm_head."""
+        outputs = model.model(**inputs)  # the decoder without its lm_head
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model(**inputs).last_hidden_state
+        total = kd.linear_kd_loss(
+            outputs.last_hidden_state[:, :-1], model.lm_head.weight,
+            teacher_hidden[:, :-1], self.teacher.lm_head.weight[: self.vocab_size],
+            labels[:, 1:], temperature=self.temperature, kd_weight=self.kd_weight,
+            ce_weight=self.ce_weight, reduction="sum", impl=self.impl)
+        return self._average(model, total, labels[:, 1:], outputs, return_outputs,
+                             num_items_in_batch)
+
+    def _average(self, model, total, labels, outputs, return_outputs, num_items_in_batch):
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             # Trainer then leaves the loss as it is over accumulated micro-batches
             loss = total / num_items_in_batch
@@ -166,8 +188,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="student distillation steps")
     p.add_argument("--teacher-steps", type=int, default=150, help="teacher training steps")
-    p.add_argument("--loss", default="kdkernels", choices=("kdkernels", "kl_div"),
-                   help="kdkernels' fused loss or the same loss with torch.nn.functional")
+    p.add_argument("--loss", default="kdkernels", choices=("kdkernels", "linear", "kl_div"),
+                   help="kdkernels' fused loss on the logits, kdkernels' fused linear loss on "
+                        "the hidden states and lm_head weights (no logits), or the same loss "
+                        "with torch.nn.functional")
     p.add_argument("--impl", default="auto", choices=("auto", "torch", "triton", "ext"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")

@@ -73,14 +73,15 @@ def _hf_example():
     return module
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch"])
-def test_hf_trainer_matches_the_kl_div_trajectory(impl):
+@pytest.mark.parametrize("loss,impl", [("kdkernels", "auto"), ("kdkernels", "torch"),
+                                       ("linear", "auto")])
+def test_hf_trainer_matches_the_kl_div_trajectory(loss, impl):
     hf = _hf_example()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same reduction order in both runs, and no idle spinning
     common = dict(steps=6, teacher_steps=10, batch=4, length=16, seed=3, progress=False)
     try:
-        fused, _ = hf.train(loss="kdkernels", impl=impl, **common)
+        fused, _ = hf.train(loss=loss, impl=impl, **common)
         plain, _ = hf.train(loss="kl_div", **common)
     finally:
         torch.set_num_threads(threads)
