@@ -5,8 +5,8 @@
 """
 
 from .functional import kd_loss, kl_div, log_softmax, softmax
-from .linear import LinearKDLoss, linear_kd_loss
-from .modules import KDLoss, KLDivLoss
+from .linear import linear_kd_loss
+from .modules import KDLoss, KLDivLoss, LinearKDLoss
 
 __all__ = ["kd_loss", "kl_div", "softmax", "log_softmax", "KDLoss", "KLDivLoss",
            "linear_kd_loss", "LinearKDLoss"]

@@ -42,9 +42,8 @@ import torch
 from ._common import acc_dtype, first_order_only
 from ._spec import REDUCTIONS
 from .functional import _check_positive, _reduce, kd_loss
-from .modules import LinearKDLoss
 
-__all__ = ["linear_kd_loss", "LinearKDLoss", "chunk_rows"]
+__all__ = ["linear_kd_loss", "chunk_rows"]
 
 MIN_CHUNK_BYTES = 32 << 20
 MAX_CHUNK_BYTES = 512 << 20

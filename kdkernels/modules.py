@@ -7,33 +7,46 @@ import inspect
 import torch
 
 from .functional import kd_loss, kl_div
+from .linear import linear_kd_loss
 
-__all__ = ["KDLoss", "KLDivLoss"]
+__all__ = ["KDLoss", "KLDivLoss", "LinearKDLoss"]
 
 
-class KDLoss(torch.nn.Module):
+def _options(fn, per_call=()) -> tuple:
+    """fn's keyword-only arguments, read off its signature so a module and its function
+    never disagree; `per_call` ones are forward's arguments, not options."""
+    return tuple(name for name, p in inspect.signature(fn).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in per_call)
+
+
+class _OptionsModule(torch.nn.Module):
+    """A module holding a function's options (_KEYS); unknown names fail at construction."""
+
+    _KEYS: tuple = ()
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(self._KEYS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {unknown}; known: "
+                            f"{self._KEYS}")
+        self.kwargs = kwargs
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class KDLoss(_OptionsModule):
     """`kd_loss` as a module: KDLoss(**kwargs)(student_logits, teacher_logits, labels=None).
 
     Keyword arguments are those of `kd_loss` and are validated on the first call's checks;
     unknown names fail here, at construction.
     """
 
-    # kd_loss's keyword-only arguments, read off its signature so the two never disagree
-    _KEYS = tuple(name for name, p in inspect.signature(kd_loss).parameters.items()
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        unknown = sorted(set(kwargs) - set(self._KEYS))
-        if unknown:
-            raise TypeError(f"KDLoss got unknown arguments {unknown}; known: {self._KEYS}")
-        self.kwargs = kwargs
+    _KEYS = _options(kd_loss)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return kd_loss(student_logits, teacher_logits, labels, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
 class KLDivLoss(torch.nn.KLDivLoss):
@@ -49,7 +62,7 @@ class KLDivLoss(torch.nn.KLDivLoss):
                       impl=self.impl)
 
 
-class LinearKDLoss(torch.nn.Module):
+class LinearKDLoss(_OptionsModule):
     """`linear_kd_loss` as a module: LinearKDLoss(**kwargs)(student_hidden, student_weight,
     teacher_hidden=None, teacher_weight=None, labels=None, *, teacher_logits=None,
     student_bias=None, teacher_bias=None).
@@ -58,26 +71,11 @@ class LinearKDLoss(torch.nn.Module):
     options); unknown names fail here, at construction.
     """
 
-    _KEYS = (
-        "student_softcap", "teacher_softcap", "chunk_size", "divergence", "beta", "skew",
-        "temperature", "teacher_temperature", "temperature_scale", "kd_weight", "ce_weight",
-        "ignore_index", "reduction", "impl",
-    )
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        unknown = sorted(set(kwargs) - set(self._KEYS))
-        if unknown:
-            raise TypeError(f"LinearKDLoss got unknown arguments {unknown}; known: {self._KEYS}")
-        self.kwargs = kwargs
+    _PER_CALL = ("teacher_logits", "student_bias", "teacher_bias")
+    _KEYS = _options(linear_kd_loss, _PER_CALL)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                 labels=None, *, teacher_logits=None, student_bias=None, teacher_bias=None):
-        from .linear import linear_kd_loss  # linear.py imports this module
-
         return linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                               labels, teacher_logits=teacher_logits, student_bias=student_bias,
                               teacher_bias=teacher_bias, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
