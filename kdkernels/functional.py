@@ -25,14 +25,18 @@ _KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 # --------------------------------------------------------------------------------------
 
 
-def _check_logits(name: str, x, sharded: bool = False) -> None:
-    """sharded: x is one rank's vocabulary shard, which may be empty (distributed.py checks
-    the global vocabulary on every rank, so that no rank raises alone and leaves the others
-    waiting in a collective)."""
+def _check_float_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_logits(name: str, x, sharded: bool = False) -> None:
+    """sharded: x is one rank's vocabulary shard, which may be empty (distributed.py checks
+    the global vocabulary on every rank, so that no rank raises alone and leaves the others
+    waiting in a collective)."""
+    _check_float_tensor(name, x)
     if x.dim() == 0:
         raise ValueError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
     if x.shape[-1] == 0 and not sharded:
@@ -326,11 +330,8 @@ def kl_div(
     divide_by_batch = reduction == "batchmean"
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
-    for name, x in (("input", input), ("target", target)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    _check_float_tensor("input", input)
+    _check_float_tensor("target", target)
     if reduction not in _KL_DIV_REDUCTIONS:
         raise ValueError(f"reduction must be one of {_KL_DIV_REDUCTIONS}, got {reduction!r}")
     _reject_forward_ad(input=input, target=target)
@@ -375,10 +376,7 @@ def _temperature_softmax(name, x, temperature, dim, impl, log, process_group):
     if wrapped is not None:
         x_local, group, rewrap = wrapped
         return rewrap(_temperature_softmax(name, x_local, temperature, dim, impl, log, group))
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    _check_float_tensor(name, x)
     temperature = _check_positive("temperature", temperature)
     _reject_forward_ad(**{name: x})
     rank = max(x.dim(), 1)  # as torch.softmax: a 0-d tensor has the one dim -1 (or 0)

@@ -41,7 +41,7 @@ import torch
 
 from ._common import acc_dtype, first_order_only
 from ._spec import REDUCTIONS
-from .functional import _check_positive, _reduce, kd_loss
+from .functional import _check_float_tensor, _check_positive, _reduce, kd_loss
 
 __all__ = ["linear_kd_loss", "chunk_rows"]
 
@@ -250,10 +250,7 @@ class _LinearKD(torch.autograd.Function):
 
 
 def _check_tensor(name, x, dim=None):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    _check_float_tensor(name, x)
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must be {dim}-d, got shape {tuple(x.shape)}")
     if dim is None and x.dim() == 0:
