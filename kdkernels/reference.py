@@ -184,13 +184,20 @@ def log_probs(x, inv_t, m, r, out=None):
     return z.sub_(torch.where(m > -math.inf, m, 0.0)[:, None]).mul_(inv_t).sub_(r[:, None])
 
 
+def _local_labels(labels, spec, offset: int, width: int):
+    """(column of each row's label in the range [offset, offset + width), 0 where it is
+    not there; whether it is there). Ignored rows have no label anywhere."""
+    local = labels - offset
+    inside = (labels != spec.ignore_index) & (local >= 0) & (local < width)
+    return torch.where(inside, local, 0), inside
+
+
 def _label_logits(s, labels, spec, offset):
     """s[label - offset] where the label falls in this chunk's columns, else 0."""
-    local = labels - offset
-    inside = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
     if s.shape[1] == 0:
         return torch.zeros(s.shape[0], device=s.device, dtype=acc_dtype(s.dtype))
-    picked = s.gather(1, torch.where(inside, local, 0)[:, None])[:, 0]
+    col, inside = _local_labels(labels, spec, offset, s.shape[1])
+    picked = s.gather(1, col[:, None])[:, 0]
     return torch.where(inside, picked.to(acc_dtype(s.dtype)), 0.0)
 
 
@@ -277,10 +284,9 @@ def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0):
 def _ce_grad_chunk(s, labels, spec, stats, offset):
     """softmax(s) - onehot(label - offset) of a chunk (CE at T = 1, global statistics)."""
     g = log_probs(s, 1.0, stats[:, Col.M1], stats[:, Col.L1]).exp_()
-    local = labels - offset
-    inside = (labels != spec.ignore_index) & (local >= 0) & (local < s.shape[1])
     if s.shape[1]:
-        g.scatter_add_(1, torch.where(inside, local, 0)[:, None], -inside.to(g.dtype)[:, None])
+        col, inside = _local_labels(labels, spec, offset, s.shape[1])
+        g.scatter_add_(1, col[:, None], -inside.to(g.dtype)[:, None])
     return g
 
 
