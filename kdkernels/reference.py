@@ -103,19 +103,12 @@ def _mixture_u(lq, lp, lm, div):
     return qu, pu
 
 
-def divergence_rows(lq, lp, div):
-    """Per-row divergence and the row scalars its gradient needs.
-
-    Returns (D, saved) where saved is a tuple of (rows,) tensors for `divergence_grads`.
-    # read 2 x rows x V, write rows
+def mixture_sums(lq, lp, div):
+    """The mixture's row sums (A, B, Uq, Up) of a chunk, what its value and gradient need
+    (the KL kinds take the lean path below).
+    # read 2 x rows x V, write 4 x rows
     """
     q, p = lq.exp(), lp.exp()
-    if div.kind == "forward_kl":
-        d = _xlogy_masked(p, lp - lq).sum(-1)
-        return d, (d,)
-    if div.kind == "reverse_kl":
-        d = _xlogy_masked(q, lq - lp).sum(-1)
-        return d, (d,)
     # Terms with a zero weight are skipped, not multiplied by 0: at mix = 1 (m = p) an entry
     # with p = 0 < q has lm = -inf, so KL(q || m) and u are infinite there although their
     # weight in D and in the gradient is 0 (and symmetrically at mix = 0).
@@ -126,7 +119,7 @@ def divergence_rows(lq, lp, div):
     qu, pu = _mixture_u(lq, lp, lm, div)
     uq = qu.sum(-1) if div.mix < 1 else zero
     up = pu.sum(-1) if div.mix > 0 else zero
-    return div.coef_p * a + div.coef_q * b, (a, b, uq, up)
+    return a, b, uq, up
 
 
 def divergence_grads(lq, lp, div, saved, need_teacher: bool):
@@ -277,7 +270,7 @@ def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0):
     out = torch.zeros(n, 4, device=s.device, dtype=acc_dtype(s.dtype))
     for i, j in row_chunks(n, v) if v else ():
         lq, lp = _chunk_logs(s[i:j], t[i:j], spec, stats[i:j])
-        out[i:j] = torch.stack(divergence_rows(lq, lp, spec.div)[1], 1)
+        out[i:j] = torch.stack(mixture_sums(lq, lp, spec.div), 1)
     return out
 
 
