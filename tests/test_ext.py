@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from _formulas import check_kd_loss
+from _ranges import over_ranges
 
 import kdkernels as kd
 from kdkernels import _stats as stats_mod
@@ -156,12 +157,7 @@ def range_spec(divergence, ts, tt, ce_weight=0.5):
 
 def ranged_stats(s, t, lab, spec, ranges):
     """The statistics through the interface: a partial per range, merged, finished."""
-    parts = torch.stack([ext.partial(s[:, a:b], t[:, a:b], lab, spec, a) for a, b in ranges])
-    merged = stats_mod.merge_all(parts, spec)
-    sums = None
-    if spec.div.kind == "mixture":
-        sums = sum(ext.mix_partial(s[:, a:b], t[:, a:b], spec, merged, a) for a, b in ranges)
-    return stats_mod.finish(merged, lab, spec, sums)
+    return over_ranges(ext, s, t, lab, spec, ranges)[:2]
 
 
 @pytest.mark.parametrize("temps", [(1.0, 1.0), (2.0, 0.7)], ids=["T1", "Ts2-Tt0.7"])

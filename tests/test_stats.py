@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from _formulas import kd_loss
+from _ranges import over_ranges
 
 from kdkernels import _stats, reference
 from kdkernels._spec import Divergence, LossSpec
@@ -31,16 +32,7 @@ def spec_of(name, inv_ts=1.0, ce_weight=0.5):
 def split_forward(s, t, labels, spec, ranges, order=None):
     """Losses and statistics of whole rows from the partials of `ranges`, merged in
     `order`: what the vocab-parallel path computes."""
-    parts = torch.stack([reference.partial(s[:, a:b], t[:, a:b], labels, spec, a)
-                         for a, b in ranges])
-    if order is not None:
-        parts = parts[list(order)]
-    stats = _stats.merge_all(parts, spec)
-    mix = None
-    if spec.div.kind == "mixture":
-        mix = sum(reference.mix_partial(s[:, a:b], t[:, a:b], spec, stats, a)
-                  for a, b in ranges)
-    return _stats.finish(stats, labels, spec, mix)
+    return over_ranges(reference, s, t, labels, spec, ranges, order)[:2]
 
 
 @pytest.mark.parametrize("name", list(SPECS))

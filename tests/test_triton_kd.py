@@ -23,6 +23,7 @@ import pytest
 import torch
 from _formulas import assert_error_model
 from _formulas import kd_loss as formula_kd_loss
+from _ranges import over_ranges
 
 import kdkernels as kd
 from kdkernels import _stats
@@ -621,15 +622,7 @@ def _cols(x, a, b):
 def _sharded(s, t, labels, spec):
     """(row losses, finished table, mixture sums or None) from one partial per range,
     _stats.merge_all and _stats.finish: the vocab-parallel path without a process group."""
-    parts = torch.stack([tkd.partial(_cols(s, a, b), _cols(t, a, b), labels, spec, a)
-                         for a, b in SHARDS])
-    stats = _stats.merge_all(parts, spec)
-    sums = None
-    if spec.div.kind == "mixture":
-        sums = sum(tkd.mix_partial(_cols(s, a, b), _cols(t, a, b), spec, stats, a)
-                   for a, b in SHARDS)
-    loss, fin = _stats.finish(stats, labels, spec, sums)
-    return loss, fin, sums
+    return over_ranges(tkd, s, t, labels, spec, SHARDS)
 
 
 SHARD_PARAMS = [
