@@ -214,6 +214,11 @@ def _row_losses(ms, ls, ce, g, ids, lp, labels, *, tail, divergence, beta, inv_t
     dt = g.dtype
     valid = ids >= 0
     lp = torch.where(valid, lp.to(dt), 0.0)
+    if labels is not None:
+        # an ignored row's statistics may be those of an empty range (-inf): neutral values,
+        # so that no inf meets the zero gradient of its masked loss
+        keep = labels != ignore_index
+        ms, ls, ce = (torch.where(keep, x, 0.0) for x in (ms, ls, ce))
     if tail == "renormalize":
         # both renormalized over S: q^ = softmax_S(s / Ts), p = softmax_S(lp / Tt)
         lq_s = _masked_log_softmax(g * inv_ts, valid)

@@ -270,6 +270,8 @@ def sparse_kd_loss(
     ignore_index: int = -100,
     reduction: str = "token_mean",
     vocab_size: int | None = None,
+    tail_from_complement: bool = True,
+    q_tail_shift: float = 0.0,
 ) -> torch.Tensor:
     """kd.sparse_kd_loss written from its definition, in the dtype of s and lp.
 
@@ -279,7 +281,13 @@ def sparse_kd_loss(
                    q_i, q_tail = sum of q over the columns NOT in S (summed directly over
                    the complement, not as 1 - sum_S q); no tail when S is the whole row
       none         sum_S exp(lp_i) (lp_i - log q_i)
-    A row with no valid id has D = 0."""
+    A row with no valid id has D = 0.
+
+    tail_from_complement=False forms q_tail as 1 - sum_S q_i instead (what an eager
+    implementation writes, and all that a kernel holding the row's log-sum and K logits can
+    do): at a low precision it carries the absolute rounding error of sum_S q_i, which is the
+    baseline of the error model for the bucket tail. q_tail_shift: added to q_tail, to
+    measure the effect of that absolute error on the loss and gradients."""
     if vocab_size is not None:
         s = s[..., :vocab_size]
     v = s.shape[-1]
@@ -307,7 +315,10 @@ def sparse_kd_loss(
         outside[sel] = False
         if bool(outside.any()):
             p_tail = (1.0 - lpr.exp().sum()).clamp(min=0.0)
-            q_tail = lq_full[r][outside].exp().sum()
+            if tail_from_complement:
+                q_tail = lq_full[r][outside].exp().sum() + q_tail_shift
+            else:
+                q_tail = (1.0 - lq.exp().sum()).clamp(min=torch.finfo(s.dtype).tiny)
             lp_all = torch.cat([lpr, torch.log(p_tail)[None]])
             lq_all = torch.cat([lq, torch.log(q_tail)[None]])
         else:

@@ -18,7 +18,7 @@ import types
 
 import pytest
 import torch
-from _formulas import assert_error_model, skip_unsupported, upstream_grad
+from _formulas import assert_error_model, max_err, skip_unsupported, upstream_grad
 from _formulas import sparse_kd_loss as formula
 
 import kdkernels as kd
@@ -33,12 +33,19 @@ KS = (1, 7, 64, V)
 MODES = [("renormalize", "forward_kl"), ("renormalize", "reverse_kl"), ("renormalize", "jsd"),
          ("bucket", "forward_kl"), ("bucket", "reverse_kl"), ("bucket", "jsd"),
          ("none", "forward_kl")]
+EPS32 = torch.finfo(torch.float32).eps
 MODE_IDS = [f"{t}-{d}" for t, d in MODES]
 
 
 def skip_without_sparse(impl):
     if not hasattr(_dispatch._BACKENDS[impl], "sparse_partial"):
         pytest.skip("no sparse kernels in this backend")
+
+
+def dtype_for(impl):
+    """float64 where the backend takes it (the sharpest check), else float32."""
+    supported = _dispatch._BACKENDS[impl].SUPPORTED_DTYPES
+    return torch.float64 if torch.float64 in supported else torch.float32
 
 
 def teacher(lead, v, k, seed=0, pad=True, scale=2.0):
@@ -88,17 +95,31 @@ def check(impl, s, ids, lp, labels=None, *, teacher_grad=True, extra=0.0, **kwar
     for name, dt in (("truth", torch.float64), ("baseline", dtype)):
         s_ = s.detach().to(dt).requires_grad_()
         lp_ = lp.detach().to(dt).requires_grad_()
-        ref = formula(s_, ids, lp_, labels, **kwargs)
+        # the baseline forms the bucket tail as 1 - sum_S q (see the formula)
+        ref = formula(s_, ids, lp_, labels, tail_from_complement=name == "truth", **kwargs)
         ref.backward(g.to(ref.dtype))
         results[name] = (ref, s_.grad, lp_.grad)
     (ref, gs, gl), (base, bgs, bgl) = results["truth"], results["baseline"]
     if dtype == torch.float64:
         base, bgs, bgl = ref, gs, gl
-    assert_error_model(out, ref, base, dtype, "loss", extra)
+    extras = [extra] * 3
+    if kwargs.get("tail") == "bucket" and dtype != torch.float64:
+        # q_tail = 1 - sum_S q carries the rounding of the float32 log-sum LS, an absolute
+        # error of a few eps32 (kdkernels/sparse.py, _bucket_tail): allow what 4 eps32 on
+        # q_tail changes in the float64 truth
+        for shift in (-4 * EPS32, 4 * EPS32):
+            s_ = s.detach().double().requires_grad_()
+            lp_ = lp.detach().double().requires_grad_()
+            moved = formula(s_, ids, lp_, labels, q_tail_shift=shift, **kwargs)
+            moved.backward(g.double())
+            for i, (a, b) in enumerate(((moved, ref), (s_.grad, gs), (lp_.grad, gl))):
+                extras[i] = max(extras[i], extra + max_err(a, b))
+    assert_error_model(out, ref, base, dtype, "loss", extras[0])
     assert s.grad.dtype == dtype and s.grad.shape == s.shape
-    assert_error_model(s.grad, gs, bgs, dtype, "student gradient", extra)
+    assert_error_model(s.grad, gs, bgs, dtype, "student gradient", extras[1])
     if teacher_grad:
-        assert_error_model(lp.grad, gl.to(lp.dtype), bgl, dtype, "teacher gradient", extra)
+        assert_error_model(lp.grad, gl.to(lp.dtype), bgl, dtype, "teacher gradient",
+                           extras[2])
     else:
         assert lp.grad is None
     return out, s.grad
@@ -111,11 +132,13 @@ def check(impl, s, ids, lp, labels=None, *, teacher_grad=True, extra=0.0, **kwar
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
-def test_matches_formula_float64(impl, tail, divergence, k):
-    """Every tail mode and divergence, K from 1 to V, padding, ignored rows, CE, T = 2."""
+def test_matches_formula(impl, tail, divergence, k):
+    """Every tail mode and divergence, K from 1 to V, padding, ignored rows, CE, T = 2
+    (float64 logits where the backend takes them)."""
+    dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, k)
     labels = make_labels(LEAD, V)
-    check(impl, student(LEAD, V), ids, lp, labels, tail=tail, divergence=divergence,
+    check(impl, student(LEAD, V, dt), ids, lp.to(dt), labels, tail=tail, divergence=divergence,
           beta=0.3, temperature=2.0, ce_weight=0.5)
 
 
@@ -143,8 +166,9 @@ def test_bfloat16_logits(impl, tail):
 @pytest.mark.parametrize("tt", [0.5, 2.0])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_teacher_temperature_renormalize(impl, divergence, tt):
+    dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
-    check(impl, student(LEAD, V), ids, lp, tail="renormalize", divergence=divergence,
+    check(impl, student(LEAD, V, dt), ids, lp.to(dt), tail="renormalize", divergence=divergence,
           temperature=2.0, teacher_temperature=tt)
 
 
@@ -152,8 +176,9 @@ def test_teacher_temperature_renormalize(impl, divergence, tt):
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_jsd_ends_are_the_kls(impl, tail, beta):
     skip_without_sparse(impl)
+    dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
-    s = student(LEAD, V)
+    s, lp = student(LEAD, V, dt), lp.to(dt)
     jsd = kd.sparse_kd_loss(s, ids, lp, tail=tail, divergence="jsd", beta=beta, impl=impl)
     kl = kd.sparse_kd_loss(s, ids, lp, tail=tail, impl=impl,
                            divergence="forward_kl" if beta == 0.0 else "reverse_kl")
@@ -163,8 +188,9 @@ def test_jsd_ends_are_the_kls(impl, tail, beta):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean", "token_mean"])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket", "none"])
 def test_reductions(impl, tail, reduction):
+    dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
-    check(impl, student(LEAD, V), ids, lp, make_labels(LEAD, V), tail=tail,
+    check(impl, student(LEAD, V, dt), ids, lp.to(dt), make_labels(LEAD, V), tail=tail,
           reduction=reduction, temperature=2.0)
 
 
@@ -172,9 +198,10 @@ def test_reductions(impl, tail, reduction):
 def test_all_ignored_rows(impl, tail):
     """Every row ignored: token_mean is 0 (not nan) and every gradient is exactly 0."""
     skip_without_sparse(impl)
+    dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
-    s = student(LEAD, V).requires_grad_()
-    lp = lp.requires_grad_()
+    s = student(LEAD, V, dt).requires_grad_()
+    lp = lp.to(dt).requires_grad_()
     labels = torch.full(LEAD, -100)
     out = kd.sparse_kd_loss(s, ids, lp, labels, tail=tail, ce_weight=0.5, impl=impl)
     out.backward()
@@ -196,8 +223,10 @@ def test_vocab_size(impl, tail):
     """The first vocab_size columns of padded logits: the same loss and gradient as the
     sliced tensor, a zero gradient in the padding columns, ids >= vocab_size rejected."""
     skip_without_sparse(impl)
+    dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
-    wide = torch.cat([student(LEAD, V), torch.full((*LEAD, 6), 3.0, dtype=torch.float64)], -1)
+    lp = lp.to(dt)
+    wide = torch.cat([student(LEAD, V, dt), torch.full((*LEAD, 6), 3.0, dtype=dt)], -1)
     labels = make_labels(LEAD, V)
     kw = dict(tail=tail, ce_weight=0.5, temperature=2.0, impl=impl)
     a = wide.clone().requires_grad_()
@@ -206,8 +235,9 @@ def test_vocab_size(impl, tail):
     b = wide[..., :V].clone().requires_grad_()
     ref = kd.sparse_kd_loss(b, ids, lp, labels, **kw)
     ref.backward()
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(a.grad[..., :V], b.grad, rtol=1e-12, atol=1e-12)
+    # the same numbers read through a row stride: the same result up to summation order
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.grad[..., :V], b.grad, rtol=1e-6, atol=1e-7)
     assert torch.count_nonzero(a.grad[..., V:]) == 0
     check(impl, wide, ids, lp, labels, vocab_size=V, tail=tail, temperature=2.0)
     bad = ids.clone()
