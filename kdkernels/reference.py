@@ -583,13 +583,17 @@ def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0
     inside = (ids >= 0) & (local >= 0) & (local < v)
     local = torch.where(inside, local, 0)
     w = torch.where(inside, w.to(acc_dtype(s.dtype)), 0.0)
+    # in the acc dtype the chunks are computed in place in the output
+    direct = s.dtype == acc_dtype(s.dtype)
     for i, j in row_chunks(n, v):
         sc, st = s[i:j], stats[i:j]
-        g = log_probs(sc, spec.inv_ts, st[:, Col.MS], st[:, Col.LS]).exp_()
+        g = log_probs(sc, spec.inv_ts, st[:, Col.MS], st[:, Col.LS],
+                      gs[i:j] if direct else None).exp_()
         g.mul_(c_q[i:j, None])
         if ce:
             g += _ce_grad_chunk(sc, labels[i:j], spec, st, offset) * c_1[i:j, None]
         # the K teacher columns: distinct ids per row, so a scatter-add adds each once
         g.scatter_add_(1, local[i:j], w[i:j])
-        gs[i:j] = g
+        if not direct:
+            gs[i:j] = g
     return gs

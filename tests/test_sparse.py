@@ -480,3 +480,60 @@ def test_process_group_two_ranks():
             assert os.path.exists(path), f"rank {r} did not finish"
             text = open(path).read()
             assert text == "", f"rank {r}:\n{text}"
+
+
+# --------------------------------------------------------------------------------------
+# the backend contract: sparse_partial / sparse_grads over column ranges
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inv_ts", [1.0, 0.5])
+def test_backend_kernels_over_column_ranges(impl, inv_ts):
+    """sparse_partial of two column ranges (row-strided views of one wider tensor), merged,
+    equals the whole row's statistics; sparse_grads of the two ranges side by side equal
+    the whole row's gradient, which is the contract's formula
+        c_q q + c_1 (q1 - onehot(label)) + sum_k [id_k = j] w_k      (float64 truth)."""
+    from kdkernels import _stats
+    from kdkernels._spec import Divergence, LossSpec
+    from kdkernels._stats import Col
+
+    skip_without_sparse(impl)
+    backend = _dispatch._BACKENDS[impl]
+    n, v, split = 6, 50, 21
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(n, v + 5, generator=g, dtype=torch.float64) * 3
+    s = wide.to(dtype_for(impl))[:, :v]  # row stride v + 5
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[2] = -100
+    spec = LossSpec(Divergence("forward_kl"), inv_ts=inv_ts, inv_tt=1.0, kd_scale=1.0,
+                    ce_weight=0.5)
+    whole = backend.sparse_partial(s, labels, spec, 0)
+    parts = [backend.sparse_partial(s[:, :split], labels, spec, 0),
+             backend.sparse_partial(s[:, split:], labels, spec, split)]
+    merged = _stats.merge(parts[0], parts[1], spec)
+    cols = [Col.MS, Col.LS, Col.M1, Col.L1, Col.LABEL]
+    keep = labels != -100  # an ignored row's statistics are not read
+    torch.testing.assert_close(merged[keep][:, cols], whole[keep][:, cols])
+
+    ids = torch.stack([torch.randperm(v, generator=g)[:7] for _ in range(n)])
+    ids[1, 3:] = -1
+    dt = whole.dtype
+    coef = torch.randn(n, 2, generator=g, dtype=torch.float64).to(dt)
+    w = torch.randn(n, 7, generator=g, dtype=torch.float64).to(dt)
+    coef[~keep] = 0.0
+    w[~keep] = 0.0
+    gs = backend.sparse_grads(s, labels, spec, whole, coef, ids, w, 0)
+    halves = torch.cat([backend.sparse_grads(s[:, :split], labels, spec, whole, coef, ids, w, 0),
+                        backend.sparse_grads(s[:, split:], labels, spec, whole, coef, ids, w,
+                                             split)], 1)
+    assert gs.shape == (n, v) and gs.dtype == s.dtype and gs.is_contiguous()
+    torch.testing.assert_close(halves, gs)
+    x = s.double()
+    q = torch.softmax(x * inv_ts, -1)
+    q1 = torch.softmax(x, -1)
+    onehot = torch.zeros(n, v, dtype=torch.float64)
+    onehot[keep, labels[keep]] = 1.0
+    want = coef[:, :1].double() * q + coef[:, 1:].double() * (q1 - onehot)
+    want.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, w.double(), 0.0))
+    tol = 1e-12 if s.dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(gs.double(), want, rtol=tol, atol=tol)
