@@ -71,15 +71,21 @@ _LOGPROB_SLACK = 1e-4
 # --------------------------------------------------------------------------------------
 
 
+def _local_slots(ids, offset: int, width: int):
+    """(column of each slot's id in the range [offset, offset + width), 0 where it is not
+    there; whether it is there). Empty slots (-1) are nowhere."""
+    local = ids - offset
+    inside = (ids >= 0) & (local >= 0) & (local < width)
+    return torch.where(inside, local, 0), inside
+
+
 def _gather_local(s, ids, offset: int, dt):
     """s[r, id - offset] for the ids that fall in the columns [offset, offset + Vr), 0 for
     the others and for empty slots. # read N x K"""
-    local = ids - offset
-    inside = (ids >= 0) & (local >= 0) & (local < s.shape[1])
     if s.shape[1] == 0:
-        return torch.zeros(ids.shape, device=s.device, dtype=dt), inside
-    picked = s.gather(1, torch.where(inside, local, 0)).to(dt)
-    return torch.where(inside, picked, 0.0), inside
+        return torch.zeros(ids.shape, device=s.device, dtype=dt)
+    col, inside = _local_slots(ids, offset, s.shape[1])
+    return torch.where(inside, s.gather(1, col).to(dt), 0.0)
 
 
 class SparseStudent(torch.autograd.Function):
@@ -104,7 +110,7 @@ class SparseStudent(torch.autograd.Function):
             if spec.ce_weight:
                 # (m1 - s[label]) + l1: the difference first, exact at |s| ~ 1e4
                 ce = (stats[:, Col.M1] - stats[:, Col.LABEL]) + stats[:, Col.L1]
-        g, _ = _gather_local(s, ids, offset, dt)
+        g = _gather_local(s, ids, offset, dt)
         if group is not None and n:
             g = kdd._all_reduce_sum(g, group)
         ctx.mark_non_differentiable(ms)
@@ -125,11 +131,9 @@ class SparseStudent(torch.autograd.Function):
         if not ctx.need_stats:
             # only the K gathered columns: a scatter into zeros
             gs = torch.zeros_like(s, memory_format=torch.contiguous_format)
-            local = ids - offset
-            inside = (ids >= 0) & (local >= 0) & (local < s.shape[1])
             if s.shape[1]:
-                gs.scatter_add_(1, torch.where(inside, local, 0),
-                                torch.where(inside, w, 0.0).to(s.dtype))
+                col, inside = _local_slots(ids, offset, s.shape[1])
+                gs.scatter_add_(1, col, torch.where(inside, w, 0.0).to(s.dtype))
             return gs, None, None, None, None, None, None, None
         c_q = dls.to(dt) * spec.inv_ts  # dLS/ds_j = q_j / Ts
         c_1 = dce.to(dt) if spec.ce_weight else torch.zeros_like(c_q)
