@@ -185,6 +185,31 @@ def test_jsd_ends_are_the_kls(impl, tail, beta):
     assert torch.equal(jsd, kl)
 
 
+@pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
+def test_whole_vocabulary_teacher_is_the_dense_loss(impl, tail, divergence):
+    """K = V, every id present, teacher log-probabilities at the temperature: every tail mode
+    is kd_loss on the dense logits (renormalize and bucket have nothing outside S; none's
+    p sums to 1), value and student gradient."""
+    skip_without_sparse(impl)
+    dt = dtype_for(impl)
+    t = student(LEAD, V, dt, seed=7)
+    ids = torch.argsort(torch.rand(*LEAD, V, generator=torch.Generator().manual_seed(8)), -1)
+    s = student(LEAD, V, dt).requires_grad_()
+    labels = make_labels(LEAD, V)
+    kw = dict(divergence=divergence, beta=0.3, temperature=2.0, ce_weight=0.4)
+    dense = kd.kd_loss(s, t, labels, impl=impl, **kw)
+    (gd,) = torch.autograd.grad(dense, s)
+    lp = torch.log_softmax(t.double() / 2.0, -1).gather(-1, ids).to(dt)
+    extra = dict(teacher_temperature=2.0) if tail == "renormalize" else {}
+    if tail == "renormalize":
+        lp = torch.log_softmax(t.double(), -1).gather(-1, ids).to(dt)  # rescaled by Tt
+    sparse = kd.sparse_kd_loss(s, ids, lp, labels, tail=tail, impl=impl, **kw, **extra)
+    (gs,) = torch.autograd.grad(sparse, s)
+    tol = 1e-10 if dt == torch.float64 else 2e-5
+    torch.testing.assert_close(sparse, dense, rtol=tol, atol=tol)
+    torch.testing.assert_close(gs, gd, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean", "token_mean"])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket", "none"])
 def test_reductions(impl, tail, reduction):
