@@ -38,6 +38,10 @@ Everything else (the tail modes, the divergences, temperature scaling, cross-ent
 the teacher's gradient, reductions) is plain torch on N x K tensors with autograd, written
 once for every backend (`_row_losses`).
 
+Non-finite logits follow the statistics (_stats.py): a row whose student maximum is NaN or
++inf gets a NaN loss wherever the N x V pass runs; renormalize without cross-entropy reads
+only the K gathered logits, so only those can make its loss NaN.
+
 Vocab-parallel (process_group): each rank holds a contiguous vocabulary shard of the student
 logits; teacher ids, log-probabilities and labels are the same on every rank (GLOBAL ids).
 The statistics tables of the ranks are all-gathered and merged exactly (_stats.merge_all, as
