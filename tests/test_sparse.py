@@ -244,10 +244,22 @@ def test_empty_batch(impl):
 
 
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
-def test_vocab_size(impl, tail):
+def test_vocab_size(impl, tail, monkeypatch):
     """The first vocab_size columns of padded logits: the same loss and gradient as the
-    sliced tensor, a zero gradient in the padding columns, ids >= vocab_size rejected."""
+    sliced tensor, read in place (the kernels get a row-strided view, no copy), a zero
+    gradient in the padding columns, ids >= vocab_size rejected."""
     skip_without_sparse(impl)
+    backend = _dispatch._BACKENDS[impl]
+    strides = []
+
+    def recording(kernel):
+        def run(s, *args):
+            strides.append(s.stride(0))
+            return kernel(s, *args)
+        return run
+
+    for name in ("sparse_partial", "sparse_grads"):
+        monkeypatch.setattr(backend, name, recording(getattr(backend, name)))
     dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
     lp = lp.to(dt)
@@ -257,6 +269,7 @@ def test_vocab_size(impl, tail):
     a = wide.clone().requires_grad_()
     out = kd.sparse_kd_loss(a, ids, lp, labels, vocab_size=V, **kw)
     out.backward()
+    assert strides == [V + 6, V + 6]  # forward and backward read the wide rows in place
     b = wide[..., :V].clone().requires_grad_()
     ref = kd.sparse_kd_loss(b, ids, lp, labels, **kw)
     ref.backward()
