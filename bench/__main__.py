@@ -1,4 +1,4 @@
-"""python -m bench [traffic | distributed | linear] [options]
+"""python -m bench [traffic | distributed | linear | sparse] [options]
 
 Without a subcommand: the provider benchmark of bench/cli.py (`python -m bench --help`).
 A subcommand hands the rest of the command line to bench/<name>.py, imported only when asked
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "traffic": "bytes per logit element of the Triton kernels, counted under the interpreter",
     "distributed": "vocab-parallel kd_loss over several gloo processes",
     "linear": "the fused linear loss (hidden states + lm_head weights) against its GEMMs",
+    "sparse": "the sparse (top-k) teacher loss against the eager top-k loss and dense kd_loss",
 }
 
 

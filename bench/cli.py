@@ -46,7 +46,8 @@ def parser():
                     "floor on this machine's device. Subcommands: `python -m bench traffic "
                     "...` (Triton bytes per element), `python -m bench distributed ...` "
                     "(vocab-parallel over gloo), `python -m bench linear ...` (the fused "
-                    "linear loss against its GEMMs).",
+                    "linear loss against its GEMMs), `python -m bench sparse ...` (a top-k "
+                    "teacher's loss against the eager top-k loss).",
         epilog="Providers: " + ", ".join(PROVIDERS) + " (kd-* for each impl that can run).",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,

@@ -413,3 +413,58 @@ def test_verdict_for_every_comparison(op, value, want):
     from bench.report import verdict
 
     assert verdict(value, op, 1.0 if op.startswith("<") else 3.0) == want
+
+
+# --------------------------------------------------------------------------------------
+# python -m bench sparse: the plumbing at a tiny shape, and the targets
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket", "none"])
+def test_sparse_tiny_run_agrees_with_eager(tail, capsys):
+    """Every provider runs; the sparse loss equals the eager top-k formula of scripts; the
+    peak counts at least the student's gradient; the targets show no verdict off-shape."""
+    from bench import sparse as bs
+
+    x = bs.make_inputs(16, 300, 8, torch.float32, CPU, 0)
+    cfg = dict(tail=tail, divergence="forward_kl", beta=0.5, temperature=2.0)
+    rows, notes = bs.run(x, cfg, ["eager", "dense", "kd-torch"], 1, CPU, torch.float32,
+                         "torch", log=lambda *a, **k: None)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"eager", "dense", "kd-torch"}, notes
+    assert by["kd-torch"]["loss"] == pytest.approx(by["eager"]["loss"], rel=1e-5)
+    for r in rows:
+        assert r["median"] > 0 and r["peak"] >= 16 * 300 * 4
+    rc = bs.main(["--n", "16", "--v", "300", "--k", "8", "--reps", "1", "--tail", tail,
+                  "--providers", "eager", "kd-torch", "kd-ext"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "kd-torch" in text and "|loss - eager|" in text
+    for name in ("extension vs eager", "extension vs dense kd_loss", "extension memory"):
+        line = next(x for x in text.splitlines() if name in x)
+        assert line.endswith("(not the target shape)"), line
+
+
+def test_sparse_targets_at_their_shape():
+    from bench import sparse as bs
+
+    nv = 2048 * 128256 * 4
+    shape = {**bs.TARGET, "beta": 0.5}
+    rows = [dict(provider="eager", median=6.0, peak=3 * nv),
+            dict(provider="dense", median=1.5, peak=nv),
+            dict(provider="kd-ext", median=1.0, peak=int(1.02 * nv))]
+
+    def verdict(lines, name):
+        words = next(x for x in lines if name in x).split()
+        return words[-1], float(words[-5])
+
+    lines = bs.targets(rows, shape, CPU)
+    assert verdict(lines, "extension vs eager") == ("met", pytest.approx(6.0))
+    assert verdict(lines, "extension vs dense") == ("met", pytest.approx(1 / 1.5, abs=0.005))
+    assert verdict(lines, "extension memory") == ("met", pytest.approx(1.02))
+    rows[2].update(median=1.3, peak=int(1.2 * nv))
+    lines = bs.targets(rows, shape, CPU)
+    assert verdict(lines, "extension vs eager") == ("MISSED", pytest.approx(6 / 1.3, abs=0.005))
+    assert verdict(lines, "extension vs dense") == ("MISSED", pytest.approx(1.3 / 1.5, abs=0.005))
+    assert verdict(lines, "extension memory") == ("MISSED", pytest.approx(1.2))
+    assert bs.targets(rows[:2], shape, CPU)[1].split()[-5] == "n/a"  # no ext row

@@ -8,8 +8,9 @@ import torch
 
 from .functional import kd_loss, kl_div
 from .linear import linear_kd_loss
+from .sparse import sparse_kd_loss
 
-__all__ = ["KDLoss", "KLDivLoss", "LinearKDLoss"]
+__all__ = ["KDLoss", "KLDivLoss", "LinearKDLoss", "SparseKDLoss"]
 
 
 def _options(fn, per_call=()) -> tuple:
@@ -79,3 +80,18 @@ class LinearKDLoss(_OptionsModule):
         return linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                               labels, teacher_logits=teacher_logits, student_bias=student_bias,
                               teacher_bias=teacher_bias, **self.kwargs)
+
+
+class SparseKDLoss(_OptionsModule):
+    """`sparse_kd_loss` as a module: SparseKDLoss(**kwargs)(student_logits, teacher_ids,
+    teacher_logprobs, labels=None).
+
+    Keyword arguments are those of `sparse_kd_loss` (tail, divergence, temperature, ...);
+    unknown names fail here, at construction.
+    """
+
+    _KEYS = _options(sparse_kd_loss)
+
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None):
+        return sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels,
+                              **self.kwargs)

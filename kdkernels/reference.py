@@ -530,3 +530,70 @@ def softmax_grad(y, g, sums, log: bool, inv_t: float):
 
 def softmax(x, inv_temperature: float, log: bool):
     return TemperatureSoftmax.apply(x, inv_temperature, log)
+
+
+# --------------------------------------------------------------------------------------
+# Sparse (top-k) teachers: the student's full-row statistics and the gradient they imply
+# (kdkernels/sparse.py does the per-row math on the K gathered columns)
+# --------------------------------------------------------------------------------------
+
+
+def sparse_partial(s, labels, spec: LossSpec, offset: int = 0):
+    """The student columns of the statistics table (_stats.Col) of the columns
+    [offset, offset + Vr) of each row, as `partial` fills them:
+        MS, LS   max s and log sum exp((s - MS) / Ts)
+        M1, L1   the same at T = 1 for cross-entropy (copies when Ts = 1), LABEL = s[label]
+    The teacher pair stays (-inf, -inf), merge's identity, and the sums 0. s may be a column
+    slice of wider rows (s.stride(0) > Vr): chunks are read in place.
+    # read N x Vr (2 x N x Vr with a separate cross-entropy pair), write N x NCOL"""
+    n, v = s.shape
+    out = _stats.empty(n, s.device, acc_dtype(s.dtype))
+    if n == 0 or v == 0:
+        return out
+    for i, j in row_chunks(n, v):
+        sc, o = s[i:j], out[i:j]
+        o[:, Col.MS], o[:, Col.LS] = lse_pair(sc, spec.inv_ts)
+        if spec.ce_weight:
+            if spec.ce_shares_student:
+                o[:, Col.M1], o[:, Col.L1] = o[:, Col.MS], o[:, Col.LS]
+            else:
+                o[:, Col.M1], o[:, Col.L1] = lse_pair(sc, 1.0)
+            o[:, Col.LABEL] = _label_logits(sc, labels[i:j], spec, offset)
+    return out
+
+
+def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0):
+    """The student gradient of the columns [offset, offset + Vr) given the GLOBAL statistics:
+
+        gs[r, j] = c_q[r] q[r, j]                                  q = softmax(s / Ts)
+                 + c_1[r] (q1[r, j] - [j + offset == label[r]])    q1 = softmax(s), labels given
+                 + sum_k [ids[r, k] == j + offset] w[r, k]
+
+    coef = (c_q, c_1) (N, 2) and w (N, K) carry the upstream gradient (zero on ignored rows);
+    ids (N, K) are GLOBAL, -1 for an empty slot, no id twice in a row; ids outside the range
+    are skipped. Accumulated in the acc dtype, returned contiguous in s.dtype.
+    # read N x Vr (+ N x Vr for cross-entropy at Ts != 1), write N x Vr"""
+    n, v = s.shape
+    gs = torch.empty((n, v), device=s.device, dtype=s.dtype)
+    if n == 0 or v == 0:
+        return gs
+    c_q, c_1 = coef[:, 0], coef[:, 1]
+    ce = labels is not None and spec.ce_weight != 0.0
+    local = ids - offset
+    inside = (ids >= 0) & (local >= 0) & (local < v)
+    local = torch.where(inside, local, 0)
+    w = torch.where(inside, w.to(acc_dtype(s.dtype)), 0.0)
+    # in the acc dtype the chunks are computed in place in the output
+    direct = s.dtype == acc_dtype(s.dtype)
+    for i, j in row_chunks(n, v):
+        sc, st = s[i:j], stats[i:j]
+        g = log_probs(sc, spec.inv_ts, st[:, Col.MS], st[:, Col.LS],
+                      gs[i:j] if direct else None).exp_()
+        g.mul_(c_q[i:j, None])
+        if ce:
+            g += _ce_grad_chunk(sc, labels[i:j], spec, st, offset) * c_1[i:j, None]
+        # the K teacher columns: distinct ids per row, so a scatter-add adds each once
+        g.scatter_add_(1, local[i:j], w[i:j])
+        if not direct:
+            gs[i:j] = g
+    return gs

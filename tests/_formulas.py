@@ -240,3 +240,95 @@ def check_kd_loss(impl, s, t, labels=None, *, teacher_grad=True, **kwargs):
     else:
         assert t.grad is None
     return out, s.grad, t.grad
+
+
+# --------------------------------------------------------------------------------------
+# sparse (top-k) teachers: kd.sparse_kd_loss from its definition, row by row
+# --------------------------------------------------------------------------------------
+
+
+def sparse_row_divergence(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: float):
+    """D(p || q) over a few categories given their log-probabilities (p = 0 entries may be
+    -inf: they contribute 0 to the p-weighted sums)."""
+    return row_divergence(lq, lp, divergence, beta, 0.0)
+
+
+def sparse_kd_loss(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    temperature_scale: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "token_mean",
+    vocab_size: int | None = None,
+    tail_from_complement: bool = True,
+    q_tail_shift: float = 0.0,
+) -> torch.Tensor:
+    """kd.sparse_kd_loss written from its definition, in the dtype of s and lp.
+
+    Per row, S = the ids that are not -1, q = softmax(s / Ts) over the whole vocabulary:
+      renormalize  p = softmax_S(lp / Tt), q^ = softmax_S(s / Ts), D(p || q^)
+      bucket       categories S + tail: p_i = exp(lp_i), p_tail = max(0, 1 - sum_S p);
+                   q_i, q_tail = sum of q over the columns NOT in S (summed directly over
+                   the complement, not as 1 - sum_S q); no tail when S is the whole row
+      none         sum_S exp(lp_i) (lp_i - log q_i)
+    A row with no valid id has D = 0.
+
+    tail_from_complement=False forms q_tail as 1 - sum_S q_i instead (what an eager
+    implementation writes, and all that a kernel holding the row's log-sum and K logits can
+    do): at a low precision it carries the absolute rounding error of sum_S q_i, which is the
+    baseline of the error model for the bucket tail. q_tail_shift: added to q_tail, to
+    measure the effect of that absolute error on the loss and gradients."""
+    if vocab_size is not None:
+        s = s[..., :vocab_size]
+    v = s.shape[-1]
+    lead = s.shape[:-1]
+    s2, ids2, lp2 = s.reshape(-1, v), ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1])
+    lq_full = log_softmax(s2 / temperature)
+    rows = []
+    for r in range(s2.shape[0]):
+        keep = ids2[r] >= 0
+        sel = ids2[r][keep]
+        lpr = lp2[r][keep]
+        if sel.numel() == 0:
+            rows.append(s2[r].sum() * 0.0 + lp2[r].sum() * 0.0)
+            continue
+        if tail == "renormalize":
+            lq = log_softmax(s2[r, sel] / temperature)
+            lpn = log_softmax(lpr / teacher_temperature)
+            rows.append(sparse_row_divergence(lpn, lq, divergence, beta))
+            continue
+        lq = lq_full[r, sel]
+        if tail == "none":
+            rows.append((lpr.exp() * (lpr - lq)).sum())
+            continue
+        outside = torch.ones(v, dtype=torch.bool, device=s.device)
+        outside[sel] = False
+        if bool(outside.any()):
+            p_tail = (1.0 - lpr.exp().sum()).clamp(min=0.0)
+            if tail_from_complement:
+                q_tail = lq_full[r][outside].exp().sum() + q_tail_shift
+            else:
+                q_tail = (1.0 - lq.exp().sum()).clamp(min=torch.finfo(s.dtype).tiny)
+            lp_all = torch.cat([lpr, torch.log(p_tail)[None]])
+            lq_all = torch.cat([lq, torch.log(q_tail)[None]])
+        else:
+            lp_all, lq_all = lpr, lq
+        rows.append(sparse_row_divergence(lp_all, lq_all, divergence, beta))
+    row = torch.stack(rows).reshape(lead) * kd_weight
+    if temperature_scale:
+        row = row * (temperature * temperature)
+    if labels is not None:
+        if ce_weight:
+            row = row + ce_weight * cross_entropy(s, labels, ignore_index)
+        row = torch.where(labels != ignore_index, row, torch.zeros_like(row))
+    return reduce(row, reduction, s, labels, ignore_index)
