@@ -60,5 +60,7 @@ def grads64(s, labels, spec, stats, coef, ids, w, offset):
 def grad_tolerance(g64, terms, dtype):
     """The error model of sparse_grads: one rounding of the exact value to `dtype` (half an
     ulp, doubled as for plain PyTorch's 2x) plus float32 arithmetic on the terms (exp of an
-    argument of size ~10 and a few adds: 64 float32 ulps of the terms' absolute sum)."""
-    return EPS[dtype] * g64.abs() + 64 * EPS[torch.float32] * terms + 1e-30
+    argument of size ~10 and a few adds: 64 float32 ulps of the terms' absolute sum). Below
+    the dtype's smallest normal the rounding is absolute: the subnormal spacing."""
+    sub = torch.finfo(dtype).smallest_normal * EPS[dtype]
+    return EPS[dtype] * g64.abs() + sub + 64 * EPS[torch.float32] * terms

@@ -36,8 +36,8 @@ def be(request, monkeypatch):
     """The backend module; Triton with 16-wide tiles and rows split over 2 programs, so
     the tile loop, its tail and the split-row merge run at these widths."""
     mod = backend(request.param)
-    if not hasattr(mod, "sparse_partial"):
-        pytest.skip(f"{mod.__name__} has no sparse_partial")
+    if request.param == "torch" and not hasattr(mod, "sparse_partial"):
+        pytest.skip(f"{mod.__name__} has no sparse_partial yet")
     if request.param == "ext":
         ok, why = mod.is_available(torch.device("cpu"))
         assert ok, why
@@ -49,8 +49,8 @@ def be(request, monkeypatch):
 
 
 def _dtypes(be):
-    return [torch.float32, torch.bfloat16] + ([torch.float64] if be.impl_name != "triton"
-                                               else [])
+    return [torch.float32, torch.bfloat16, torch.float16] + (
+        [torch.float64] if be.impl_name != "triton" else [])
 
 
 def _spec(ce: bool, inv_ts: float) -> LossSpec:
@@ -271,3 +271,36 @@ def test_triton_traffic_bf16():
           f"= {per_elem:.3f} B/elem (bf16, K={k})")
     assert fwd.read >= n * v * 2 and bwd.read >= n * v * 2 and bwd.write >= n * v * 2
     assert per_elem <= 6.5
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_ext_ops_opcheck(strided):
+    """The extension's ops against their schemas and fake kernels."""
+    ext = backend("ext")
+    ok, why = ext.is_available(torch.device("cpu"))
+    assert ok, why
+    spec = _spec(True, 0.5)
+    s_full, s = _logits(torch.bfloat16, strided)
+    labels = _labels()
+    args = spec.as_args()
+    torch.library.opcheck(torch.ops.kdkernels.kd_sparse_partial, (s, labels, *args, OFFSET))
+    stats = _global_stats(s_full, labels, spec)
+    ids = _ids(7)
+    coef, w = torch.randn(N, 2), torch.randn(N, 7)
+    torch.library.opcheck(torch.ops.kdkernels.kd_sparse_grads,
+                          (s, labels, stats, coef, ids, w, *args, OFFSET))
+
+
+def test_ext_bad_input_names_the_argument():
+    ext = backend("ext")
+    spec = _spec(False, 1.0)
+    s = torch.randn(N, VR)
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        ext.sparse_partial(s.t().contiguous().t(), None, spec, 0)
+    stats = _stats.empty(N, "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="w must be"):
+        ext.sparse_grads(s, None, spec, stats, torch.zeros(N, 2),
+                         torch.zeros(N, 3, dtype=torch.int64), torch.zeros(N, 2), 0)
+    with pytest.raises(RuntimeError, match="ids must be"):
+        ext.sparse_grads(s, None, spec, stats, torch.zeros(N, 2), torch.zeros(N, 3),
+                         torch.zeros(N, 3), 0)
