@@ -51,9 +51,11 @@ def grads64(s, labels, spec, stats, coef, ids, w, offset):
         terms = terms + coef[:, 1:].abs() * (q1 + onehot)
     col = ids - offset
     inside = (ids >= 0) & (col >= 0) & (col < x.shape[1])
-    for r, k in inside.nonzero().tolist():
-        g[r, col[r, k]] += w[r, k]
-        terms[r, col[r, k]] += w[r, k].abs()
+    # slots outside the range (and -1) add 0 at a clamped column
+    at = col.clamp(0, max(x.shape[1] - 1, 0))
+    wk = torch.where(inside, w, 0.0)
+    g = g.scatter_add(1, at, wk)
+    terms = terms.scatter_add(1, at, wk.abs())
     return g, terms
 
 
