@@ -6,6 +6,7 @@ float32 / bfloat16 (and float64 where a backend has it), the non-finite policy, 
 merge of two ranges equal to the whole row. Backends are taken by module name; one without
 sparse_partial yet (the reference, written elsewhere) is skipped."""
 
+import importlib
 import math
 
 import pytest
@@ -33,8 +34,9 @@ IGNORE = -100
 
 @pytest.fixture(params=IMPLS)
 def be(request, monkeypatch):
-    """The backend module; Triton with 16-wide tiles and rows split over 2 programs, so
-    the tile loop, its tail and the split-row merge run at these widths."""
+    """The backend module; Triton with 16-wide tiles, rows split over 2 programs and blocks
+    of 16 slots, so the tile loop, its tail, the split-row merge and the slot loop run at
+    these widths."""
     mod = backend(request.param)
     if request.param == "torch" and not hasattr(mod, "sparse_partial"):
         pytest.skip(f"{mod.__name__} has no sparse_partial yet")
@@ -44,6 +46,7 @@ def be(request, monkeypatch):
     if request.param == "triton":
         monkeypatch.setattr(tkd, "FORCE_BLOCK_V", 16)
         monkeypatch.setattr(tkd, "FORCE_SPLIT", 2)
+        monkeypatch.setattr(importlib.import_module("kdkernels.triton.sparse"), "BLOCK_K", 16)
     mod.impl_name = request.param
     return mod
 
