@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(THREADS) kd_sparse_stats_kernel(
     __syncthreads();  // block_merge_lse's shared slots are read by warp 0 above
     block_merge_lse(m1, s1, 1.f);
   }
-  if (threadIdx.x == 0) out[0] = ms, out[1] = ss, out[2] = ms, out[3] = s1;
+  if (threadIdx.x == 0) out[0] = ms, out[1] = ss, out[2] = m1, out[3] = s1;
 }
 
 // A thread per row: merge the splits and write the table row (kd_layout.h): the student's
