@@ -115,3 +115,60 @@ inline void check_label_values(const c10::optional<at::Tensor>& labels, int64_t 
 }
 
 }  // namespace kd
+
+// ---- sparse teachers (kd_sparse_cpu.cpp, kd_sparse_cuda.cuh) -------------------------------
+
+namespace kd {
+
+// The student logits of a column range: (N, Vr) with unit column stride and any row stride
+// >= Vr (a column slice of wider logits is read in place, never copied).
+inline void check_sparse_logits(const at::Tensor& s, const c10::optional<at::Tensor>& labels,
+                                const Params& pr, bool allow_double) {
+  TORCH_CHECK(s.dim() == 2, "kdkernels: s must be 2-D (rows, Vr), got ", s.sizes());
+  TORCH_CHECK((s.size(1) <= 1 || s.stride(1) == 1) &&
+                  (s.size(0) <= 1 || s.stride(0) >= s.size(1)),
+              "kdkernels: s must have unit column stride and a row stride >= Vr, got strides ",
+              s.strides(), " for shape ", s.sizes());
+  const auto d = s.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf ||
+                  (allow_double && d == at::kDouble),
+              "kdkernels: s must be ",
+              allow_double ? "float32, float64, bfloat16 or float16"
+                           : "float32, bfloat16 or float16 on this device",
+              ", got ", d);
+  TORCH_CHECK(pr.inv_ts > 0, "kdkernels: inv_ts must be > 0");
+  if (labels.has_value()) {
+    const auto& l = *labels;
+    TORCH_CHECK(l.scalar_type() == at::kLong && l.dim() == 1 && l.size(0) == s.size(0) &&
+                    l.is_contiguous() && l.device() == s.device(),
+                "kdkernels: labels must be a contiguous int64 (", s.size(0), ",) tensor on ",
+                s.device(), ", got ", l.scalar_type(), " ", l.sizes(), " on ", l.device());
+  } else {
+    TORCH_CHECK(pr.ce_weight == 0, "kdkernels: ce_weight=", pr.ce_weight, " needs labels");
+  }
+}
+
+// The row scalars of sparse_grads: stats (N, NSTAT), coef (N, 2), ids (N, K) int64 and
+// w (N, K), contiguous, on s's device; stats, coef and w in the accumulation type.
+inline void check_sparse_rows(const at::Tensor& s, const at::Tensor& stats,
+                              const at::Tensor& coef, const at::Tensor& ids, const at::Tensor& w,
+                              at::ScalarType acc) {
+  const int64_t n = s.size(0);
+  check_stats(stats, n, acc);
+  TORCH_CHECK(coef.scalar_type() == acc && coef.dim() == 2 && coef.size(0) == n &&
+                  coef.size(1) == 2 && coef.is_contiguous(),
+              "kdkernels: coef must be a contiguous (", n, ", 2) ", acc, " tensor, got ",
+              coef.sizes(), " ", coef.scalar_type());
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == n &&
+                  ids.is_contiguous(),
+              "kdkernels: ids must be a contiguous int64 (", n, ", K) tensor, got ", ids.sizes(),
+              " ", ids.scalar_type());
+  TORCH_CHECK(w.scalar_type() == acc && w.sizes() == ids.sizes() && w.is_contiguous(),
+              "kdkernels: w must be a contiguous ", acc, " tensor of ids' shape ", ids.sizes(),
+              ", got ", w.sizes(), " ", w.scalar_type());
+  for (const auto* x : {&stats, &coef, &ids, &w})
+    TORCH_CHECK(x->device() == s.device(), "kdkernels: stats, coef, ids and w must be on s's ",
+                "device ", s.device(), ", got ", x->device());
+}
+
+}  // namespace kd

@@ -1012,6 +1012,10 @@ at::Tensor softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, do
   return gx;
 }
 
+// ---- sparse teachers ---------------------------------------------------------------------------
+
+#include "kd_sparse_cuda.cuh"
+
 }  // namespace
 }  // namespace kd
 
@@ -1026,4 +1030,6 @@ TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("kl_div_backward", &kd::kl_div_backward_cuda);
   m.impl("softmax", &kd::softmax_cuda);
   m.impl("softmax_backward", &kd::softmax_backward_cuda);
+  m.impl("kd_sparse_partial", &kd::kd_sparse_partial_cuda);
+  m.impl("kd_sparse_grads", &kd::kd_sparse_grads_cuda);
 }

@@ -13,6 +13,10 @@ Ops (torch.ops.kdkernels.*; fake and autograd registrations below):
         -> (grad_s, grad_t) of a column range
     kd_fused_(s!, t, labels, <spec>, need_teacher) -> (row losses, grad_t)  [s <- grad_s]
     kl_div / kl_div_sum / kl_div_backward, softmax / softmax_backward
+    kd_sparse_partial(s, labels, <spec>, offset) -> the student's stats (N, NSTAT) of a range
+    kd_sparse_grads(s, labels, stats, coef, ids, w, <spec>, offset) -> grad_s of a range
+        (sparse teachers: csrc/kd_sparse_cpu.cpp, csrc/kd_sparse_cuda.cuh; s may be a
+        row-strided column slice)
 
 <spec> is the LossSpec as primitives (LossSpec.as_args()): kind, mix, coef_p, coef_q, inv_ts,
 inv_tt, kd_scale, ce_weight, ignore_index. stats is the table of kdkernels/_stats.py (columns
@@ -176,6 +180,14 @@ def _kd_backward(ctx, grad_loss, grad_stats):
     return (gs, gt if need_t else None, None) + (None,) * len(ctx.spec)
 
 
+def _kd_sparse_partial_fake(s, labels, *spec_and_offset):
+    return s.new_empty((s.shape[0], NSTAT), dtype=_acc(s.dtype))
+
+
+def _kd_sparse_grads_fake(s, labels, stats, coef, ids, w, *spec_and_offset):
+    return s.new_empty(s.shape)
+
+
 def _kl_div_fake(x, y, log_target):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype))
 
@@ -233,6 +245,8 @@ def register() -> None:
     lib.register_fake("kdkernels::kd_mix_partial", _kd_mix_partial_fake)
     lib.register_fake("kdkernels::kd_backward", _kd_backward_fake)
     lib.register_fake("kdkernels::kd_fused_", _kd_fused_fake)
+    lib.register_fake("kdkernels::kd_sparse_partial", _kd_sparse_partial_fake)
+    lib.register_fake("kdkernels::kd_sparse_grads", _kd_sparse_grads_fake)
     lib.register_fake("kdkernels::kl_div", _kl_div_fake)
     lib.register_fake("kdkernels::kl_div_sum", _kl_div_sum_fake)
     lib.register_fake("kdkernels::kl_div_backward", _kl_div_backward_fake)
@@ -302,6 +316,25 @@ def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teac
                                              _labels(labels), stats.contiguous(),
                                              *spec.as_args(), int(offset), bool(need_teacher))
     return gs, (gt if need_teacher else None)
+
+
+def sparse_partial(s, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
+    """The student's statistics (N, NSTAT) of the columns [offset, offset + Vr) that s
+    (N, Vr; row-strided allowed) holds, as `partial` fills them; the teacher's pair is the
+    empty range's (-inf). labels (N,) GLOBAL ids or None."""
+    _require(s.device)
+    return torch.ops.kdkernels.kd_sparse_partial(s, _labels(labels), *spec.as_args(),
+                                                 int(offset))
+
+
+def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0):
+    """gs (N, Vr) in s's dtype: c_q q + c_1 (q1 - onehot(label)) + the weights w of the
+    slots whose GLOBAL ids fall in [offset, offset + Vr), given the GLOBAL merged stats;
+    ignored rows get 0 (kdkernels/sparse.py's backend contract)."""
+    _require(s.device)
+    return torch.ops.kdkernels.kd_sparse_grads(s, _labels(labels), stats.contiguous(),
+                                               coef.contiguous(), ids.contiguous(),
+                                               w.contiguous(), *spec.as_args(), int(offset))
 
 
 def _labels(labels):

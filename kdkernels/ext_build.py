@@ -4,7 +4,8 @@ Two libraries, built with torch.utils.cpp_extension + ninja into a cache outside
 tree (~/.cache/kdkernels/<kind>-<torch version>-<hash of sources, their folder and flags>, or
 $KDKERNELS_CACHE_DIR):
 
-    kdkernels_cpu   csrc/kd_cpu.cpp: TORCH_LIBRARY(kdkernels) schemas + CPU kernels. Built
+    kdkernels_cpu   csrc/kd_cpu.cpp: TORCH_LIBRARY(kdkernels) schemas + CPU kernels (and
+                    kd_sparse_cpu.cpp: the sparse-teacher ops, a fragment of it). Built
                     whenever a C++ compiler is present; vectorized for the CPU capability
                     ATen reports on this machine (AVX512 / AVX2 / none), which is part of
                     the cache key, so a library is never run on a CPU it was not built for.
@@ -68,8 +69,11 @@ def _check_sources(names) -> None:
 
 CSRC = _find_csrc()
 HEADERS = ("kd_math.h", "kd_layout.h", "kd_checks.h")
-CPU_SOURCES = ("kd_cpu.cpp", "kd_cpu_simd.h", *HEADERS)
-CUDA_SOURCES = ("kd_cuda.cu", *HEADERS)
+# the translation units of the CPU library: the dense ops, then the sparse-teacher ops
+CPU_UNITS = ("kd_cpu.cpp", "kd_sparse_cpu.cpp")
+CPU_SOURCES = (*CPU_UNITS, "kd_cpu_simd.h", *HEADERS)
+# kd_cuda.cu includes the sparse-teacher kernels (they use its packs and reductions)
+CUDA_SOURCES = ("kd_cuda.cu", "kd_sparse_cuda.cuh", *HEADERS)
 CUDA_ARCHS = ("80", "90")  # machine code; PTX of the last one too (see cuda_flags)
 MIN_CAPABILITY = (8, 0)  # the oldest GPU the machine code or the PTX runs on
 
@@ -194,7 +198,7 @@ def build(kind: str, verbose: bool = False, ptxas_verbose: bool = False) -> Path
         _check_sources(CPU_SOURCES)
         d = _cache_dir("cpu", CPU_SOURCES, flags)
         _load_verified(cpp_extension, "kdkernels_cpu", d,
-                       sources=[str(CSRC / "kd_cpu.cpp")], extra_cflags=flags,
+                       sources=[str(CSRC / u) for u in CPU_UNITS], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
                        is_python_module=False, verbose=verbose, with_cuda=False)
         return d

@@ -73,6 +73,18 @@ def test_aot_includes_kd(report):
     assert {r["arch"] for r in kd_rows} == set(ARCHS)
 
 
+def test_aot_includes_sparse(report):
+    """The sparse-teacher kernels (statistics and gradient), every label mode, both archs
+    and dtypes."""
+    _, rows = report
+    got = {(r["kernel"].split("[")[0], r["arch"], r["dtype"]) for r in rows
+           if r["module"] == "sparse"}
+    for kernel in ("sparse_stats", "sparse_grad"):
+        for arch in ARCHS:
+            for dtype in DTYPES:
+                assert (kernel, arch, dtype) in got
+
+
 SPILL_KERNEL = """
 import triton
 import triton.language as tl

@@ -8,6 +8,8 @@ decorated, so tests running on CPU set it before the first call reaches here.
                 mix_partial, grads) over a range of columns
     kl_div.py   F.kl_div's elementwise terms and their sum
     softmax.py  softmax / log_softmax with a temperature
+    sparse.py   sparse (top-k) teachers: the student's statistics of a range and the
+                gradient with the K gathered columns' terms (sparse_partial, sparse_grads)
     aot.py      ahead-of-time compilation for sm_80 / sm_90 and the register/spill report
 """
 
@@ -56,6 +58,18 @@ def grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher):
     from .kd import grads as run
 
     return run(s, t, labels, spec, stats, offset, grad_rows, need_teacher)
+
+
+def sparse_partial(s, labels, spec, offset=0):
+    from .sparse import sparse_partial as run
+
+    return run(s, labels, spec, offset)
+
+
+def sparse_grads(s, labels, spec, stats, coef, ids, w, offset=0):
+    from .sparse import sparse_grads as run
+
+    return run(s, labels, spec, stats, coef, ids, w, offset)
 
 
 def kl_div(x, y, log_target, reduce_sum):

@@ -2,9 +2,9 @@
 
     python -m kdkernels.triton.aot [--arch 80 90] [--vocab 32000 128256 152064 262144]
                                    [--dtype bf16 fp32] [--fail-on-spill] [--csv PATH]
-                                   [--module kd softmax kl_div] [--every-block] [--jobs N]
+                                   [--module kd softmax kl_div sparse] [--every-block] [--jobs N]
 
-Each kernel module (kd.py, softmax.py, kl_div.py) lists the launch configurations its
+Each kernel module (kd.py, softmax.py, kl_div.py, sparse.py) lists the launch configurations its
 launchers can choose for rows of width V in a dtype: `aot_kernels(V, dtype) -> [AotKernel]`
 (see _common.py). Every distinct configuration is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` down to a cubin, and
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ._common import text_table
 
-MODULES = ("kd", "softmax", "kl_div")
+MODULES = ("kd", "softmax", "kl_div", "sparse")
 DEFAULT_ARCHS = (80, 90)
 DEFAULT_VOCABS = (32000, 128256, 152064, 262144)
 DEFAULT_DTYPES = ("bf16", "fp32")

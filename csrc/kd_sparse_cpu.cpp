@@ -1,0 +1,248 @@
+// kd_sparse_cpu.cpp: the sparse-teacher ops (schemas and CPU kernels); the CUDA kernels are in
+// kd_sparse_cuda.cuh. The sparse loss (kdkernels/sparse.py) does its per-row math on the K
+// gathered columns in torch and needs two things over the (N, V) student logits, a column
+// range [offset, offset + Vr) of each row at a time:
+//
+//   kd_sparse_partial  the student's columns of the statistics table (kd_layout.h) exactly as
+//                      kd_partial fills them: MS, LS at Ts, M1, L1 at T = 1 (the student's
+//                      pair when Ts = 1), LABEL = s[label]; the teacher's pair is the empty
+//                      range's (MT = LT = -inf), the divergence sums 0. Ignored rows are
+//                      kd_partial's (0) with the empty teacher pair.
+//   kd_sparse_grads    given the GLOBAL merged table and the row scalars coef = (c_q, c_1),
+//                      the slots' GLOBAL ids (-1 = empty, duplicate-free) and weights w:
+//                        gs_j = c_q q_j + c_1 (q1_j - [j = label]) + sum_k [ids_k = j] w_k
+//                      q = exp((s - MS) / Ts - LS), q1 = exp((s - M1) - L1) (= q at Ts = 1).
+//                      Ignored rows get 0.
+//
+// Both reuse kd_math.h's online (raw max, sum) statistics and kd_cpu_simd.h's tiles, as the
+// dense kernels of kd_cpu.cpp do. A row is read once by each op; the gradient of a tile is
+// formed in the accumulation type, the label's one-hot and the slots' weights of that tile
+// added to it there, and the tile rounded to s's dtype once when stored. The slots of a row
+// are sorted by column first (K log K per row), so each tile finds its own in O(1) each.
+// s may be a column slice of wider logits (row stride >= Vr): rows are addressed by stride.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+// the vector overloads of kd_math.h's primitives, then kd_math.h, then the tile I/O
+#include "kd_cpu_simd.h"
+#include "kd_checks.h"
+
+namespace kd {
+namespace {
+
+constexpr int64_t TILE = 1024;
+
+at::ScalarType acc_type(const at::Tensor& s) {
+  return s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int64_t grain(int64_t v) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(v, 1)); }
+
+// The student's statistics of one row's range into st[0:NSTAT] (the student half of
+// kd_cpu.cpp's stats_row). label: the label's column in the range, or -1.
+template <class A>
+void sparse_stats_row(const void* s, at::ScalarType ss, int64_t v, int64_t label, bool ce_sep,
+                      A its, A* st) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  alignas(64) A xs[TILE];
+  A ms = kd_neg_inf<A>();
+  V sum(0), s1(0);
+  const V vits(its);
+  for (int64_t off = 0; off < v; off += TILE) {
+    const int64_t n = std::min(TILE, v - off);
+    const int64_t np = round_up<A>(n);
+    const A nms = kd_max_nan(ms, load_tile<A>(s, ss, off, n, xs));
+    lse_rebase(sum, ref_move(ms, nms, its));
+    if (ce_sep) lse_rebase(s1, ref_move(ms, nms, A(1)));
+    ms = nms;
+    const V vms(safe_ref(ms));
+    for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, vits, sum);
+    if (ce_sep)
+      for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
+  }
+  std::fill(st, st + NSTAT, A(0));
+  st[ST_MS] = ms;
+  st[ST_LS] = kd_log(hsum(sum));
+  st[ST_MT] = st[ST_LT] = kd_neg_inf<A>();
+  st[ST_M1] = ms;
+  st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
+  st[ST_LABEL] = label >= 0 ? load_one<A>(s, ss, label) : A(0);
+}
+
+// gs of one row's range (see the top): g[r] of the row's GLOBAL statistics st, coef, and its
+// slots (column in the range, weight) sorted by column.
+template <class A>
+void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, int64_t label,
+                     bool ce, bool ce_sep, A its, const A* st, A c_q, A c_1,
+                     const std::vector<std::pair<int64_t, A>>& slots) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  alignas(64) A g[TILE];
+  alignas(64) A z1[TILE];
+  // q = exp(lq), lq = (s - ms) / Ts - ls (load_logp; safe_ref keeps -inf rows NaN-free);
+  // at Ts = 1 q1 = q and the two terms are one: (c_q + c_1) q
+  const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS];
+  const A m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
+  const V vq(ce && !ce_sep ? c_q + c_1 : c_q), v1(c_1), vm1(m1), vl1(l1);
+  size_t k = 0;
+  for (int64_t off = 0; off < v; off += TILE) {
+    const int64_t n = std::min(TILE, v - off);
+    const int64_t np = round_up<A>(n);
+    load_logp<A>(s, ss, off, n, g, ms, its, ls);
+    if (ce_sep) load_tile<A>(s, ss, off, n, z1, false);
+    for (int64_t i = 0; i < np; i += W) {
+      V x = vq * kd_exp(V::loadu(g + i));
+      if (ce_sep) x = x + v1 * ce_grad(V::loadu(z1 + i), vm1, vl1, V(0));
+      x.store(g + i);
+    }
+    if (ce && label >= off && label < off + n) g[label - off] -= c_1;
+    for (; k < slots.size() && slots[k].first < off + n; ++k)
+      g[slots[k].first - off] += slots[k].second;
+    store_tile<A>(gs, ss, off, n, g);
+  }
+}
+
+// The slots of row r whose GLOBAL id falls in [offset, offset + v), as (column, weight)
+// sorted by column.
+template <class A>
+void row_slots(const int64_t* ids, const A* w, int64_t kk, int64_t offset, int64_t v,
+               std::vector<std::pair<int64_t, A>>& out) {
+  out.clear();
+  for (int64_t k = 0; k < kk; ++k) {
+    const int64_t c = ids[k] - offset;
+    if (ids[k] >= 0 && c >= 0 && c < v) out.emplace_back(c, w[k]);
+  }
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+}
+
+// The label's column in the range (-1 when outside or none) and whether the row is ignored.
+std::pair<int64_t, bool> row_label(const int64_t* lab, int64_t i, int64_t offset, int64_t v,
+                                   const Params& pr) {
+  if (!lab) return {-1, false};
+  const int64_t l = lab[i];
+  if (l == pr.ignore_index) return {-1, true};
+  return {l - offset >= 0 && l - offset < v ? l - offset : -1, false};
+}
+
+at::Tensor kd_sparse_partial_cpu(const at::Tensor& s, const c10::optional<at::Tensor>& labels,
+                                 KD_PARAMS_DECL, int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_sparse_logits(s, labels, pr, true);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  check_label_values(labels, -1, pr);
+  const auto acc = acc_type(s);
+  const int64_t n = s.size(0), v = s.size(1);
+  auto stats = at::empty({n, NSTAT}, s.options().dtype(acc));
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  const bool ce = lab && pr.ce_weight != 0;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
+  const int64_t stride = s.stride(0);
+  const size_t es = c10::elementSize(s.scalar_type());
+  const char* sp = static_cast<const char*>(s.data_ptr());
+  auto run = [&](auto zero) {
+    using A = decltype(zero);
+    A* out = stats.data_ptr<A>();
+    at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        A* st = out + i * NSTAT;
+        const auto [label, ignored] = row_label(lab, i, offset, v, pr);
+        if (ignored) {  // kd_partial's ignored row, with the teacher's pair empty
+          std::fill(st, st + NSTAT, A(0));
+          st[ST_MT] = st[ST_LT] = kd_neg_inf<A>();
+          continue;
+        }
+        sparse_stats_row<A>(sp + i * stride * es, s.scalar_type(), v, label, ce_sep,
+                            A(pr.inv_ts), st);
+      }
+    });
+  };
+  if (acc == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return stats;
+}
+
+at::Tensor kd_sparse_grads_cpu(const at::Tensor& s, const c10::optional<at::Tensor>& labels,
+                               const at::Tensor& stats, const at::Tensor& coef,
+                               const at::Tensor& ids, const at::Tensor& w, KD_PARAMS_DECL,
+                               int64_t offset) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_sparse_logits(s, labels, pr, true);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  const auto acc = acc_type(s);
+  check_sparse_rows(s, stats, coef, ids, w, acc);
+  check_label_values(labels, -1, pr);
+  const int64_t n = s.size(0), v = s.size(1), kk = ids.size(1);
+  auto gs = at::empty({n, v}, s.options());
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  const bool ce = lab && pr.ce_weight != 0;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
+  const int64_t stride = s.stride(0);
+  const auto ss = s.scalar_type();
+  const size_t es = c10::elementSize(ss);
+  const char* sp = static_cast<const char*>(s.data_ptr());
+  char* gp = static_cast<char*>(gs.data_ptr());
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  auto run = [&](auto zero) {
+    using A = decltype(zero);
+    const A* stp = stats.data_ptr<A>();
+    const A* cp = coef.data_ptr<A>();
+    const A* wp = w.data_ptr<A>();
+    at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
+      std::vector<std::pair<int64_t, A>> slots;
+      for (int64_t i = b; i < e; ++i) {
+        void* out = gp + i * v * es;
+        const auto [label, ignored] = row_label(lab, i, offset, v, pr);
+        if (ignored) {
+          std::memset(out, 0, v * es);
+          continue;
+        }
+        row_slots<A>(idp + i * kk, wp + i * kk, kk, offset, v, slots);
+        sparse_grad_row<A>(sp + i * stride * es, out, ss, v, label, ce, ce_sep, A(pr.inv_ts),
+                           stp + i * NSTAT, cp[2 * i], ce ? cp[2 * i + 1] : A(0), slots);
+      }
+    });
+  };
+  if (acc == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return gs;
+}
+
+}  // namespace
+}  // namespace kd
+
+// The spec as LossSpec.as_args() passes it (kd_cpu.cpp's KD_SPEC_SCHEMA).
+#define KD_SPARSE_SPEC_SCHEMA                                                           \
+  "str kind, float mix, float coef_p, float coef_q, float inv_ts, float inv_tt, "        \
+  "float kd_scale, float ce_weight, int ignore_index"
+
+TORCH_LIBRARY_FRAGMENT(kdkernels, m) {
+  // the student's statistics (N, NSTAT) of the columns [offset, offset + Vr) of rows; s may
+  // be row-strided; the teacher's pair is empty (-inf)
+  m.def("kd_sparse_partial(Tensor s, Tensor? labels, " KD_SPARSE_SPEC_SCHEMA
+        ", int offset) -> Tensor");
+  // gs (N, Vr) of a range given global stats, coef (N, 2) = (c_q, c_1), slot ids (N, K)
+  // (global, -1 = empty) and weights w (N, K)
+  m.def("kd_sparse_grads(Tensor s, Tensor? labels, Tensor stats, Tensor coef, Tensor ids, "
+        "Tensor w, " KD_SPARSE_SPEC_SCHEMA ", int offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("kd_sparse_partial", &kd::kd_sparse_partial_cpu);
+  m.impl("kd_sparse_grads", &kd::kd_sparse_grads_cpu);
+}
