@@ -12,6 +12,10 @@ A backend is a module with this interface (all shapes already normalized by func
     mix_partial(s, t, spec, stats, offset) -> (N, 4) the mixture's sums, given global stats
     grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher) -> (gs, gt or None)
 
+    The sparse (top-k) teacher's two student kernels (kdkernels/sparse.py has the contract):
+    sparse_partial(s, labels, spec, offset) -> (N, NCOL) table, the student columns only
+    sparse_grads(s, labels, spec, stats, coef, ids, w, offset) -> gs
+
     Whole rows, with autograd (what kd_loss calls without a process_group; the same math as
     partial + finish + grads, fused where the backend can):
     kd_rows(s, t, labels, spec, inplace_backward) -> Tensor (N,)

@@ -594,6 +594,9 @@ def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0
             g += _ce_grad_chunk(sc, labels[i:j], spec, st, offset) * c_1[i:j, None]
         # the K teacher columns: distinct ids per row, so a scatter-add adds each once
         g.scatter_add_(1, local[i:j], w[i:j])
+        if labels is not None:
+            # exactly 0 on ignored rows, whatever their logits (0 * NaN would be NaN)
+            g.masked_fill_((labels[i:j] == spec.ignore_index)[:, None], 0.0)
         if not direct:
             gs[i:j] = g
     return gs

@@ -53,7 +53,6 @@ collective: each rank's sparse_grads adds the terms of its own columns.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -330,20 +329,6 @@ def _check_choices(tail, divergence, teacher_temperature) -> None:
             "mass is 1 - sum exp(lp), which a temperature would change unknowably)")
 
 
-def _resolve_backend(impl, device, dtype):
-    """The backend for `impl`; "auto" falls back to the reference when the backend it
-    picks has no sparse kernels, an explicit impl without them is an error."""
-    backend = _dispatch.resolve(impl, device, (dtype,))
-    if hasattr(backend, "sparse_partial"):
-        return backend
-    explicit = impl != "auto" or os.environ.get("KDKERNELS_IMPL", "auto") not in ("", "auto")
-    name = backend.__name__.rsplit(".", 1)[-1]
-    if explicit:
-        raise RuntimeError(f"impl={impl!r} ({name}) has no sparse-teacher kernels in this "
-                           "build; use impl='torch' or impl='auto'")
-    return _dispatch.resolve("torch", device, (dtype,))
-
-
 # --------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------
@@ -477,7 +462,7 @@ def sparse_kd_loss(
         ce_weight=ce_weight,
         ignore_index=ignore_index,
     )
-    backend = _resolve_backend(impl, s.device, s.dtype)
+    backend = _dispatch.resolve(impl, s.device, (s.dtype,))
     offset, global_v = 0, v
     if sharded:
         from . import distributed as kdd

@@ -14,7 +14,6 @@ import math
 import os
 import tempfile
 import traceback
-import types
 
 import pytest
 import torch
@@ -35,11 +34,6 @@ MODES = [("renormalize", "forward_kl"), ("renormalize", "reverse_kl"), ("renorma
          ("none", "forward_kl")]
 EPS32 = torch.finfo(torch.float32).eps
 MODE_IDS = [f"{t}-{d}" for t, d in MODES]
-
-
-def skip_without_sparse(impl):
-    if not hasattr(_dispatch._BACKENDS[impl], "sparse_partial"):
-        pytest.skip("no sparse kernels in this backend")
 
 
 def dtype_for(impl):
@@ -81,7 +75,6 @@ def make_labels(lead, v, seed=2):
 def check(impl, s, ids, lp, labels=None, *, teacher_grad=True, extra=0.0, **kwargs):
     """kd.sparse_kd_loss forward and backward against the float64 formula (the baseline:
     the formula at the inputs' dtype)."""
-    skip_without_sparse(impl)
     skip_unsupported(impl, s.dtype)
     dtype = s.dtype
     s = s.detach().clone().requires_grad_()
@@ -175,7 +168,6 @@ def test_teacher_temperature_renormalize(impl, divergence, tt):
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_jsd_ends_are_the_kls(impl, tail, beta):
-    skip_without_sparse(impl)
     dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
     s, lp = student(LEAD, V, dt), lp.to(dt)
@@ -190,7 +182,6 @@ def test_whole_vocabulary_teacher_is_the_dense_loss(impl, tail, divergence):
     """K = V, every id present, teacher log-probabilities at the temperature: every tail mode
     is kd_loss on the dense logits (renormalize and bucket have nothing outside S; none's
     p sums to 1), value and student gradient."""
-    skip_without_sparse(impl)
     dt = dtype_for(impl)
     t = student(LEAD, V, dt, seed=7)
     ids = torch.argsort(torch.rand(*LEAD, V, generator=torch.Generator().manual_seed(8)), -1)
@@ -222,7 +213,6 @@ def test_reductions(impl, tail, reduction):
 @pytest.mark.parametrize("tail", ["renormalize", "bucket", "none"])
 def test_all_ignored_rows(impl, tail):
     """Every row ignored: token_mean is 0 (not nan) and every gradient is exactly 0."""
-    skip_without_sparse(impl)
     dt = dtype_for(impl)
     ids, lp = teacher(LEAD, V, 7)
     s = student(LEAD, V, dt).requires_grad_()
@@ -235,7 +225,6 @@ def test_all_ignored_rows(impl, tail):
 
 
 def test_empty_batch(impl):
-    skip_without_sparse(impl)
     s = torch.zeros(0, V, requires_grad=True)
     ids = torch.zeros(0, 5, dtype=torch.int64)
     out = kd.sparse_kd_loss(s, ids, torch.zeros(0, 5), tail="bucket", impl=impl)
@@ -248,7 +237,6 @@ def test_vocab_size(impl, tail, monkeypatch):
     """The first vocab_size columns of padded logits: the same loss and gradient as the
     sliced tensor, read in place (the kernels get a row-strided view, no copy), a zero
     gradient in the padding columns, ids >= vocab_size rejected."""
-    skip_without_sparse(impl)
     backend = _dispatch._BACKENDS[impl]
     strides = []
 
@@ -305,7 +293,6 @@ def test_bucket_tail_below_resolution_stays_finite(impl):
     """A student whose mass sits on the teacher's ids to within 1e-26: q_tail = 1 - sum_S q
     rounds to 0 or below in float32; it is clamped (to the dtype's eps), so the loss and
     gradients are finite. A row whose ids cover every column has no tail at all."""
-    skip_without_sparse(impl)
     k = 5
     ids = torch.stack([torch.arange(k), torch.arange(k, 2 * k)])
     s = torch.full((2, V), -30.0)
@@ -422,22 +409,6 @@ def test_logprob_rounding_above_zero_is_accepted():
     assert kd.sparse_kd_loss(s, ids, lp, impl="torch").isfinite()
 
 
-def test_missing_sparse_kernels(monkeypatch):
-    """A backend without sparse kernels: an explicit impl is a clear error, auto falls back
-    to the reference."""
-    fake = types.ModuleType("kdkernels.fakeext")
-    fake.SUPPORTED_DTYPES = reference.SUPPORTED_DTYPES
-    fake.is_available = lambda device: (True, "")
-    monkeypatch.setitem(_dispatch._BACKENDS, "ext", fake)
-    monkeypatch.delenv("KDKERNELS_IMPL", raising=False)
-    s, ids, lp = _args()
-    with pytest.raises(RuntimeError, match="impl='ext' .* has no sparse-teacher kernels"):
-        kd.sparse_kd_loss(s, ids, lp, impl="ext")
-    if s.device.type == "cpu":  # auto picks ext on CPU
-        torch.testing.assert_close(kd.sparse_kd_loss(s, ids, lp, tail="bucket"),
-                                   kd.sparse_kd_loss(s, ids, lp, tail="bucket", impl="torch"))
-
-
 # --------------------------------------------------------------------------------------
 # vocab-parallel: 2 gloo ranks against the unsharded loss
 # --------------------------------------------------------------------------------------
@@ -535,7 +506,6 @@ def test_backend_kernels_over_column_ranges(impl, inv_ts):
     from kdkernels._spec import Divergence, LossSpec
     from kdkernels._stats import Col
 
-    skip_without_sparse(impl)
     backend = _dispatch._BACKENDS[impl]
     n, v, split = 6, 50, 21
     g = torch.Generator().manual_seed(3)

@@ -3,8 +3,7 @@ against its float64 formula (tests/_sparse_formulas.py): column ranges with tail
 offsets, labels and slot ids inside and outside the range, empty (-1) slots, K in
 {1, 7, V}, the CE term on and off, Ts = 1 and != 1, a row-strided view of wider logits,
 float32 / bfloat16 (and float64 where a backend has it), the non-finite policy, and the
-merge of two ranges equal to the whole row. Backends are taken by module name; one without
-sparse_partial yet (the reference, written elsewhere) is skipped."""
+merge of two ranges equal to the whole row. Backends are taken by module name."""
 
 import importlib
 import math
@@ -38,8 +37,6 @@ def be(request, monkeypatch):
     of 16 slots, so the tile loop, its tail, the split-row merge and the slot loop run at
     these widths."""
     mod = backend(request.param)
-    if request.param == "torch" and not hasattr(mod, "sparse_partial"):
-        pytest.skip(f"{mod.__name__} has no sparse_partial yet")
     if request.param == "ext":
         ok, why = mod.is_available(torch.device("cpu"))
         assert ok, why
@@ -235,10 +232,9 @@ def test_non_finite_rows(be):
     err = (gs[finite].double() - want[finite]).abs()
     assert (err <= grad_tolerance(want[finite], terms[finite], torch.float32)).all()
     assert gs[3, ::3][want[3, ::3] == 0].eq(0).all()
-    if be.impl_name != "torch":
-        # the kernels' own promise (beyond the contract, which zeroes an ignored row's
-        # coefficients and weights): an ignored row reads nothing and gets exactly 0
-        assert (gs[4] == 0).all()
+    # every backend's promise (beyond the contract, which zeroes an ignored row's
+    # coefficients and weights): an ignored row gets exactly 0 whatever its logits
+    assert (gs[4] == 0).all()
 
 
 def test_empty_inputs(be):
