@@ -206,8 +206,11 @@ def test_vocab_size_copies_nothing(impl, monkeypatch, vs, vt, divergence):
         kd.kd_loss(s, t, labels, vocab_size=vocab, divergence=divergence, ce_weight=0.5,
                    impl=impl).backward()
     grads = {s.grad.untyped_storage()._cdata, t.grad.untyped_storage()._cdata}
-    big = [(op, st.nbytes()) for op, st in rec.big]
-    assert len(rec.big) == 2 and all(st._cdata in grads for _, st in rec.big), big
+    # new tensors over the inputs' own memory (the Triton interpreter's set_) are no copies
+    inputs = {s.data_ptr(), t.data_ptr()}
+    big = [(op, st) for op, st in rec.big if st.data_ptr() not in inputs]
+    assert len(big) == 2 and all(st._cdata in grads for _, st in big), [
+        (op, st.nbytes()) for op, st in big]
     assert [x[0] for x in seen] == ["partial", "grads"]
     for _, sv, tv, *_ in seen:
         assert sv.data_ptr() == s.data_ptr() and sv.stride() == (vs, 1) and sv.shape[1] == vocab
