@@ -247,3 +247,83 @@ def test_strided_rows_are_read_in_place(impl, inplace):
         assert torch.equal(buf[:, 37:], s[:, 37:])  # and nowhere else
     else:
         torch.testing.assert_close(s_base.grad[:, :37], wgs)
+
+
+# ---- the fused linear form ----------------------------------------------------------------
+
+
+def _heads(vs, vt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, h, ht = 10, 8, 6
+    return {
+        "student_hidden": torch.randn(n, h, generator=g),
+        "student_weight": torch.randn(vs, h, generator=g),
+        "student_bias": torch.randn(vs, generator=g),
+        "teacher_hidden": torch.randn(n, ht, generator=g),
+        "teacher_weight": torch.randn(vt, ht, generator=g),
+        "teacher_bias": torch.randn(vt, generator=g),
+    }
+
+
+def _linear(impl, x, labels, **kw):
+    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    out = kd.linear_kd_loss(**x, labels=labels, impl=impl, chunk_size=4, **kw)
+    out.backward(upstream_grad(out) if out.dim() == 0 else torch.ones_like(out) * 0.7)
+    return out.detach(), {k: v.grad for k, v in x.items()}
+
+
+ROWS_OF = {"student_weight": 0, "student_bias": 0, "teacher_weight": 0, "teacher_bias": 0,
+           "teacher_logits": 1}
+
+
+def _check_linear(impl, x, vocab, labels, **kw):
+    """linear_kd_loss(vocab_size=vocab) against the same call on copies of the first rows
+    (columns of teacher_logits): equal loss and gradients, exactly 0 past vocab."""
+    out, grads = _linear(impl, x, labels, vocab_size=vocab, **kw)
+    cut = {k: (v[:vocab] if ROWS_OF.get(k) == 0 else v[:, :vocab] if k in ROWS_OF else v)
+           .contiguous() for k, v in x.items()}
+    want, wgrads = _linear(impl, cut, labels, **kw)
+    torch.testing.assert_close(out, want)
+    for k, g in grads.items():
+        assert g.shape == x[k].shape, k
+        if k not in ROWS_OF:
+            torch.testing.assert_close(g, wgrads[k])
+        elif ROWS_OF[k] == 0:
+            torch.testing.assert_close(g[:vocab], wgrads[k])
+            assert not g[vocab:].any(), k
+        else:
+            torch.testing.assert_close(g[:, :vocab], wgrads[k])
+            assert not g[:, vocab:].any(), k
+
+
+@pytest.mark.parametrize("vs, vt", [(37, 45), (45, 37)])
+@pytest.mark.parametrize("vocab", [30, 37])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_linear_vocab_size_uses_the_first_rows(impl, vs, vt, vocab, reduction):
+    x = _heads(vs, vt)
+    labels = torch.randint(0, vocab, (10,))
+    labels[3] = -100
+    _check_linear(impl, x, vocab, labels, divergence="jsd", ce_weight=0.5, temperature=2.0,
+                  reduction=reduction)
+
+
+@pytest.mark.parametrize("vs, vt", [(37, 45), (45, 37)])
+def test_linear_vocab_size_with_teacher_logits(impl, vs, vt):
+    x = _heads(vs, vt)
+    x["teacher_logits"] = x.pop("teacher_hidden") @ x.pop("teacher_weight").T
+    del x["teacher_bias"]
+    labels = torch.randint(0, 30, (10,))
+    _check_linear(impl, x, 30, labels, divergence="forward_kl", reduction="mean")
+
+
+@pytest.mark.parametrize("teacher", ["teacher_weight", "teacher_logits"])
+def test_linear_mismatch_names_both_widths_and_the_fix(teacher):
+    x = _heads(45, 37)
+    if teacher == "teacher_logits":
+        x["teacher_logits"] = x.pop("teacher_hidden") @ x.pop("teacher_weight").T
+        del x["teacher_bias"]
+    with pytest.raises(ValueError, match=f"student_weight has vocabulary 45 and {teacher} 37.*"
+                                         "vocab_size=37"):
+        kd.linear_kd_loss(**x)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 37\]"):
+        kd.linear_kd_loss(**x, vocab_size=38)
