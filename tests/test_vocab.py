@@ -249,6 +249,25 @@ def test_strided_rows_are_read_in_place(impl, inplace):
         torch.testing.assert_close(s_base.grad[:, :37], wgs)
 
 
+@pytest.mark.slow
+def test_vocab_size_compiles(impl):
+    """torch.compile(fullgraph=True) of kd_loss with a narrower vocab_size: the eager values
+    and full-width gradients."""
+    torch._dynamo.reset()
+    s, t = _pair(45, 37, lead=(6,))
+    labels = torch.randint(0, 30, (6,))
+
+    def loss_fn(s, t):
+        return kd.kd_loss(s, t, labels, vocab_size=30, ce_weight=0.5, impl=impl)
+
+    results = [_run(impl, s, t, labels, torch.tensor(0.7), vocab_size=30, ce_weight=0.5)]
+    s_, t_ = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = torch.compile(loss_fn, fullgraph=True)(s_, t_)
+    (out * 0.7).backward()
+    for eager, comp in zip(results[0], (out.detach(), s_.grad, t_.grad), strict=True):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
 # ---- the fused linear form ----------------------------------------------------------------
 
 

@@ -908,6 +908,58 @@ def _labels(labels):
     return labels.contiguous() if labels is not None else None
 
 
+# The kernels of the range functions run inside torch.library ops, so that torch.compile
+# sees opaque ops, not Triton launches (kd_loss's vocab_size goes through these: _vocab.py).
+# The LossSpec travels as primitive arguments (LossSpec.as_args()).
+
+@torch.library.custom_op("kdkernels_triton::partial", mutates_args=())
+def _partial_op(
+    s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, kind: str, mix: float,
+    coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
+    ce_weight: float, ignore_index: int, offset: int,
+) -> torch.Tensor:
+    args = (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)
+    with device_guard(s):
+        return _stats_pass(s, t, labels, args, offset, finish=False)[1]
+
+
+@_partial_op.register_fake
+def _partial_fake(s, *args):
+    return s.new_empty((s.shape[0], NCOL), dtype=torch.float32)
+
+
+@torch.library.custom_op("kdkernels_triton::mix_partial", mutates_args=())
+def _mix_partial_op(
+    s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, kind: str, mix: float,
+    coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
+    ce_weight: float, ignore_index: int,
+) -> torch.Tensor:
+    args = (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)
+    with device_guard(s):
+        return _mix_pass(s, t, None, args, stats, None)
+
+
+@_mix_partial_op.register_fake
+def _mix_partial_fake(s, *args):
+    return s.new_empty((s.shape[0], 4), dtype=torch.float32)
+
+
+@torch.library.custom_op("kdkernels_triton::grads_out", mutates_args=("ds", "dt"))
+def _grads_op(
+    grad: torch.Tensor, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+    stats: torch.Tensor, ds: torch.Tensor, dt: torch.Tensor | None, kind: str, mix: float,
+    coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
+    ce_weight: float, ignore_index: int, offset: int,
+) -> None:
+    _backward(grad, s, t, labels, stats, ds, dt, kind, mix, coef_p, coef_q, inv_ts, inv_tt,
+              kd_scale, ce_weight, ignore_index, offset=offset)
+
+
+@_grads_op.register_fake
+def _grads_fake(*args):
+    return None
+
+
 @torch.no_grad()
 def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
     """Pass-1 statistics (N, NCOL) of the columns [offset, offset + Vr) that s, t (N, Vr)
@@ -915,8 +967,7 @@ def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
     empty range."""
     labels = _labels(labels)
     _check_inputs(s, t, labels)
-    with device_guard(s):
-        return _stats_pass(s, t, labels, spec.as_args(), int(offset), finish=False)[1]
+    return _partial_op(s, t, labels, *spec.as_args(), int(offset))
 
 
 @torch.no_grad()
@@ -932,8 +983,7 @@ def mix_partial(s, t, spec: LossSpec, stats: torch.Tensor, offset: int = 0) -> t
     _check_stats(stats, s.shape[0], s.device)
     if spec.div.kind != "mixture":
         raise ValueError(f"mix_partial needs a mixture divergence, got {spec.div.kind!r}")
-    with device_guard(s):
-        return _mix_pass(s, t, None, spec.as_args(), stats, None)
+    return _mix_partial_op(s, t, stats, *spec.as_args())
 
 
 @torch.no_grad()
@@ -955,8 +1005,8 @@ def grads(s, t, labels, spec: LossSpec, stats: torch.Tensor, offset: int,
             raise ValueError(f"{name} must have shape {tuple(x.shape)}, dtype {x.dtype} on "
                              f"{x.device} and stride 1 along V, got {tuple(g.shape)} "
                              f"{g.dtype} on {g.device}, strides {g.stride()}")
-    _backward(grad_rows.to(device=s.device, dtype=torch.float32).contiguous(), s, t, labels,
-              stats, ds, dt, *spec.as_args(), offset=int(offset))
+    _grads_op(grad_rows.to(device=s.device, dtype=torch.float32).contiguous(), s, t, labels,
+              stats, ds, dt, *spec.as_args(), int(offset))
     return ds, dt
 
 
