@@ -293,7 +293,8 @@ def kd_loss(
             valid = torch.tensor(float(s.shape[0]), device=s.device, dtype=rows.dtype)
         else:
             valid = (flat_labels != ignore_index).sum().to(rows.dtype)
-    batch = student_logits.shape[0]  # F.kl_div's batchmean: the first dim, even for 1-D
+    # F.kl_div's batchmean: the first dim of the logits used, even for 1-D
+    batch = student_logits.shape[0] if student_logits.dim() > 1 else v
     numel = s.shape[0] * v  # F.kl_div's mean: the numel of the logits used
     if process_group is not None and reduction == "mean":
         # F.kl_div's mean divides by the numel of the GLOBAL logits: N x V, V over the group

@@ -249,6 +249,16 @@ def test_strided_rows_are_read_in_place(impl, inplace):
         torch.testing.assert_close(s_base.grad[:, :37], wgs)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_vocab_size_one_row_divides_by_the_columns_used(impl, reduction):
+    """1-D logits: batchmean and mean divide by vocab_size (the first dim and numel of the
+    logits used), as on the sliced logits."""
+    s, t = _pair(45, 37, lead=())
+    got = kd.kd_loss(s, t, vocab_size=30, reduction=reduction, impl=impl)
+    want = kd.kd_loss(s[:30].clone(), t[:30].clone(), reduction=reduction, impl=impl)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.slow
 def test_vocab_size_compiles(impl):
     """torch.compile(fullgraph=True) of kd_loss with a narrower vocab_size: the eager values
