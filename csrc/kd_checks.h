@@ -35,6 +35,27 @@ inline Params make_params(KD_PARAMS_DECL) {
                 ignore_index};
 }
 
+// Rows the kernels read or write through a row stride: stride 1 along V, rows stride(0) >= V
+// apart (any row stride: the first columns of wider logits are a view, never copied).
+inline void check_rows(const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "kdkernels: ", name, " must be 2-D (rows, V), got ", x.sizes());
+  const bool unit = x.size(1) <= 1 || x.stride(1) == 1;
+  const bool apart = x.size(0) <= 1 || x.stride(0) >= x.size(1);
+  TORCH_CHECK(unit && apart, "kdkernels: ", name,
+              " must have rows of stride 1 along V (stride(1) == 1, stride(0) >= V), got "
+              "strides ", x.strides());
+}
+
+// An output buffer of a gradient: like x (shape, dtype, device), any row stride.
+inline void check_grad_out(const char* name, const at::Tensor& g, const at::Tensor& x) {
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() &&
+                  g.device() == x.device(),
+              "kdkernels: ", name, " must have shape ", x.sizes(), ", dtype ", x.scalar_type(),
+              " and device ", x.device(), ", got ", g.sizes(), " ", g.scalar_type(), " ",
+              g.device());
+  check_rows(name, g);
+}
+
 // Logits and spec. allow_double: whether float64 logits have kernels on this device.
 inline void check_logits(const at::Tensor& s, const at::Tensor& t, const Params& pr,
                          bool allow_double) {
@@ -43,8 +64,8 @@ inline void check_logits(const at::Tensor& s, const at::Tensor& t, const Params&
               t.sizes());
   TORCH_CHECK(t.device() == s.device(), "kdkernels: t must be on s's device ", s.device(),
               ", got ", t.device());
-  TORCH_CHECK(s.is_contiguous(), "kdkernels: s must be contiguous");
-  TORCH_CHECK(t.is_contiguous(), "kdkernels: t must be contiguous");
+  check_rows("s", s);
+  check_rows("t", t);
   for (const auto* x : {&s, &t}) {
     const auto d = x->scalar_type();
     const bool ok = d == at::kFloat || d == at::kBFloat16 || d == at::kHalf ||

@@ -375,6 +375,7 @@ struct Job {
   const A* grad;    // (N,) upstream row gradients (BACKWARD)
   void* gs;         // (N, V) in s's dtype (BACKWARD, FUSED)
   void* gt;         // (N, V) in t's dtype, or nullptr
+  int64_t gs_stride, gt_stride;  // elements between the rows of gs, gt
 };
 
 template <class A, int K>
@@ -385,16 +386,18 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
   const size_t es = c10::elementSize(ss), et = c10::elementSize(tt);
   const char* sp = static_cast<const char*>(s.data_ptr());
   const char* tp = static_cast<const char*>(t.data_ptr());
+  // row strides (elements): the rows may be the first columns of wider logits
+  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
   const Op op = job.op;
   const bool fwd = op == Op::FORWARD || op == Op::FUSED;
   const bool bwd = op == Op::BACKWARD || op == Op::FUSED;
   at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       Row r;
-      r.s = sp + i * v * es;
-      r.t = tp + i * v * et;
-      r.gs = job.gs ? static_cast<char*>(job.gs) + i * v * es : nullptr;
-      r.gt = job.gt ? static_cast<char*>(job.gt) + i * v * et : nullptr;
+      r.s = sp + i * s_stride * es;
+      r.t = tp + i * t_stride * et;
+      r.gs = job.gs ? static_cast<char*>(job.gs) + i * job.gs_stride * es : nullptr;
+      r.gt = job.gt ? static_cast<char*>(job.gt) + i * job.gt_stride * et : nullptr;
       r.ss = ss;
       r.tt = tt;
       r.v = v;
@@ -442,9 +445,11 @@ void dispatch_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab,
 
 // Runs `job` with its pointers filled from these tensors in the accumulation type. whole:
 // the tensors are whole rows, so labels are checked in [0, V); else (a column range) >= 0.
+// gs, gt: the gradients' buffers (rows gs_stride, gt_stride elements apart).
 void run_job(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
              const Params& pr, Op op, int64_t offset, bool whole, at::Tensor* loss,
-             at::Tensor* stats, at::Tensor* sums, const at::Tensor* grad, void* gs, void* gt) {
+             at::Tensor* stats, at::Tensor* sums, const at::Tensor* grad, void* gs, void* gt,
+             int64_t gs_stride = 0, int64_t gt_stride = 0) {
   check_label_values(labels, whole ? s.size(1) : -1, pr);
   const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   auto fill = [&](auto zero) {
@@ -456,7 +461,9 @@ void run_job(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::T
              sums ? sums->data_ptr<A>() : nullptr,
              grad ? grad->data_ptr<A>() : nullptr,
              gs,
-             gt};
+             gt,
+             gs_stride,
+             gt_stride};
     dispatch_rows<A>(s, t, lab, pr, j);
   };
   if (acc_type(s) == at::kDouble) {
@@ -507,28 +514,55 @@ at::Tensor kd_mix_partial_cpu(const at::Tensor& s, const at::Tensor& t, const at
   return sums;
 }
 
+void check_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,
+                    const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
+                    const Params& pr, int64_t offset) {
+  check_inputs(s, t, labels, pr, true);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  const int64_t n = s.size(0);
+  check_stats(stats, n, acc_type(s));
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
+              "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
+}
+
+// The gradients of the rows' range into gs and gt (nullptr: none), rows of any stride.
+void backward_into(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,
+                   const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
+                   const Params& pr, int64_t offset, const at::Tensor& gs,
+                   const at::Tensor* gt) {
+  auto g = grad_loss.to(acc_type(s)).contiguous();
+  at::Tensor st = stats;  // read only
+  run_job(s, t, labels, pr, Op::BACKWARD, offset, false, nullptr, &st, nullptr, &g,
+          gs.data_ptr(), gt ? gt->data_ptr() : nullptr, gs.stride(0), gt ? gt->stride(0) : 0);
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad_loss,
                                                    const at::Tensor& s, const at::Tensor& t,
                                                    const c10::optional<at::Tensor>& labels,
                                                    const at::Tensor& stats, KD_PARAMS_DECL,
                                                    int64_t offset, bool need_teacher) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_inputs(s, t, labels, pr, true);
-  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
-  const auto acc = acc_type(s);
-  const int64_t n = s.size(0);
-  check_stats(stats, n, acc);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
-              "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
-  auto g = grad_loss.to(acc).contiguous();
+  check_backward(grad_loss, s, t, labels, stats, pr, offset);
   auto gs = at::empty_like(s);
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t.options());
   advise_huge_pages(gs);
   if (need_teacher) advise_huge_pages(gt);
-  at::Tensor st = stats;  // read only
-  run_job(s, t, labels, pr, Op::BACKWARD, offset, false, nullptr, &st, nullptr, &g,
-          gs.data_ptr(), need_teacher ? gt.data_ptr() : nullptr);
+  backward_into(grad_loss, s, t, labels, stats, pr, offset, gs, need_teacher ? &gt : nullptr);
   return {gs, gt};
+}
+
+// kd_backward into given buffers (any row stride: e.g. the first columns of a full-width
+// gradient, whose padding columns the caller zeroes).
+void kd_backward_out_cpu(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,
+                         const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
+                         KD_PARAMS_DECL, int64_t offset, at::Tensor& grad_s,
+                         const c10::optional<at::Tensor>& grad_t) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_backward(grad_loss, s, t, labels, stats, pr, offset);
+  check_grad_out("grad_s", grad_s, s);
+  if (grad_t.has_value()) check_grad_out("grad_t", *grad_t, t);
+  backward_into(grad_loss, s, t, labels, stats, pr, offset, grad_s,
+                grad_t.has_value() ? &*grad_t : nullptr);
 }
 
 // Forward and backward (upstream gradient 1 per row) in one visit of each row; the gradient
@@ -545,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fused_cpu(at::Tensor& s, const at::Tensor&
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t.options());
   if (need_teacher) advise_huge_pages(gt);
   run_job(s, t, labels, pr, Op::FUSED, 0, true, &loss, &stats, nullptr, nullptr, s.data_ptr(),
-          need_teacher ? gt.data_ptr() : nullptr);
+          need_teacher ? gt.data_ptr() : nullptr, s.stride(0), need_teacher ? gt.stride(0) : 0);
   return {loss, gt};
 }
 
@@ -784,6 +818,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // need_teacher
   m.def("kd_backward(Tensor grad_loss, Tensor s, Tensor t, Tensor? labels, Tensor stats, "
         KD_SPEC_SCHEMA ", int offset, bool need_teacher) -> (Tensor, Tensor)");
+  // kd_backward written into grad_s, grad_t (any row stride; grad_t only when given)
+  m.def("kd_backward_out(Tensor grad_loss, Tensor s, Tensor t, Tensor? labels, Tensor stats, "
+        KD_SPEC_SCHEMA ", int offset, Tensor(a!) grad_s, Tensor(b!)? grad_t) -> ()");
   // (loss, grad_t); s is overwritten by its gradient for an upstream gradient of 1 per row
   m.def("kd_fused_(Tensor(a!) s, Tensor t, Tensor? labels, " KD_SPEC_SCHEMA
         ", bool need_teacher) -> (Tensor, Tensor)");
@@ -800,6 +837,7 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("kd_partial", &kd::kd_partial_cpu);
   m.impl("kd_mix_partial", &kd::kd_mix_partial_cpu);
   m.impl("kd_backward", &kd::kd_backward_cpu);
+  m.impl("kd_backward_out", &kd::kd_backward_out_cpu);
   m.impl("kd_fused_", &kd::kd_fused_cpu);
   m.impl("kl_div", &kd::kl_div_cpu);
   m.impl("kl_div_sum", &kd::kl_div_sum_cpu);

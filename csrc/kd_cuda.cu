@@ -235,18 +235,19 @@ __device__ __forceinline__ float pack_max(const float* x, int cnt) {
 
 template <int K, class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
-    const TS* __restrict__ s,             // (N, V) student logits
-    const TT* __restrict__ t,             // (N, V) teacher logits
+    const TS* __restrict__ s,             // (N, V) student logits, rows ss apart
+    const TT* __restrict__ t,             // (N, V) teacher logits, rows ts apart
     const int64_t* __restrict__ labels,   // (N,) labels or nullptr
     float* __restrict__ part,             // (N, splits, NPART) partial states out
-    int64_t v, int64_t chunk, float its, float itt, bool ce_sep, int64_t ignore_index) {
+    int64_t v, int64_t ss, int64_t ts, int64_t chunk, float its, float itt, bool ce_sep,
+    int64_t ignore_index) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   float* out = part + (row * gridDim.y + blockIdx.y) * NPART;
   if (labels && labels[row] == ignore_index) return;  // finalize writes 0 for ignored rows
-  const TS* sr = s + row * v;
-  const TT* tr = t + row * v;
+  const TS* sr = s + row * ss;
+  const TT* tr = t + row * ts;
   KLPart<float> p = kl_part_empty<float>();
   float s1 = 0.f;  // CE's sum exp(s - ms) at T = 1 (its maximum is the student's, raw)
   for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
@@ -291,12 +292,12 @@ __global__ void __launch_bounds__(THREADS) kd_stats_kernel(
 // offset 0) also DIV = D and, except for the mixture, the loss.
 template <int K, class T>
 __global__ void kd_finalize_kernel(
-    const T* __restrict__ s,              // (N, V) student logits (for s[label])
+    const T* __restrict__ s,              // (N, V) student logits, rows ss apart (s[label])
     const int64_t* __restrict__ labels,   // (N,) global ids, or nullptr
     const float* __restrict__ part,       // (N, splits, NPART)
     float* __restrict__ stats,            // (N, NSTAT) out
     float* __restrict__ loss,             // (N,) out, or nullptr (a range's statistics)
-    int64_t n, int64_t v, int64_t offset, int splits, bool ce, bool ce_sep,
+    int64_t n, int64_t v, int64_t ss, int64_t offset, int splits, bool ce, bool ce_sep,
     int64_t ignore_index, float its, float itt, float kd_scale, float ce_weight) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -324,7 +325,7 @@ __global__ void kd_finalize_kernel(
   st[ST_M1] = p.ms;  // raw: the same maximum at any temperature
   st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
   const int64_t col = lab - offset;  // the label's column in the range
-  st[ST_LABEL] = labels && col >= 0 && col < v ? to_f(s[row * v + col]) : 0.f;
+  st[ST_LABEL] = labels && col >= 0 && col < v ? to_f(s[row * ss + col]) : 0.f;
   st[ST_DIV] = st[ST_B] = st[ST_UQ] = st[ST_UP] = 0.f;
   st[ST_ACC] = K == MIXTURE ? 0.f : p.acc;
   if (K != MIXTURE && loss) {
@@ -342,12 +343,12 @@ __global__ void kd_finalize_kernel(
 
 template <class TS, class TT>
 __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
-    const TS* __restrict__ s,             // (N, V) student logits
-    const TT* __restrict__ t,             // (N, V) teacher logits
+    const TS* __restrict__ s,             // (N, V) student logits, rows ss apart
+    const TT* __restrict__ t,             // (N, V) teacher logits, rows ts apart
     const int64_t* __restrict__ labels,   // (N,) or nullptr
     const float* __restrict__ stats,      // (N, NSTAT) the rows' global statistics
     float* __restrict__ part,             // (N, splits, 4) partial A, B, Uq, Up out
-    int64_t v, int64_t chunk, float its, float itt, int64_t ignore_index, float mix,
+    int64_t v, int64_t ss, int64_t ts, int64_t chunk, float its, float itt, int64_t ignore_index, float mix,
     float coef_p, float coef_q, bool unit_sums) {
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
@@ -356,8 +357,8 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
   // lq = (s - ms) / Ts - log Ss: never through a rounded lse (cancellation at |s| ~ 1e4)
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
-  const TS* sr = s + row * v;
-  const TT* tr = t + row * v;
+  const TS* sr = s + row * ss;
+  const TT* tr = t + row * ts;
   float sa = 0.f, sb = 0.f, suq = 0.f, sup = 0.f;
   for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
     float xs[PACK], xt[PACK];
@@ -433,16 +434,17 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
     const float* __restrict__ stats,      // (N, NSTAT) the rows' global finished statistics
     TS* gs,                               // (N, V) grad of s out
     TT* __restrict__ gt,                  // (N, V) grad of t out, or nullptr
-    int64_t v, int64_t offset, int64_t chunk, float its, float itt, bool ce,
+    int64_t v, int64_t ss, int64_t ts, int64_t gss, int64_t gts,  // row strides of s..gt
+    int64_t offset, int64_t chunk, float its, float itt, bool ce,
     int64_t ignore_index, float kd_scale, float ce_weight, float mix, float coef_p,
     float coef_q) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
-  const TS* sr = s + row * v;
-  const TT* tr = t + row * v;
-  TS* gsr = gs + row * v;
-  TT* gtr = gt ? gt + row * v : nullptr;
+  const TS* sr = s + row * ss;
+  const TT* tr = t + row * ts;
+  TS* gsr = gs + row * gss;
+  TT* gtr = gt ? gt + row * gts : nullptr;
   const int64_t h = row_pack_head(sr, tr, gsr, gtr);
   const int64_t lab = labels ? labels[row] : -1;
   if (labels && lab == ignore_index) {
@@ -709,11 +711,12 @@ void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, c
     dispatch_kind(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
       kd_stats_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
-          sp_s, sp_t, lab, part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
-          float(pr.inv_tt), ce_sep, pr.ignore_index);
+          sp_s, sp_t, lab, part.data_ptr<float>(), v, s.stride(0), t.stride(0), sp_.chunk,
+          float(pr.inv_ts), float(pr.inv_tt), ce_sep, pr.ignore_index);
       KD_CUDA_CHECK(cudaGetLastError());
       kd_finalize_kernel<K, TS><<<fin_blocks, 128, 0, stream>>>(
-          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v, offset,
+          sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v, s.stride(0),
+          offset,
           sp_.splits, ce, ce_sep, pr.ignore_index, float(pr.inv_ts), float(pr.inv_tt),
           float(pr.kd_scale), float(pr.ce_weight));
       KD_CUDA_CHECK(cudaGetLastError());
@@ -721,8 +724,8 @@ void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, c
         if (lossp) {
           auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
           kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
-              sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, sp_.chunk,
-              float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, float(pr.mix),
+              sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, s.stride(0),
+              t.stride(0), sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, float(pr.mix),
               float(pr.coef_p), float(pr.coef_q), false);
           KD_CUDA_CHECK(cudaGetLastError());
           kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
@@ -750,7 +753,8 @@ void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
     using TT = decltype(tz);
     kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
         static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()), nullptr,
-        stats.data_ptr<float>(), part.data_ptr<float>(), v, sp_.chunk, float(pr.inv_ts),
+        stats.data_ptr<float>(), part.data_ptr<float>(), v, s.stride(0), t.stride(0), sp_.chunk,
+        float(pr.inv_ts),
         float(pr.inv_tt), pr.ignore_index, float(pr.mix), float(pr.coef_p), float(pr.coef_q),
         true);
     KD_CUDA_CHECK(cudaGetLastError());
@@ -761,9 +765,10 @@ void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
   });
 }
 
+// gs, gt: the gradients' buffers, rows gss, gts elements apart (gt may be nullptr)
 void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
                   const int64_t* lab, const at::Tensor& stats, const Params& pr, int64_t offset,
-                  void* gs, void* gt) {
+                  void* gs, void* gt, int64_t gss, int64_t gts) {
   const int64_t n = s.size(0), v = s.size(1);
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -777,7 +782,8 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
       constexpr int K = decltype(kz)::value;
       kd_grad_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
           grad, static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()),
-          lab, stats.data_ptr<float>(), static_cast<TS*>(gs), static_cast<TT*>(gt), v, offset,
+          lab, stats.data_ptr<float>(), static_cast<TS*>(gs), static_cast<TT*>(gt), v,
+          s.stride(0), t.stride(0), gss, gts, offset,
           sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, pr.ignore_index,
           float(pr.kd_scale), float(pr.ce_weight), float(pr.mix), float(pr.coef_p),
           float(pr.coef_q));
@@ -842,29 +848,59 @@ at::Tensor kd_mix_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
   return out;
 }
 
+void check_cuda_backward(const at::Tensor& grad_loss, const at::Tensor& s,
+                         const at::Tensor& t_in, const c10::optional<at::Tensor>& labels,
+                         const at::Tensor& stats, const Params& pr, int64_t offset) {
+  check_cuda_inputs(s, t_in, labels, pr, false);
+  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  const int64_t n = s.size(0);
+  check_stats(stats, n, at::kFloat);
+  TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
+              "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad_loss,
                                                     const at::Tensor& s, const at::Tensor& t_in,
                                                     const c10::optional<at::Tensor>& labels,
                                                     const at::Tensor& stats, KD_PARAMS_DECL,
                                                     int64_t offset, bool need_teacher) {
   const Params pr = make_params(KD_PARAMS_ARGS);
-  check_cuda_inputs(s, t_in, labels, pr, false);
-  TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
+  check_cuda_backward(grad_loss, s, t_in, labels, stats, pr, offset);
   const c10::cuda::CUDAGuard guard(s.device());
-  const int64_t n = s.size(0);
-  check_stats(stats, n, at::kFloat);
-  TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
-              "kdkernels: grad_loss must have shape (", n, ",), got ", grad_loss.sizes());
   const at::Tensor t = teacher_for(t_in, s);
   auto g = grad_loss.to(at::kFloat).contiguous();
   auto gs = at::empty_like(s);
   // grad_t is written in the dtype the kernel reads t in; converted back below if it differs
   auto gt = need_teacher ? at::empty_like(t) : at::empty({0}, t_in.options());
   run_backward(g.data_ptr<float>(), s, t, labels_ptr(labels), stats, pr, offset, gs.data_ptr(),
-               need_teacher ? gt.data_ptr() : nullptr);
+               need_teacher ? gt.data_ptr() : nullptr, gs.stride(0),
+               need_teacher ? gt.stride(0) : 0);
   if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
   return {gs, gt};
+}
+
+// kd_backward into given buffers (any row stride: e.g. the first columns of a full-width
+// gradient, whose padding columns the caller zeroes).
+void kd_backward_out_cuda(const at::Tensor& grad_loss, const at::Tensor& s,
+                          const at::Tensor& t_in, const c10::optional<at::Tensor>& labels,
+                          const at::Tensor& stats, KD_PARAMS_DECL, int64_t offset,
+                          at::Tensor& grad_s, const c10::optional<at::Tensor>& grad_t) {
+  const Params pr = make_params(KD_PARAMS_ARGS);
+  check_cuda_backward(grad_loss, s, t_in, labels, stats, pr, offset);
+  check_grad_out("grad_s", grad_s, s);
+  if (grad_t.has_value()) check_grad_out("grad_t", *grad_t, t_in);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor t = teacher_for(t_in, s);
+  auto g = grad_loss.to(at::kFloat).contiguous();
+  // a teacher read as float32 (another 16-bit dtype) gets its gradient in float32 first
+  at::Tensor gt;
+  if (grad_t.has_value())
+    gt = t.scalar_type() == t_in.scalar_type() ? *grad_t : at::empty_like(t);
+  run_backward(g.data_ptr<float>(), s, t, labels_ptr(labels), stats, pr, offset,
+               grad_s.data_ptr(), gt.defined() ? gt.data_ptr() : nullptr, grad_s.stride(0),
+               gt.defined() ? gt.stride(0) : 0);
+  if (gt.defined() && !gt.is_same(*grad_t)) grad_t->copy_(gt);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_fused_cuda(at::Tensor& s, const at::Tensor& t_in,
@@ -882,7 +918,8 @@ std::tuple<at::Tensor, at::Tensor> kd_fused_cuda(at::Tensor& s, const at::Tensor
   run_forward(s, t, lab, pr, 0, &loss, stats);
   // each element is read before it is overwritten, by the same thread
   run_backward(nullptr, s, t, lab, stats, pr, 0, s.data_ptr(),
-               need_teacher ? gt.data_ptr() : nullptr);
+               need_teacher ? gt.data_ptr() : nullptr, s.stride(0),
+               need_teacher ? gt.stride(0) : 0);
   if (need_teacher && gt.scalar_type() != t_in.scalar_type()) gt = gt.to(t_in.scalar_type());
   return {loss, gt};
 }
@@ -1024,6 +1061,7 @@ TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("kd_partial", &kd::kd_partial_cuda);
   m.impl("kd_mix_partial", &kd::kd_mix_partial_cuda);
   m.impl("kd_backward", &kd::kd_backward_cuda);
+  m.impl("kd_backward_out", &kd::kd_backward_out_cuda);
   m.impl("kd_fused_", &kd::kd_fused_cuda);
   m.impl("kl_div", &kd::kl_div_cuda);
   m.impl("kl_div_sum", &kd::kl_div_sum_cuda);

@@ -21,6 +21,14 @@ def chunk_rows(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
+def strided_rows(x: torch.Tensor) -> bool:
+    """Whether the kernels read the (N, V) tensor x as it is: each row's elements adjacent
+    (stride 1 along V) and rows stride(0) >= V apart. Any row stride is fine, so a view of
+    the first columns of wider logits is read in place, never copied."""
+    n, v = x.shape
+    return (v <= 1 or x.stride(1) == 1) and (n <= 1 or x.stride(0) >= v)
+
+
 def row_chunks(n_rows: int, n_cols: int):
     """(i, j) bounds of the row chunks of an (n_rows, n_cols) tensor."""
     step = chunk_rows(n_rows, n_cols)

@@ -10,7 +10,10 @@ A backend is a module with this interface (all shapes already normalized by func
     on a column range [offset, offset + Vr) of rows with GLOBAL labels:
     partial(s, t, labels, spec, offset) -> (N, NCOL) statistics table
     mix_partial(s, t, spec, stats, offset) -> (N, 4) the mixture's sums, given global stats
-    grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher) -> (gs, gt or None)
+    grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher, out=None, out_t=None)
+        -> (gs, gt or None); out / out_t: (N, Vr) tensors (any row stride) to write them into
+    Logits (and out, out_t) have stride 1 along V and any row stride (_common.strided_rows):
+    the first columns of wider logits are read in place (kd_loss's vocab_size, _vocab.py).
 
     The sparse (top-k) teacher's two student kernels (kdkernels/sparse.py has the contract):
     sparse_partial(s, labels, spec, offset) -> (N, NCOL) table, the student columns only
@@ -19,7 +22,7 @@ A backend is a module with this interface (all shapes already normalized by func
     Whole rows, with autograd (what kd_loss calls without a process_group; the same math as
     partial + finish + grads, fused where the backend can):
     kd_rows(s, t, labels, spec, inplace_backward) -> Tensor (N,)
-        s, t: (N, V) contiguous logits; labels: (N,) int64 or None; spec: LossSpec.
+        s, t: (N, V) logits; labels: (N,) int64 or None; spec: LossSpec.
         Returns each row's loss (float32, float64 for float64 logits) with autograd to s
         (and to t when t.requires_grad); rows with label == ignore_index are 0.
     kl_div(input, target, log_target, reduce_sum) -> Tensor

@@ -11,6 +11,8 @@ Ops (torch.ops.kdkernels.*; fake and autograd registrations below):
     kd_mix_partial(s, t, stats, <spec>, offset) -> the mixture's pass-2 sums (N, 4)
     kd_backward(grad_loss, s, t, labels, stats, <spec>, offset, need_teacher)
         -> (grad_s, grad_t) of a column range
+    kd_backward_out(grad_loss, s, t, labels, stats, <spec>, offset, grad_s!, grad_t!?)
+        -> () the same, written into given buffers
     kd_fused_(s!, t, labels, <spec>, need_teacher) -> (row losses, grad_t)  [s <- grad_s]
     kl_div / kl_div_sum / kl_div_backward, softmax / softmax_backward
     kd_sparse_partial(s, labels, <spec>, offset) -> the student's stats (N, NSTAT) of a range
@@ -36,7 +38,7 @@ import warnings
 
 import torch
 
-from ._common import first_order_only, scale_rows_, take_inplace_grads
+from ._common import first_order_only, scale_rows_, strided_rows, take_inplace_grads
 from ._spec import LossSpec
 from ._stats import NCOL
 from .ext_build import MIN_CAPABILITY, build
@@ -157,6 +159,10 @@ def _kd_backward_fake(grad_loss, s, t, labels, stats, *spec_and_need):
     return torch.empty_like(s), (torch.empty_like(t) if need_teacher else t.new_empty((0,)))
 
 
+def _kd_backward_out_fake(grad_loss, s, t, labels, stats, *spec_offset_and_outs):
+    return None
+
+
 def _kd_fused_fake(s, t, labels, *spec_and_need):
     need_teacher = spec_and_need[-1]
     loss = s.new_empty((s.shape[0],), dtype=_acc(s.dtype))
@@ -244,6 +250,7 @@ def register() -> None:
     lib.register_fake("kdkernels::kd_partial", _kd_partial_fake)
     lib.register_fake("kdkernels::kd_mix_partial", _kd_mix_partial_fake)
     lib.register_fake("kdkernels::kd_backward", _kd_backward_fake)
+    lib.register_fake("kdkernels::kd_backward_out", _kd_backward_out_fake)
     lib.register_fake("kdkernels::kd_fused_", _kd_fused_fake)
     lib.register_fake("kdkernels::kd_sparse_partial", _kd_sparse_partial_fake)
     lib.register_fake("kdkernels::kd_sparse_grads", _kd_sparse_grads_fake)
@@ -295,8 +302,8 @@ def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
     """Statistics (N, NSTAT) of the columns [offset, offset + Vr) of rows: s, t (N, Vr),
     labels (N,) GLOBAL ids or None (kdkernels/_stats.py)."""
     _require(s.device)
-    return torch.ops.kdkernels.kd_partial(s.contiguous(), t.contiguous(), _labels(labels),
-                                          *spec.as_args(), int(offset))
+    return torch.ops.kdkernels.kd_partial(_rows(s), _rows(t), _labels(labels), *spec.as_args(),
+                                          int(offset))
 
 
 def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0) -> torch.Tensor:
@@ -304,18 +311,35 @@ def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0) -> torch.Tensor:
     offset + Vr), given the rows' GLOBAL (merged) statistics. For jsd (u = 1) Uq and Up are
     the range's sums of q and p, so the ranges of a row add up to 1."""
     _require(s.device)
-    return torch.ops.kdkernels.kd_mix_partial(s.contiguous(), t.contiguous(),
-                                              stats.contiguous(), *spec.as_args(), int(offset))
+    return torch.ops.kdkernels.kd_mix_partial(_rows(s), _rows(t), stats.contiguous(),
+                                              *spec.as_args(), int(offset))
 
 
-def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teacher: bool):
+def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teacher: bool,
+          out=None, out_t=None):
     """(grad_s, grad_t or None) of the columns [offset, offset + Vr) given the rows' GLOBAL
-    finished statistics (DIV set), times grad_rows (N,); ignored rows get 0."""
+    finished statistics (DIV set), times grad_rows (N,); ignored rows get 0. out, out_t:
+    buffers to write them into (any row stride), else fresh ones."""
     _require(s.device)
-    gs, gt = torch.ops.kdkernels.kd_backward(grad_rows, s.contiguous(), t.contiguous(),
-                                             _labels(labels), stats.contiguous(),
-                                             *spec.as_args(), int(offset), bool(need_teacher))
-    return gs, (gt if need_teacher else None)
+    s, t = _rows(s), _rows(t)
+    if out is None and out_t is None:
+        gs, gt = torch.ops.kdkernels.kd_backward(grad_rows, s, t, _labels(labels),
+                                                 stats.contiguous(), *spec.as_args(),
+                                                 int(offset), bool(need_teacher))
+        return gs, (gt if need_teacher else None)
+    gs = torch.empty_like(s) if out is None else out
+    gt = None
+    if need_teacher:
+        gt = torch.empty_like(t) if out_t is None else out_t
+    torch.ops.kdkernels.kd_backward_out(grad_rows, s, t, _labels(labels), stats.contiguous(),
+                                        *spec.as_args(), int(offset), gs, gt)
+    return gs, gt
+
+
+def _rows(x):
+    """x as the kernels read it: in place when its rows have stride 1 along V (any row
+    stride), else a contiguous copy."""
+    return x if strided_rows(x) else x.contiguous()
 
 
 def sparse_partial(s, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Public functions: validate the arguments, normalize shapes to (rows, V), dispatch.
 
-Kernels never see user arguments; they receive (rows, V) contiguous logits and a LossSpec.
+Kernels never see user arguments; they receive (rows, V) logits (rows with stride 1 along V,
+any row stride) and a LossSpec.
 Reductions are applied here, on the (rows,) vector of row losses the backend returns.
 """
 
@@ -12,7 +13,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn import _reduction as _legacy_reduction
 
-from . import _dispatch
+from . import _dispatch, _vocab
+from ._common import strided_rows
 from ._spec import DIVERGENCES, REDUCTIONS, Divergence, LossSpec
 
 __all__ = ["kd_loss", "kl_div", "softmax", "log_softmax"]
@@ -100,9 +102,9 @@ def _reject_forward_ad(**tensors) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _take_vocab(s: torch.Tensor, t: torch.Tensor, vocab_size, sharded: bool,
-                inplace_backward: bool):
-    """The first `vocab_size` columns of both logits (see kd_loss's `vocab_size`)."""
+def _check_vocab(s: torch.Tensor, t: torch.Tensor, vocab_size, sharded: bool) -> int | None:
+    """kd_loss's `vocab_size`, checked against both widths; None when it is both widths
+    (nothing to narrow)."""
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
         raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
     if sharded:
@@ -113,18 +115,7 @@ def _take_vocab(s: torch.Tensor, t: torch.Tensor, vocab_size, sharded: bool,
             f"vocab_size must be in [1, {min(vs, vt)}] (student_logits has vocabulary width "
             f"{vs}, teacher_logits {vt}), got {vocab_size}"
         )
-    if inplace_backward and vocab_size != vs:
-        raise ValueError(
-            f"inplace_backward=True needs vocab_size equal to student_logits' width {vs} "
-            f"(the gradient is written into its buffer), got vocab_size={vocab_size}"
-        )
-    # the kernels take contiguous rows: a narrower slice is copied (autograd copies its
-    # gradient back into the full-width tensor, zero in the dropped columns)
-    if vocab_size != vs:
-        s = s[..., :vocab_size].contiguous()
-    if vocab_size != vt:
-        t = t[..., :vocab_size].contiguous()
-    return s, t
+    return None if vocab_size == vs == vt else vocab_size
 
 
 def _reduce(rows: torch.Tensor, reduction: str, valid_rows, batch: int, numel: int, shape):
@@ -178,10 +169,10 @@ def kd_loss(
 
     vocab_size: use the first `vocab_size` columns of both logits. For a teacher and a
     student whose widths differ only by padded embedding rows (e.g. 152064 vs 151936): pass
-    the real vocabulary size; labels must then lie in [0, vocab_size). Currently the kernels
-    read contiguous rows, so a narrower `vocab_size` than a tensor's width copies that
-    tensor's first columns (one N x vocab_size copy, and its gradient is copied back into the
-    full width); inplace_backward needs the full width.
+    the real vocabulary size; labels must then lie in [0, vocab_size). Nothing is copied:
+    the kernels read the first columns in place (they take a row stride), and each
+    gradient is written once at its tensor's full width, 0 in the columns past vocab_size
+    (with inplace_backward too, over the student's whole buffer).
     """
     from . import distributed
 
@@ -193,9 +184,9 @@ def kd_loss(
     _reject_forward_ad(student_logits=student_logits, teacher_logits=teacher_logits)
     _check_logits("student_logits", student_logits, sharded)
     _check_logits("teacher_logits", teacher_logits, sharded)
+    vocab = None  # the columns used, when fewer than a tensor's width
     if vocab_size is not None:
-        student_logits, teacher_logits = _take_vocab(
-            student_logits, teacher_logits, vocab_size, sharded, inplace_backward)
+        vocab = _check_vocab(student_logits, teacher_logits, vocab_size, sharded)
     elif (not sharded and student_logits.shape[:-1] == teacher_logits.shape[:-1]
             and student_logits.shape[-1] != teacher_logits.shape[-1]):
         vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
@@ -206,7 +197,9 @@ def kd_loss(
             f"embedding rows), pass vocab_size={min(vs, vt)} to use the first {min(vs, vt)} "
             "columns of both"
         )
-    if process_group is None and student_logits.shape != teacher_logits.shape:
+    # with vocab_size the widths may differ (the first `vocab` columns of both are used)
+    if process_group is None and (student_logits.shape[:-1] != teacher_logits.shape[:-1] or (
+            vocab is None and student_logits.shape != teacher_logits.shape)):
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
@@ -261,13 +254,15 @@ def kd_loss(
         ce_weight=ce_weight,
         ignore_index=ignore_index,
     )
-    v = student_logits.shape[-1]
-    # explicit row counts: reshape(-1, 0) is ambiguous (a rank's vocabulary shard may be empty)
-    s = student_logits.reshape(math.prod(lead), v)
+    v = student_logits.shape[-1] if vocab is None else vocab
+    # explicit row counts: reshape(-1, 0) is ambiguous (a rank's vocabulary shard may be
+    # empty). The kernels take a row stride: a view whose rows are apart (a column slice)
+    # is read in place; only a stride along the vocabulary needs a copy.
+    s = student_logits.reshape(math.prod(lead), student_logits.shape[-1])
     t = teacher_logits.reshape(math.prod(teacher_logits.shape[:-1]), teacher_logits.shape[-1])
-    if not s.is_contiguous():
+    if not strided_rows(s):
         s = s.contiguous()
-    if not t.is_contiguous():
+    if not strided_rows(t):
         t = t.contiguous()
     if (inplace_backward and not torch.compiler.is_compiling()
             and s.data_ptr() != student_logits.data_ptr()):
@@ -287,7 +282,10 @@ def kd_loss(
     else:
         if flat_labels is not None:
             _check_labels_range(flat_labels, v, ignore_index)
-        rows = backend.kd_rows(s, t, flat_labels, spec, inplace_backward)
+        if vocab is None:
+            rows = backend.kd_rows(s, t, flat_labels, spec, inplace_backward)
+        else:
+            rows = _vocab.vocab_rows(backend, s, t, flat_labels, spec, inplace_backward, vocab)
 
     valid = None
     if reduction == "token_mean":
@@ -295,8 +293,9 @@ def kd_loss(
             valid = torch.tensor(float(s.shape[0]), device=s.device, dtype=rows.dtype)
         else:
             valid = (flat_labels != ignore_index).sum().to(rows.dtype)
-    batch = student_logits.shape[0]  # F.kl_div's batchmean: the first dim, even for 1-D
-    numel = student_logits.numel()
+    # F.kl_div's batchmean: the first dim of the logits used, even for 1-D
+    batch = student_logits.shape[0] if student_logits.dim() > 1 else v
+    numel = s.shape[0] * v  # F.kl_div's mean: the numel of the logits used
     if process_group is not None and reduction == "mean":
         # F.kl_div's mean divides by the numel of the GLOBAL logits: N x V, V over the group
         numel = s.shape[0] * distributed.vocab_size(s, process_group)

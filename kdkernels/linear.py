@@ -77,6 +77,7 @@ class _Config:
     chunk: int
     batch: int  # first dim of student_hidden (batchmean)
     grad_enabled: bool
+    vocab: int  # the first `vocab` rows of the weights (and columns of teacher_logits) are used
 
 
 def _capped_logits(out, h, w, b, cap, keep_tanh):
@@ -133,8 +134,13 @@ def _run(cfg: _Config, tensors, need, row_weight):
     sum(row_weight * rows); row_weight is a 0-d tensor (one factor for every row) or (N,).
     The loss kernel computes each chunk's gradient for an upstream gradient of 1 per row
     (in its forward, over the student buffer); the weights are applied by _linear_grads."""
-    sh, sw, sb, th, tw, tb, tl, labels = tensors
-    n, v = sh.shape[0], sw.shape[0]
+    sh, sw_full, sb_full, th, tw_full, tb_full, tl_full, labels = tensors
+    n, v = sh.shape[0], cfg.vocab
+    # the first v rows of the weights and biases, the first v columns of teacher_logits:
+    # views (a weight's rows are contiguous; teacher_logits' rows are read with their
+    # stride); the gradients keep the full shapes, 0 past v
+    sw, sb, tw, tb = (None if x is None else x[:v] for x in (sw_full, sb_full, tw_full, tb_full))
+    tl = None if tl_full is None else tl_full[:, :v]
     want_s, want_t = any(need[0:3]), any(need[3:7])
     c = cfg.chunk
     kd = dict(cfg.kd)
@@ -146,13 +152,18 @@ def _run(cfg: _Config, tensors, need, row_weight):
     s_tanh = sh.new_empty((c, v)) if want_s and cfg.student_softcap is not None else None
     t_tanh = (th.new_empty((c, v)) if want_t and tl is None
               and cfg.teacher_softcap is not None else None)
-    s_grads = _grad_buffers(sh, sw, sb, need[0:3])
+    s_grads = _grad_buffers(sh, sw_full, sb_full, need[0:3])
     if tl is None:
-        t_grads = _grad_buffers(th, tw, tb, need[3:6])
+        t_grads = _grad_buffers(th, tw_full, tb_full, need[3:6])
         grad_tl = None
     else:
         t_grads = [None, None, None]
-        grad_tl = torch.empty_like(tl) if need[6] else None
+        grad_tl = torch.empty_like(tl_full) if need[6] else None
+        if grad_tl is not None:
+            grad_tl[:, v:].zero_()
+    # the chunks accumulate into the first v rows (columns of grad_tl)
+    s_acc, t_acc = ([g if g is None or k == 0 else g[:v] for k, g in enumerate(gr)]
+                    for gr in (s_grads, t_grads))
 
     for i in range(0, n, c):
         j = min(i + c, n)
@@ -184,18 +195,18 @@ def _run(cfg: _Config, tensors, need, row_weight):
         w_rows = (row_weight.expand(j - i) if row_weight.dim() == 0
                   else row_weight[i:j]).to(rows.dtype)
         if want_s:
-            _linear_grads(gs, s_th, sh[i:j], sw, w_rows, s_grads, i, j)
+            _linear_grads(gs, s_th, sh[i:j], sw, w_rows, s_acc, i, j)
         if want_t:
             if tl is None:
-                _linear_grads(gt, t_th, th[i:j], tw, w_rows, t_grads, i, j)
+                _linear_grads(gt, t_th, th[i:j], tw, w_rows, t_acc, i, j)
             else:
-                grad_tl[i:j] = gt * w_rows[:, None]
+                grad_tl[i:j, :v] = gt * w_rows[:, None]
 
     def cast(g, like):
         return None if g is None else g.to(like.dtype)
 
-    grads = (s_grads[0], cast(s_grads[1], sw), cast(s_grads[2], sb),
-             t_grads[0], cast(t_grads[1], tw), cast(t_grads[2], tb), grad_tl)
+    grads = (s_grads[0], cast(s_grads[1], sw_full), cast(s_grads[2], sb_full),
+             t_grads[0], cast(t_grads[1], tw_full), cast(t_grads[2], tb_full), grad_tl)
     return rows, grads
 
 
@@ -211,7 +222,7 @@ class _LinearKD(torch.autograd.Function):
         ctx.cfg, ctx.need = cfg, need
         # the inputs themselves (no copies), for a backward that recomputes
         ctx.save_for_backward(*tensors)
-        n, v = sh.shape[0], sw.shape[0]
+        n, v = sh.shape[0], cfg.vocab
         if cfg.reduction == "none":
             return _run(cfg, tensors, (False,) * 7, None)[0]
         valid = None
@@ -288,6 +299,16 @@ def _check_layer(prefix, hidden, weight, bias, vocab=None):
                              f"got {x.device}")
 
 
+def _teacher_width(weight, logits):
+    """The teacher's vocabulary as given: teacher_logits' width, else teacher_weight's rows
+    (None when neither is a tensor of a usable shape: their own checks name them)."""
+    if isinstance(logits, torch.Tensor):
+        return logits.shape[-1] if logits.dim() else None
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return None
+
+
 def _flat(x, lead_numel):
     x = x.reshape(lead_numel, x.shape[-1])
     return x if x.is_contiguous() else x.contiguous()
@@ -317,6 +338,7 @@ def linear_kd_loss(
     ignore_index: int = -100,
     reduction: str = "token_mean",
     impl: str = "auto",
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """kd_loss of the logits of two linear heads, computed chunk by chunk: the (..., V)
     logits are never materialized.
@@ -338,10 +360,32 @@ def linear_kd_loss(
     GEMMs), as does a second backward through the same graph.
 
     chunk_size: rows per chunk; default chunk_rows(N, H, V, dtype) (see the module doc).
+
+    vocab_size: use the first `vocab_size` rows of both weights (and biases), or columns of
+    teacher_logits, when the two vocabularies differ only by padded embedding rows (as
+    kd_loss's vocab_size); slicing copies nothing, and the gradients keep the full shapes,
+    0 in the rows (columns) past vocab_size.
     """
     _check_layer("student", student_hidden, student_weight, student_bias)
     vocab = student_weight.shape[0]
     lead = student_hidden.shape[:-1]
+    teacher_width = _teacher_width(teacher_weight, teacher_logits)
+    if vocab_size is not None:
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+        widest = vocab if teacher_width is None else min(vocab, teacher_width)
+        if not 1 <= vocab_size <= widest:
+            raise ValueError(
+                f"vocab_size must be in [1, {widest}] (student_weight has {vocab} rows, the "
+                f"teacher's vocabulary is {teacher_width}), got {vocab_size}")
+    elif teacher_width is not None and teacher_width != vocab:
+        name = "teacher_logits" if teacher_logits is not None else "teacher_weight"
+        small = min(vocab, teacher_width)
+        raise ValueError(
+            f"student_weight has vocabulary {vocab} and {name} {teacher_width}: if they share "
+            f"the first {small} tokens (padded embedding rows), pass vocab_size={small} to use "
+            f"the first {small} of both")
+    teacher_vocab = teacher_width if vocab_size is not None else vocab
     n = math.prod(lead)
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None:
@@ -352,10 +396,10 @@ def linear_kd_loss(
                 raise ValueError(f"{name} applies to teacher_hidden @ teacher_weight.T; "
                                  "teacher_logits are used as given")
         _check_tensor("teacher_logits", teacher_logits)
-        if teacher_logits.shape != (*lead, vocab):
+        if teacher_logits.shape != (*lead, teacher_vocab):
             raise ValueError(
                 f"teacher_logits must have shape student_hidden.shape[:-1] + (V,) = "
-                f"{(*lead, vocab)}, got {tuple(teacher_logits.shape)}")
+                f"{(*lead, teacher_vocab)}, got {tuple(teacher_logits.shape)}")
         if teacher_logits.device != student_hidden.device:
             raise ValueError(f"teacher_logits must be on student_hidden's device "
                              f"{student_hidden.device}, got {teacher_logits.device}")
@@ -364,7 +408,7 @@ def linear_kd_loss(
             missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
             raise ValueError(f"{missing} is None: give teacher_hidden and teacher_weight, "
                              "or teacher_logits")
-        _check_layer("teacher", teacher_hidden, teacher_weight, teacher_bias, vocab)
+        _check_layer("teacher", teacher_hidden, teacher_weight, teacher_bias, teacher_vocab)
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(
                 f"teacher_hidden must have student_hidden's leading shape {tuple(lead)}, got "
@@ -372,6 +416,7 @@ def linear_kd_loss(
         if teacher_hidden.device != student_hidden.device:
             raise ValueError(f"teacher_hidden must be on student_hidden's device "
                              f"{student_hidden.device}, got {teacher_hidden.device}")
+    vocab = vocab if vocab_size is None else vocab_size  # the columns used from here on
     caps = {}
     for name, c in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
         caps[name] = None if c is None else _check_positive(name, c)
@@ -399,12 +444,13 @@ def linear_kd_loss(
     flat_labels = None if labels is None else labels.reshape(n)
     if n == 0:  # no chunk will call kd_loss: validate the options on empty logits
         empty = sh.new_zeros((0, vocab))
-        kd_loss(empty, empty if tl is None else tl, flat_labels, **options)
+        kd_loss(empty, empty if tl is None else tl[:, :vocab], flat_labels, **options)
     cfg = _Config(kd=tuple(options.items()), reduction=reduction,
                   student_softcap=caps["student_softcap"],
                   teacher_softcap=caps["teacher_softcap"], chunk=chunk_size,
                   # batchmean: the first dim of the logits (V for a single row, as kd_loss)
-                  batch=lead[0] if lead else vocab, grad_enabled=torch.is_grad_enabled())
+                  batch=lead[0] if lead else vocab, grad_enabled=torch.is_grad_enabled(),
+                  vocab=vocab)
     out = _LinearKD.apply(sh, student_weight, student_bias, th, teacher_weight, teacher_bias,
                           tl, flat_labels, cfg)
     return out.reshape(lead) if reduction == "none" else out

@@ -326,15 +326,16 @@ def _grads_chunk(s, t, labels, spec, stats, offset, g, need_teacher, ws):
 
 
 def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teacher: bool,
-          out=None):
+          out=None, out_t=None):
     """(grad_s, grad_t or None) of the columns [offset, offset + Vr) given the GLOBAL
-    finished statistics, times grad_rows; ignored rows get exactly 0. out: a buffer for
-    grad_s (the logits themselves for the in-place gradient: each chunk is read before it
-    is written). # read 2 x N x Vr, write (1 or 2) x N x Vr"""
+    finished statistics, times grad_rows; ignored rows get exactly 0. out, out_t: (N, Vr)
+    buffers (any row stride) for grad_s and grad_t (out may be the logits themselves for
+    the in-place gradient: each chunk is read before it is written).
+    # read 2 x N x Vr, write (1 or 2) x N x Vr"""
     n, v = s.shape
     g = grad_rows if labels is None else torch.where(labels != spec.ignore_index, grad_rows, 0.0)
     grad_s = torch.empty_like(s) if out is None else out
-    grad_t = torch.empty_like(t) if need_teacher else None
+    grad_t = (torch.empty_like(t) if out_t is None else out_t) if need_teacher else None
     lean = spec.div.kind != "mixture" and not need_teacher
     ws = _workspace(s, chunk_rows(n, v)) if lean and n and v else None
     for i, j in row_chunks(n, v) if v else ():

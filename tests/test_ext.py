@@ -95,6 +95,20 @@ def test_opcheck_kd_ops(name):
                               test_utils=OPCHECK_TESTS)
     torch.library.opcheck(ops.kd_fused_, (s.detach().clone(), t.detach(), lab, *args, True),
                           test_utils=("test_schema", "test_faketensor"))
+    # column slices of wider rows (row strides 45, 50), the gradients written into the
+    # first columns of wider buffers: kd_backward's values, nothing else written
+    ws, wt = torch.randn(5, 45), torch.randn(5, 50)
+    ws[:, :37], wt[:, :37] = s.detach(), t.detach()
+    gs, gt = torch.full((5, 41), 7.0), torch.full((5, 40), 7.0)
+    torch.library.opcheck(ops.kd_backward_out, (g, ws[:, :37], wt[:, :37], lab, stats, *args,
+                                                0, gs[:, :37], gt[:, :37]),
+                          test_utils=("test_schema", "test_faketensor"))
+    ops.kd_backward_out(g, ws[:, :37], wt[:, :37], lab, stats, *args, 0, gs[:, :37],
+                        gt[:, :37])
+    want_s, want_t = ops.kd_backward(g, s.detach(), t.detach(), lab, stats, *args, 0, True)
+    torch.testing.assert_close(gs[:, :37], want_s)
+    torch.testing.assert_close(gt[:, :37], want_t)
+    assert (gs[:, 37:] == 7).all() and (gt[:, 37:] == 7).all()
 
 
 def test_opcheck_kl_div_and_softmax_ops():

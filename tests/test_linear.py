@@ -391,7 +391,7 @@ def _err_inputs():
         ({"student_weight": torch.randn(V)}, ValueError, "student_weight must be 2-d"),
         ({"student_bias": torch.randn(V + 1)}, ValueError, r"student_bias must have shape"),
         ({"teacher_weight": torch.randn(V + 2, HT)}, ValueError,
-         "teacher_weight has vocabulary 39, the student's is 37"),
+         "student_weight has vocabulary 37 and teacher_weight 39.*vocab_size=37"),
         ({"teacher_weight": torch.randn(V, HT + 1)}, ValueError, r"teacher_weight.*\(V, 6\)"),
         ({"teacher_hidden": torch.randn(5, HT)}, ValueError,
          "teacher_hidden must have student_hidden's leading shape"),
@@ -421,7 +421,9 @@ def test_errors(change, error, match):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"teacher_logits": torch.randn(4, V + 1)}, r"teacher_logits must have shape .*\(4, 37\)"),
+        ({"teacher_logits": torch.randn(5, V)}, r"teacher_logits must have shape .*\(4, 37\)"),
+        ({"teacher_logits": torch.randn(4, V + 1)},
+         "student_weight has vocabulary 37 and teacher_logits 38.*vocab_size=37"),
         ({"teacher_logits": torch.randn(4, V), "teacher_softcap": 2.0},
          "teacher_softcap applies to teacher_hidden"),
         ({"teacher_logits": torch.randn(4, V), "teacher_bias": torch.randn(V)},

@@ -54,10 +54,10 @@ def mix_partial(s, t, spec, stats, offset=0):
     return run(s, t, spec, stats, offset)
 
 
-def grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher):
+def grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher, out=None, out_t=None):
     from .kd import grads as run
 
-    return run(s, t, labels, spec, stats, offset, grad_rows, need_teacher)
+    return run(s, t, labels, spec, stats, offset, grad_rows, need_teacher, out, out_t)
 
 
 def sparse_partial(s, labels, spec, offset=0):

@@ -47,6 +47,9 @@ DEFAULT_ARCHS = (80, 90)
 DEFAULT_VOCABS = (32000, 128256, 152064, 262144)
 DEFAULT_DTYPES = ("bf16", "fp32")
 VOCAB_ARGS = ("V", "n_cols", "vocab", "vocab_size", "stride", "row_stride")
+# Row strides of kd.py's kernels: the row width, or the wider width of logits whose first
+# columns are read in place (151936 / 152064: multiples of 16 too).
+VOCAB_ARGS += ("s_stride", "t_stride", "ds_stride", "dt_stride")
 
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 

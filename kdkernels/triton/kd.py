@@ -106,7 +106,7 @@ import triton
 import triton.language as tl
 
 from .. import _stats
-from .._common import first_order_only
+from .._common import first_order_only, strided_rows
 from .._spec import LossSpec
 from .._stats import NCOL, Col
 from ._common import AotKernel, device_guard
@@ -211,8 +211,9 @@ def _kl_value(ls, lt, acc, KIND: tl.constexpr):
 
 @triton.jit
 def _row_range(labels_ptr, V, chunk, offset, ignore_index, HAS_LABELS: tl.constexpr):
-    # The setup of program (row, c) of every kernel here: the row in int64 (row * V passes
-    # 2**31 at real sizes), its columns [lo, hi) = [c * chunk, (c + 1) * chunk) of [0, V),
+    # The setup of program (row, c) of every kernel here: the row in int64 (row * stride
+    # passes 2**31 at real sizes; rows are `stride` elements apart, >= V when they are the
+    # first columns of wider logits, read in place), its columns [lo, hi) = [c * chunk, (c + 1) * chunk) of [0, V),
     # the row's GLOBAL label rebased by offset to a column of this range (outside [0, V):
     # none here; -1 without labels) and whether the row counts (label != ignore_index).
     row = tl.program_id(0).to(tl.int64)
@@ -272,12 +273,14 @@ def _store_row(
 
 @triton.jit
 def _kd_fwd_kernel(
-    s_ptr,  # (N, V) student logits, fp16 / bf16 / fp32, row-major contiguous
-    t_ptr,  # (N, V) teacher logits, fp16 / bf16 / fp32, row-major contiguous
+    s_ptr,  # (N, V) student logits, fp16 / bf16 / fp32, rows s_stride apart, stride 1 in V
+    t_ptr,  # (N, V) teacher logits, fp16 / bf16 / fp32, rows t_stride apart, stride 1 in V
     labels_ptr,  # (N,) int64 GLOBAL labels (read only when HAS_LABELS)
     loss_ptr,  # (N,) fp32 out: row losses (FINISH only)
     out_ptr,  # (N, n_split, NCOL) fp32 out: the table of each program's columns
     V,  # row width (of this range of the vocabulary)
+    s_stride,  # elements between rows of s (>= V)
+    t_stride,  # elements between rows of t (>= V)
     chunk,  # columns per program (a multiple of BLOCK_V; V when n_split = 1)
     n_split,  # programs per row
     offset,  # global vocabulary id of column 0 (labels are rebased by it)
@@ -297,8 +300,8 @@ def _kd_fwd_kernel(
                                            HAS_LABELS)
     if HAS_LABELS:
         hi = tl.where(valid, hi, lo)  # ignored rows read nothing: the empty range
-    s_row = s_ptr + row * V
-    t_row = t_ptr + row * V
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
     offs = tl.arange(0, BLOCK_V)
     ms = -float("inf")
     mt = -float("inf")
@@ -443,6 +446,8 @@ def _kd_mix_kernel(
                 # in; A, B, Uq, Up out in DIV, B, UQ, UP (FINISH)
     part_ptr,  # (N, n_split, 4) fp32 out unless FINISH: the range's A, B, Uq, Up
     V,  # row width (of this range)
+    s_stride,  # elements between rows of s (>= V)
+    t_stride,  # elements between rows of t (>= V)
     chunk,  # columns per program
     n_split,  # programs per row
     inv_ts,  # 1 / student temperature
@@ -466,8 +471,8 @@ def _kd_mix_kernel(
     row, lo, hi, _, valid = _row_range(labels_ptr, V, chunk, 0, ignore_index, HAS_LABELS)
     if HAS_LABELS:
         hi = tl.where(valid, hi, lo)
-    s_row = s_ptr + row * V
-    t_row = t_ptr + row * V
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
     st = stats_ptr + row * C_NCOL
     ms = tl.load(st + C_MS)
     rs = tl.load(st + C_LS)
@@ -571,6 +576,10 @@ def _kd_bwd_kernel(
     ds_ptr,  # (N, V) out, s's dtype: d loss / d s (may be s_ptr itself: in-place)
     dt_ptr,  # (N, V) out, t's dtype: d loss / d t (written only when TEACHER_GRAD)
     V,  # row width (of this range)
+    s_stride,  # elements between rows of s (>= V), likewise of t, ds, dt
+    t_stride,
+    ds_stride,
+    dt_stride,
     chunk,  # columns per program (V when the row is not split)
     offset,  # global vocabulary id of column 0 (labels are rebased by it)
     inv_ts,  # 1 / student temperature
@@ -596,10 +605,10 @@ def _kd_bwd_kernel(
     # the one-hot column of CE is `label` (none when it is outside this range)
     row, lo, hi, label, valid = _row_range(labels_ptr, V, chunk, offset, ignore_index,
                                            HAS_LABELS)
-    s_row = s_ptr + row * V
-    t_row = t_ptr + row * V
-    ds_row = ds_ptr + row * V
-    dt_row = dt_ptr + row * V
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    ds_row = ds_ptr + row * ds_stride
+    dt_row = dt_ptr + row * dt_stride
     g = tl.load(grad_ptr + row)
     cs = g * kd_scale * inv_ts  # d loss / d zs -> d / d s
     ct = g * kd_scale * inv_tt
@@ -760,8 +769,9 @@ def _check_inputs(s, t, labels) -> None:
     for name, x in (("s", s), ("t", t)):
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must have a dtype in {SUPPORTED_DTYPES}, got {x.dtype}")
-        if x.dim() != 2 or not x.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous (N, V) tensor, got {tuple(x.shape)}")
+        if x.dim() != 2 or not strided_rows(x):
+            raise ValueError(f"{name} must be an (N, V) tensor with stride 1 along V, got "
+                             f"shape {tuple(x.shape)}, strides {x.stride()}")
     if s.shape != t.shape:
         raise ValueError(f"s and t must have the same shape, got {tuple(s.shape)}, "
                          f"{tuple(t.shape)}")
@@ -806,7 +816,7 @@ def _stats_pass(s, t, labels, args, offset: int, finish: bool):
         part = torch.empty((n, cfg.n_split, NCOL), device=s.device, dtype=torch.float32)
     loss_arg = loss if finish else stats  # not written unless finish
     _kd_fwd_kernel[(n, cfg.n_split)](
-        s, t, lab, loss_arg, part, v, cfg.chunk, cfg.n_split, offset,
+        s, t, lab, loss_arg, part, v, s.stride(0), t.stride(0), cfg.chunk, cfg.n_split, offset,
         inv_ts, inv_tt, kd_scale, ce_weight, ignore_index,
         KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, CE_SHARED=f.ce_shared,
         FINISH=finish and not split, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
@@ -839,8 +849,8 @@ def _mix_pass(s, t, labels, args, stats, loss):
         part = torch.empty((n, cfg.n_split, 4), device=s.device, dtype=torch.float32)
     loss_arg = loss if finish else stats
     _kd_mix_kernel[(n, cfg.n_split)](
-        s, t, lab, loss_arg, stats, part, v, cfg.chunk, cfg.n_split, inv_ts, inv_tt,
-        f.log_a, f.log_1ma, coef_p, coef_q, kd_scale, ce_weight, ignore_index,
+        s, t, lab, loss_arg, stats, part, v, s.stride(0), t.stride(0), cfg.chunk, cfg.n_split,
+        inv_ts, inv_tt, f.log_a, f.log_1ma, coef_p, coef_q, kd_scale, ce_weight, ignore_index,
         HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, HAS_CP=f.has_cp, HAS_CQ=f.has_cq,
         HAS_U=f.has_u, FINISH=finish and not split, BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
@@ -879,7 +889,8 @@ def _backward(grad, s, t, labels, stats, ds, dt, kind, mix, coef_p, coef_q, inv_
     lab = labels if labels is not None else _no_labels(s)
     with device_guard(s):
         _kd_bwd_kernel[(n, cfg.n_split)](
-            s, t, lab, stats, grad, ds, ds if dt is None else dt, v, cfg.chunk, offset,
+            s, t, lab, stats, grad, ds, ds if dt is None else dt, v, s.stride(0), t.stride(0),
+            ds.stride(0), ds.stride(0) if dt is None else dt.stride(0), cfg.chunk, offset,
             inv_ts, inv_tt, f.log_a, f.log_1ma, mix, coef_p, coef_q, kd_scale, ce_weight,
             ignore_index,
             KIND=f.kind, HAS_LABELS=f.has_labels, HAS_CE=f.has_ce, CE_SHARED=f.ce_shared,
@@ -897,6 +908,58 @@ def _labels(labels):
     return labels.contiguous() if labels is not None else None
 
 
+# The kernels of the range functions run inside torch.library ops, so that torch.compile
+# sees opaque ops, not Triton launches (kd_loss's vocab_size goes through these: _vocab.py).
+# The LossSpec travels as primitive arguments (LossSpec.as_args()).
+
+@torch.library.custom_op("kdkernels_triton::partial", mutates_args=())
+def _partial_op(
+    s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, kind: str, mix: float,
+    coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
+    ce_weight: float, ignore_index: int, offset: int,
+) -> torch.Tensor:
+    args = (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)
+    with device_guard(s):
+        return _stats_pass(s, t, labels, args, offset, finish=False)[1]
+
+
+@_partial_op.register_fake
+def _partial_fake(s, *args):
+    return s.new_empty((s.shape[0], NCOL), dtype=torch.float32)
+
+
+@torch.library.custom_op("kdkernels_triton::mix_partial", mutates_args=())
+def _mix_partial_op(
+    s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, kind: str, mix: float,
+    coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
+    ce_weight: float, ignore_index: int,
+) -> torch.Tensor:
+    args = (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)
+    with device_guard(s):
+        return _mix_pass(s, t, None, args, stats, None)
+
+
+@_mix_partial_op.register_fake
+def _mix_partial_fake(s, *args):
+    return s.new_empty((s.shape[0], 4), dtype=torch.float32)
+
+
+@torch.library.custom_op("kdkernels_triton::grads_out", mutates_args=("ds", "dt"))
+def _grads_op(
+    grad: torch.Tensor, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+    stats: torch.Tensor, ds: torch.Tensor, dt: torch.Tensor | None, kind: str, mix: float,
+    coef_p: float, coef_q: float, inv_ts: float, inv_tt: float, kd_scale: float,
+    ce_weight: float, ignore_index: int, offset: int,
+) -> None:
+    _backward(grad, s, t, labels, stats, ds, dt, kind, mix, coef_p, coef_q, inv_ts, inv_tt,
+              kd_scale, ce_weight, ignore_index, offset=offset)
+
+
+@_grads_op.register_fake
+def _grads_fake(*args):
+    return None
+
+
 @torch.no_grad()
 def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
     """Pass-1 statistics (N, NCOL) of the columns [offset, offset + Vr) that s, t (N, Vr)
@@ -904,8 +967,7 @@ def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
     empty range."""
     labels = _labels(labels)
     _check_inputs(s, t, labels)
-    with device_guard(s):
-        return _stats_pass(s, t, labels, spec.as_args(), int(offset), finish=False)[1]
+    return _partial_op(s, t, labels, *spec.as_args(), int(offset))
 
 
 @torch.no_grad()
@@ -921,24 +983,30 @@ def mix_partial(s, t, spec: LossSpec, stats: torch.Tensor, offset: int = 0) -> t
     _check_stats(stats, s.shape[0], s.device)
     if spec.div.kind != "mixture":
         raise ValueError(f"mix_partial needs a mixture divergence, got {spec.div.kind!r}")
-    with device_guard(s):
-        return _mix_pass(s, t, None, spec.as_args(), stats, None)
+    return _mix_partial_op(s, t, stats, *spec.as_args())
 
 
 @torch.no_grad()
 def grads(s, t, labels, spec: LossSpec, stats: torch.Tensor, offset: int,
-          grad_rows: torch.Tensor, need_teacher: bool):
+          grad_rows: torch.Tensor, need_teacher: bool, out=None, out_t=None):
     """(d s, d t or None) of the columns [offset, offset + Vr) that s, t hold, given the
     GLOBAL finished table `stats` (DIV set, and B, UQ, UP for the mixture), times grad_rows
     (N,). Rows whose label is ignore_index get exactly 0; the one-hot of CE falls on
-    label - offset when that is a column here."""
+    label - offset when that is a column here. out, out_t: buffers to write them into
+    (s's and t's shape and dtype, any row stride), else fresh ones."""
     labels = _labels(labels)
     _check_inputs(s, t, labels)
     _check_stats(stats, s.shape[0], s.device)
-    ds = torch.empty_like(s)
-    dt = torch.empty_like(t) if need_teacher else None
-    _backward(grad_rows.to(device=s.device, dtype=torch.float32).contiguous(), s, t, labels,
-              stats, ds, dt, *spec.as_args(), offset=int(offset))
+    ds = torch.empty_like(s) if out is None else out
+    dt = (torch.empty_like(t) if out_t is None else out_t) if need_teacher else None
+    for name, g, x in (("out", ds, s), ("out_t", dt, t)):
+        if g is not None and (g.shape != x.shape or g.dtype != x.dtype
+                              or g.device != x.device or not strided_rows(g)):
+            raise ValueError(f"{name} must have shape {tuple(x.shape)}, dtype {x.dtype} on "
+                             f"{x.device} and stride 1 along V, got {tuple(g.shape)} "
+                             f"{g.dtype} on {g.device}, strides {g.stride()}")
+    _grads_op(grad_rows.to(device=s.device, dtype=torch.float32).contiguous(), s, t, labels,
+              stats, ds, dt, *spec.as_args(), int(offset))
     return ds, dt
 
 
@@ -1099,7 +1167,8 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
     s and t in `dtype`, for every kind / flag combination (see aot.py)."""
     x = _PTR[dtype]
     f32, i64 = "*fp32", "*i64"
-    ints = ("V", "chunk", "n_split", "offset", "ignore_index")
+    ints = ("V", "s_stride", "t_stride", "ds_stride", "dt_stride", "chunk", "n_split", "offset",
+            "ignore_index")
     floats = ("inv_ts", "inv_tt", "kd_scale", "ce_weight", "log_a", "log_1ma", "mix",
               "coef_p", "coef_q")
     # the tile width and warps depend on V only; whether a row is split depends on N
