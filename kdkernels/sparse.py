@@ -170,9 +170,10 @@ def _masked_log_softmax(z, mask):
 
 
 def _kl(a, la, lb, mask):
-    """sum a (la - lb) over the entries where mask holds and a > 0. Masked entries are
-    replaced before the product, so a 0 gradient never meets an inf or nan there."""
-    keep = mask & (a > 0)
+    """sum a (la - lb) over the entries where mask holds and a != 0. Masked entries are
+    replaced before the product, so a 0 gradient never meets an inf or nan there. A NaN
+    weight is kept (a > 0 would drop it): a NaN input makes the row's loss NaN."""
+    keep = mask & (a != 0)
     la, lb = torch.where(keep, la, 0.0), torch.where(keep, lb, 0.0)
     return torch.where(keep, a * (la - lb), 0.0).sum(-1)
 

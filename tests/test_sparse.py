@@ -321,6 +321,55 @@ def test_bucket_tail_below_resolution_stays_finite(impl):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
+def test_nan_reaches_the_row_loss(impl, tail, divergence):
+    """A NaN in a teacher log-probability of a valid slot, or in a student logit the loss
+    reads, makes that row's loss NaN in every mode, as kd_loss does: a divergence term is
+    dropped only where its weight is exactly 0, never where it is NaN. A NaN in an empty
+    slot (-1) is garbage and ignored."""
+    dtype = dtype_for(impl)
+    ids, lp = teacher((4,), V, 7, pad=False)
+    s = student((4,), V, dtype)
+    lp[0, 3] = math.nan          # row 0: the teacher
+    s[1, ids[1, 2]] = math.nan   # row 1: a gathered student logit
+    ids[2, 4] = -1               # row 2: NaN in an empty slot only
+    lp[2, 4] = math.nan
+    out = kd.sparse_kd_loss(s, ids, lp, tail=tail, divergence=divergence, impl=impl,
+                            reduction="none")
+    assert out[:2].isnan().all(), out
+    assert out[2:].isfinite().all(), out
+
+
+def _bucket_reverse_kl64(s, ids, lp):
+    """Reverse KL over S + tail in float64 with the tail masses summed directly: q_tail over
+    the columns not in S, p_tail = 1 - sum_S exp(lp) as -expm1(logsumexp(lp))."""
+    lq = torch.log_softmax(s.double(), -1)
+    lq_s = lq.gather(1, ids)
+    rest = torch.ones_like(lq, dtype=torch.bool).scatter_(1, ids, False)
+    lq_tail = torch.where(rest, lq, -math.inf).logsumexp(-1)
+    lp = lp.double()
+    lp_tail = torch.log(-torch.expm1(lp.logsumexp(-1)))
+    return (lq_s.exp() * (lq_s - lp)).sum(-1) + lq_tail.exp() * (lq_tail - lp_tail)
+
+
+def test_bucket_teacher_tail_from_its_log_probabilities(impl):
+    """A teacher that puts all but 1e-20 of its mass on one id: p_tail = 1 - sum_S exp(lp)
+    is 1e-20, far below the rounding of a sum of probabilities near 1 (which gives 0 and an
+    infinite reverse KL). Formed as -expm1(logsumexp(lp)) it keeps the relative precision of
+    the log-probabilities, so the reverse KL is finite and right."""
+    dtype = dtype_for(impl)
+    ids = torch.tensor([[3, 7, 11], [0, 1, 2]])
+    lp = torch.tensor([[-1e-20, -60.0, -61.0], [-1e-12, -40.0, -70.0]], dtype=dtype)
+    s = student((2,), V, dtype)
+    x = s.clone().requires_grad_()
+    out = kd.sparse_kd_loss(x, ids, lp, tail="bucket", divergence="reverse_kl", impl=impl,
+                            reduction="none")
+    out.sum().backward()
+    want = _bucket_reverse_kl64(s, ids, lp)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0.0)
+    assert x.grad.isfinite().all()
+
+
 def test_module_reads_the_function_options():
     ids, lp = teacher(LEAD, V, 7)
     s = student(LEAD, V)
