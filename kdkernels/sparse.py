@@ -232,10 +232,12 @@ def _row_losses(ms, ls, ce, g, ids, lp, labels, *, tail, divergence, beta, inv_t
     valid = ids >= 0
     lp = torch.where(valid, lp.to(dt), 0.0)
     if labels is not None:
-        # an ignored row's statistics may be those of an empty range (-inf): neutral values,
-        # so that no inf meets the zero gradient of its masked loss
+        # an ignored row's statistics may be those of an empty range (-inf), and its logits
+        # or log-probabilities anything (NaN): neutral values, so that no inf or nan meets
+        # the zero gradient of its masked loss (0 * nan would reach both inputs' gradients)
         keep = labels != ignore_index
         ms, ls, ce = (torch.where(keep, x, 0.0) for x in (ms, ls, ce))
+        g, lp = (torch.where(keep[:, None], x, 0.0) for x in (g, lp))
     if tail == "renormalize":
         # both renormalized over S: q^ = softmax_S(s / Ts), p = softmax_S(lp / Tt)
         lq_s = _masked_log_softmax(g * inv_ts, valid)

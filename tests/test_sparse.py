@@ -340,6 +340,28 @@ def test_nan_reaches_the_row_loss(impl, tail, divergence):
     assert out[2:].isfinite().all(), out
 
 
+@pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
+def test_ignored_row_with_nan_has_zero_gradients(impl, tail, divergence):
+    """An ignored row contributes 0 and gets exactly 0 gradients, whatever it holds (as in
+    kd_loss): a NaN teacher log-probability or gathered student logit there reaches neither
+    the loss nor the gradient of either input."""
+    dtype = dtype_for(impl)
+    ids, lp = teacher((3,), V, 7, pad=False)
+    s = student((3,), V, dtype)
+    labels = torch.tensor([1, -100, 2])
+    lp[1, 0] = math.nan
+    s[1, ids[1, 1]] = math.nan
+    s.requires_grad_()
+    lp.requires_grad_()
+    out = kd.sparse_kd_loss(s, ids, lp, labels, tail=tail, divergence=divergence, impl=impl,
+                            ce_weight=0.5)
+    out.backward()
+    assert out.isfinite()
+    assert s.grad.isfinite().all() and lp.grad.isfinite().all()
+    assert torch.count_nonzero(s.grad[1]) == 0 and torch.count_nonzero(lp.grad[1]) == 0
+    assert torch.count_nonzero(lp.grad[0]) > 0
+
+
 def _bucket_reverse_kl64(s, ids, lp):
     """Reverse KL over S + tail in float64 with the tail masses summed directly: q_tail over
     the columns not in S, p_tail = 1 - sum_S exp(lp) as -expm1(logsumexp(lp))."""
