@@ -392,6 +392,24 @@ def test_bucket_teacher_tail_from_its_log_probabilities(impl):
     assert x.grad.isfinite().all()
 
 
+@pytest.mark.xfail(strict=True, reason="the student's q_tail is 1 - sum_S q from the row's "
+                   "(max, log-sum): below the statistics' eps it is clamped, not resolved")
+def test_bucket_student_tail_below_resolution_is_exact():
+    """The exact bucket loss of a student sure of an id in S (gap ~ 7000 nats to the best
+    column outside S): log q_tail ~ -7000, so a teacher with tail mass 0.4 adds ~ 2800 and
+    the loss is 3497. The statistics resolve q_tail only down to eps (log eps = -36 in
+    float64), so the loss reads 713."""
+    s = torch.zeros(1, V, dtype=torch.float64)
+    s[0, 3] = 7000.0
+    ids = torch.tensor([[3, 5]])
+    lp = torch.tensor([[math.log(0.5), math.log(0.1)]], dtype=torch.float64)
+    out = kd.sparse_kd_loss(s, ids, lp, tail="bucket", impl="torch")
+    lq = torch.log_softmax(s, -1)
+    lq_tail = torch.cat([lq[0, :3], lq[0, 4:5], lq[0, 6:]]).logsumexp(0)
+    want = (lp.exp() * (lp - lq[:, [3, 5]])).sum() + 0.4 * (math.log(0.4) - lq_tail)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=0.0)
+
+
 def test_module_reads_the_function_options():
     ids, lp = teacher(LEAD, V, 7)
     s = student(LEAD, V)
