@@ -169,10 +169,20 @@ def _masked_log_softmax(z, mask):
     return zc - torch.where(e > 0, e, 1.0).log()
 
 
+def _masked_logsumexp(z, mask):
+    """logsumexp over the entries where mask holds; -inf (and a zero gradient, not nan) for
+    a row with no entry or only -inf entries."""
+    m = torch.where(mask, z, -math.inf).amax(-1, keepdim=True)
+    m = torch.where(m > -math.inf, m, 0.0).detach()
+    e = torch.where(mask, (torch.where(mask, z, 0.0) - m).exp(), 0.0).sum(-1)
+    return torch.where(e > 0, m[:, 0] + torch.where(e > 0, e, 1.0).log(), -math.inf)
+
+
 def _kl(a, la, lb, mask):
-    """sum a (la - lb) over the entries where mask holds and a > 0. Masked entries are
-    replaced before the product, so a 0 gradient never meets an inf or nan there."""
-    keep = mask & (a > 0)
+    """sum a (la - lb) over the entries where mask holds and a != 0. Masked entries are
+    replaced before the product, so a 0 gradient never meets an inf or nan there. A NaN
+    weight is kept (a > 0 would drop it): a NaN input makes the row's loss NaN."""
+    keep = mask & (a != 0)
     la, lb = torch.where(keep, la, 0.0), torch.where(keep, lb, 0.0)
     return torch.where(keep, a * (la - lb), 0.0).sum(-1)
 
@@ -222,10 +232,12 @@ def _row_losses(ms, ls, ce, g, ids, lp, labels, *, tail, divergence, beta, inv_t
     valid = ids >= 0
     lp = torch.where(valid, lp.to(dt), 0.0)
     if labels is not None:
-        # an ignored row's statistics may be those of an empty range (-inf): neutral values,
-        # so that no inf meets the zero gradient of its masked loss
+        # an ignored row's statistics may be those of an empty range (-inf), and its logits
+        # or log-probabilities anything (NaN): neutral values, so that no inf or nan meets
+        # the zero gradient of its masked loss (0 * nan would reach both inputs' gradients)
         keep = labels != ignore_index
         ms, ls, ce = (torch.where(keep, x, 0.0) for x in (ms, ls, ce))
+        g, lp = (torch.where(keep[:, None], x, 0.0) for x in (g, lp))
     if tail == "renormalize":
         # both renormalized over S: q^ = softmax_S(s / Ts), p = softmax_S(lp / Tt)
         lq_s = _masked_log_softmax(g * inv_ts, valid)
@@ -237,9 +249,12 @@ def _row_losses(ms, ls, ce, g, ids, lp, labels, *, tail, divergence, beta, inv_t
         if tail == "none":
             d = _kl(torch.where(valid, lp.exp(), 0.0), lp, lq, valid)
         else:
-            # K + 1 categories. p_tail = max(0, 1 - sum_S p_i) (0 when the teacher's top-K
-            # mass rounds to >= 1); a row whose S is the whole vocabulary has no tail.
-            p_tail = (1.0 - torch.where(valid, lp.exp(), 0.0).sum(-1)).clamp(min=0.0)
+            # K + 1 categories. p_tail = max(0, 1 - sum_S p_i), formed as
+            # -expm1(logsumexp_S lp): a tail far below eps (a teacher sure of one id) keeps
+            # the relative precision of the log-probabilities instead of rounding to 0 (an
+            # infinite reverse KL); 0 when the top-K mass is >= 1. A row whose S is the whole
+            # vocabulary has no tail.
+            p_tail = (-torch.expm1(_masked_logsumexp(lp, valid))).clamp(min=0.0)
             lq_tail = _bucket_tail(ms, ls, g, valid, inv_ts, eps).to(dt)
             has_tail = valid.sum(-1) < vocab
             lp_all = torch.cat([lp, _safe_log(p_tail)[:, None]], 1)

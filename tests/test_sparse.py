@@ -321,6 +321,95 @@ def test_bucket_tail_below_resolution_stays_finite(impl):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
+def test_nan_reaches_the_row_loss(impl, tail, divergence):
+    """A NaN in a teacher log-probability of a valid slot, or in a student logit the loss
+    reads, makes that row's loss NaN in every mode, as kd_loss does: a divergence term is
+    dropped only where its weight is exactly 0, never where it is NaN. A NaN in an empty
+    slot (-1) is garbage and ignored."""
+    dtype = dtype_for(impl)
+    ids, lp = teacher((4,), V, 7, pad=False)
+    s = student((4,), V, dtype)
+    lp[0, 3] = math.nan          # row 0: the teacher
+    s[1, ids[1, 2]] = math.nan   # row 1: a gathered student logit
+    ids[2, 4] = -1               # row 2: NaN in an empty slot only
+    lp[2, 4] = math.nan
+    out = kd.sparse_kd_loss(s, ids, lp, tail=tail, divergence=divergence, impl=impl,
+                            reduction="none")
+    assert out[:2].isnan().all(), out
+    assert out[2:].isfinite().all(), out
+
+
+@pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
+def test_ignored_row_with_nan_has_zero_gradients(impl, tail, divergence):
+    """An ignored row contributes 0 and gets exactly 0 gradients, whatever it holds (as in
+    kd_loss): a NaN teacher log-probability or gathered student logit there reaches neither
+    the loss nor the gradient of either input."""
+    dtype = dtype_for(impl)
+    ids, lp = teacher((3,), V, 7, pad=False)
+    s = student((3,), V, dtype)
+    labels = torch.tensor([1, -100, 2])
+    lp[1, 0] = math.nan
+    s[1, ids[1, 1]] = math.nan
+    s.requires_grad_()
+    lp.requires_grad_()
+    out = kd.sparse_kd_loss(s, ids, lp, labels, tail=tail, divergence=divergence, impl=impl,
+                            ce_weight=0.5)
+    out.backward()
+    assert out.isfinite()
+    assert s.grad.isfinite().all() and lp.grad.isfinite().all()
+    assert torch.count_nonzero(s.grad[1]) == 0 and torch.count_nonzero(lp.grad[1]) == 0
+    assert torch.count_nonzero(lp.grad[0]) > 0
+
+
+def _bucket_reverse_kl64(s, ids, lp):
+    """Reverse KL over S + tail in float64 with the tail masses summed directly: q_tail over
+    the columns not in S, p_tail = 1 - sum_S exp(lp) as -expm1(logsumexp(lp))."""
+    lq = torch.log_softmax(s.double(), -1)
+    lq_s = lq.gather(1, ids)
+    rest = torch.ones_like(lq, dtype=torch.bool).scatter_(1, ids, False)
+    lq_tail = torch.where(rest, lq, -math.inf).logsumexp(-1)
+    lp = lp.double()
+    lp_tail = torch.log(-torch.expm1(lp.logsumexp(-1)))
+    return (lq_s.exp() * (lq_s - lp)).sum(-1) + lq_tail.exp() * (lq_tail - lp_tail)
+
+
+def test_bucket_teacher_tail_from_its_log_probabilities(impl):
+    """A teacher that puts all but 1e-20 of its mass on one id: p_tail = 1 - sum_S exp(lp)
+    is 1e-20, far below the rounding of a sum of probabilities near 1 (which gives 0 and an
+    infinite reverse KL). Formed as -expm1(logsumexp(lp)) it keeps the relative precision of
+    the log-probabilities, so the reverse KL is finite and right."""
+    dtype = dtype_for(impl)
+    ids = torch.tensor([[3, 7, 11], [0, 1, 2]])
+    lp = torch.tensor([[-1e-20, -60.0, -61.0], [-1e-12, -40.0, -70.0]], dtype=dtype)
+    s = student((2,), V, dtype)
+    x = s.clone().requires_grad_()
+    out = kd.sparse_kd_loss(x, ids, lp, tail="bucket", divergence="reverse_kl", impl=impl,
+                            reduction="none")
+    out.sum().backward()
+    want = _bucket_reverse_kl64(s, ids, lp)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0.0)
+    assert x.grad.isfinite().all()
+
+
+@pytest.mark.xfail(strict=True, reason="the student's q_tail is 1 - sum_S q from the row's "
+                   "(max, log-sum): below the statistics' eps it is clamped, not resolved")
+def test_bucket_student_tail_below_resolution_is_exact():
+    """The exact bucket loss of a student sure of an id in S (gap ~ 7000 nats to the best
+    column outside S): log q_tail ~ -7000, so a teacher with tail mass 0.4 adds ~ 2800 and
+    the loss is 3497. The statistics resolve q_tail only down to eps (log eps = -36 in
+    float64), so the loss reads 713."""
+    s = torch.zeros(1, V, dtype=torch.float64)
+    s[0, 3] = 7000.0
+    ids = torch.tensor([[3, 5]])
+    lp = torch.tensor([[math.log(0.5), math.log(0.1)]], dtype=torch.float64)
+    out = kd.sparse_kd_loss(s, ids, lp, tail="bucket", impl="torch")
+    lq = torch.log_softmax(s, -1)
+    lq_tail = torch.cat([lq[0, :3], lq[0, 4:5], lq[0, 6:]]).logsumexp(0)
+    want = (lp.exp() * (lp - lq[:, [3, 5]])).sum() + 0.4 * (math.log(0.4) - lq_tail)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=0.0)
+
+
 def test_module_reads_the_function_options():
     ids, lp = teacher(LEAD, V, 7)
     s = student(LEAD, V)

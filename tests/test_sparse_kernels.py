@@ -297,6 +297,25 @@ def test_ext_ops_opcheck(strided):
                           (s, labels, stats, coef, ids, w, *args, OFFSET))
 
 
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_triton_ops_opcheck(strided):
+    """The Triton launchers run as torch.library ops (what torch.compile sees): against
+    their schemas and fake kernels."""
+    from kdkernels.triton import sparse as tsp
+
+    spec = _spec(True, 0.5)
+    s_full, s = _logits(torch.float32, strided)
+    labels = _labels()
+    student = (float(spec.inv_ts), float(spec.ce_weight), int(spec.ignore_index))
+    torch.library.opcheck(tsp.sparse_partial_op, (s, labels, *student, OFFSET))
+    torch.library.opcheck(tsp.sparse_partial_op, (s, None, *student, OFFSET))
+    stats = _global_stats(s_full, labels, spec)
+    ids = _ids(7)
+    coef, w = torch.randn(N, 2), torch.randn(N, 7)
+    torch.library.opcheck(tsp.sparse_grads_op,
+                          (s, labels, *student, stats, coef, ids, w, OFFSET))
+
 def test_bad_input_names_the_argument(be):
     if be.impl_name == "torch":
         pytest.skip("the kernels' own checks")

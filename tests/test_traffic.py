@@ -140,3 +140,39 @@ def test_kd_loss_traffic_targets(divergence, shape):
         assert r.fwd_b <= fwd, f"{divergence}: forward {r.fwd_b:.2f} B/elem > {fwd}"
     # the two-pass floor, 10 B: s and t read in forward and again in backward, d s written
     assert r.total_b >= 10.0, "counted less than the bytes the math must move"
+
+
+# --------------------------------------------------------------------------------------
+# the sparse (top-k) teacher loss: the student is the only N x V tensor
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 32000), (3, 5003)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tail,ce_weight", [("bucket", 0.0), ("bucket", 0.5), ("none", 0.0)])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_sparse_kd_loss_traffic_target(tail, ce_weight, shape):
+    """bfloat16 forward + backward at most 6.5 B per student element: the logits read once
+    for the statistics (2 B), once more and the gradient written in the backward (4 B),
+    with cross-entropy at Ts != 1 in the same passes. renormalize without cross-entropy
+    moves no N x V bytes at all (the K gathered logits only)."""
+    import kdkernels as kd
+
+    n, v = shape
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(n, v, generator=g).to(torch.bfloat16).requires_grad_()
+    ids, lp = kd.topk_logprobs(torch.randn(n, v, generator=g), 64)
+    labels = torch.randint(0, v, (n,), generator=g)
+
+    def loss(tail, ce_weight):
+        return kd.sparse_kd_loss(s, ids, lp, labels, tail=tail, temperature=2.0,
+                                 ce_weight=ce_weight, impl="triton")
+
+    fwd, bwd = tr._run(lambda: loss(tail, ce_weight))
+    total = (fwd.total + bwd.total) / (n * v)
+    assert fwd.total > 0 and bwd.total > 0, "nothing counted: kernels not interpreted?"
+    assert total <= 6.5, f"{tail}: fwd+bwd {total:.2f} B/elem > 6.5"
+    assert total >= 6.0, "counted less than the bytes the math must move"
+    s.grad = None
+    fwd, bwd = tr._run(lambda: loss("renormalize", 0.0))
+    assert fwd.total + bwd.total < n * 64 * 8

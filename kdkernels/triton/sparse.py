@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .. import _stats
-from .._spec import LossSpec
+from .._spec import Divergence, LossSpec
 from .._stats import NCOL
 from ._common import AotKernel, device_guard
 from .kd import (
@@ -232,7 +232,7 @@ def _flags(labels, spec: LossSpec) -> tuple[bool, bool, bool]:
 
 
 @torch.no_grad()
-def sparse_partial(s, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
+def _sparse_partial(s, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
     """The student's statistics (N, NCOL) float32 of the columns [offset, offset + Vr) that
     s (N, Vr) holds: MS, LS, M1, L1, LABEL as `partial` fills them, MT = LT = -inf, the
     rest 0. labels (N,) GLOBAL ids or None. Ignored rows are the empty range.
@@ -267,7 +267,7 @@ def sparse_partial(s, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0):
+def _sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0):
     """gs (N, Vr) in s's dtype, contiguous: c_q q + c_1 (q1 - onehot(label)) + the slots'
     weights w at the columns their GLOBAL ids name in [offset, offset + Vr), given the
     GLOBAL merged table `stats`; see the top of the file. Rows whose label is ignore_index
@@ -297,6 +297,59 @@ def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0
             BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
         )
     return gs
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops (as kd.py's): torch.compile sees two opaque ops with fake kernels, not
+# the launchers' Python (which it cannot trace under the interpreter). The student's half
+# of the spec travels as primitives: inv_ts, ce_weight, ignore_index.
+# --------------------------------------------------------------------------------------
+
+
+def _student_spec(inv_ts: float, ce_weight: float, ignore_index: int) -> LossSpec:
+    return LossSpec(div=Divergence("forward_kl"), inv_ts=inv_ts, inv_tt=1.0, kd_scale=1.0,
+                    ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+@torch.library.custom_op("kdkernels_triton::sparse_partial", mutates_args=())
+def sparse_partial_op(
+    s: torch.Tensor, labels: torch.Tensor | None, inv_ts: float, ce_weight: float,
+    ignore_index: int, offset: int,
+) -> torch.Tensor:
+    return _sparse_partial(s, labels, _student_spec(inv_ts, ce_weight, ignore_index), offset)
+
+
+@sparse_partial_op.register_fake
+def _sparse_partial_fake(s, labels, inv_ts, ce_weight, ignore_index, offset):
+    return s.new_empty((s.shape[0], NCOL), dtype=torch.float32)
+
+
+@torch.library.custom_op("kdkernels_triton::sparse_grads", mutates_args=())
+def sparse_grads_op(
+    s: torch.Tensor, labels: torch.Tensor | None, inv_ts: float, ce_weight: float,
+    ignore_index: int, stats: torch.Tensor, coef: torch.Tensor, ids: torch.Tensor,
+    w: torch.Tensor, offset: int,
+) -> torch.Tensor:
+    return _sparse_grads(s, labels, _student_spec(inv_ts, ce_weight, ignore_index), stats,
+                         coef, ids, w, offset)
+
+
+@sparse_grads_op.register_fake
+def _sparse_grads_fake(s, labels, inv_ts, ce_weight, ignore_index, stats, coef, ids, w,
+                       offset):
+    return s.new_empty(s.shape)
+
+
+def sparse_partial(s, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
+    """The backend's sparse_partial (see _sparse_partial) through its op."""
+    return sparse_partial_op(s, labels, float(spec.inv_ts), float(spec.ce_weight),
+                             int(spec.ignore_index), int(offset))
+
+
+def sparse_grads(s, labels, spec: LossSpec, stats, coef, ids, w, offset: int = 0):
+    """The backend's sparse_grads (see _sparse_grads) through its op."""
+    return sparse_grads_op(s, labels, float(spec.inv_ts), float(spec.ce_weight),
+                           int(spec.ignore_index), stats, coef, ids, w, int(offset))
 
 
 # --------------------------------------------------------------------------------------
