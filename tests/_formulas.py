@@ -67,6 +67,10 @@ def row_divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, s
     if name == "alpha_beta":
         # Cichocki-Cruces-Amari's AB-divergence (ABKD's form), written in probability space
         a, b = ab_alpha, ab_beta
+        if (a, b) == (1.0, 0.0):  # the limits b -> 0 at a = 1, a -> 0 at b = 1
+            return kl(p, lp, lq)
+        if (a, b) == (0.0, 1.0):
+            return kl(q, lq, lp)
         terms = p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)
         return -terms.sum(-1) / (a * b)
     if name == "forward_kl" or (name == "jsd" and beta == 0.0):
