@@ -511,6 +511,37 @@ KD_HD void kl2_add(W xs, W xt, W ms, W mt, W its, W itt, W& ss, W& st, W& acc, W
   }
 }
 
+// A partial state of SOFT_CE / FR_KL (one shard of a row, or one thread's elements).
+template <class S>
+struct KL2Part {
+  S ms, ss, mt, st, acc, accb;
+};
+
+template <class S>
+KD_HD KL2Part<S> kl2_part_empty() {
+  KL2Part<S> p;
+  p.ms = p.mt = kd_neg_inf<S>();
+  p.ss = p.st = p.acc = p.accb = S(0);
+  return p;
+}
+
+// Exact merge of two partial states: move both to the larger (raw) references, then add.
+template <int K, class S>
+KD_HD KL2Part<S> kl2_merge(KL2Part<S> a, KL2Part<S> b, S its, S itt) {
+  S ms = kd_max_nan(a.ms, b.ms);
+  S mt = kd_max_nan(a.mt, b.mt);
+  kl2_rebase<K>(a.ss, a.st, a.acc, a.accb, ref_move(a.ms, ms, its), ref_move(a.mt, mt, itt));
+  kl2_rebase<K>(b.ss, b.st, b.acc, b.accb, ref_move(b.ms, ms, its), ref_move(b.mt, mt, itt));
+  KL2Part<S> r;
+  r.ms = ms;
+  r.mt = mt;
+  r.ss = a.ss + b.ss;
+  r.st = a.st + b.st;
+  r.acc = a.acc + b.acc;
+  r.accb = a.accb + b.accb;
+  return r;
+}
+
 // dv[0] = D (soft CE) or F, dv[1] = R (FR_KL); returns the row's divergence.
 template <int K, class S>
 KD_HD S kl2_value(S ss, S st, S acc, S accb, S cf, S cr, S* dv) {
