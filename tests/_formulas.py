@@ -71,7 +71,10 @@ def row_divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, s
             return kl(p, lp, lq)
         if (a, b) == (0.0, 1.0):
             return kl(q, lq, lp)
-        terms = p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)
+        # p^a = exp(a log p): the same numbers, and a finite gradient where p underflows to 0
+        # (d p^a / dp = a p^(a-1) is inf there)
+        terms = (torch.exp(a * lp + b * lq) - a / (a + b) * torch.exp((a + b) * lp)
+                 - b / (a + b) * torch.exp((a + b) * lq))
         return -terms.sum(-1) / (a * b)
     if name == "forward_kl" or (name == "jsd" and beta == 0.0):
         return kl(p, lp, lq)  # GKD convention: jsd(0) is forward KL exactly

@@ -31,7 +31,8 @@ from kdkernels._spec import Divergence, LossSpec
 from kdkernels.triton import kd as tkd
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 # (temperature, teacher_temperature): T = 1, T = 2, a teacher at its own temperature
 TEMPERATURES = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt1.5": (2.0, 1.5)}
 # no labels; labels with ignored rows (skipped); the same with a CE term
