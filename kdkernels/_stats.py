@@ -8,7 +8,8 @@ column ranges of a row. A backend (torch, triton, ext) implements, in these term
         labels: (N,) GLOBAL vocabulary ids or None. Fills every column below except DIV, B,
         UQ, UP (0). Pass 1 of every kind.
     mix_partial(s, t, spec, stats, offset) -> (N, 4) table (A, B, Uq, Up)
-        the mixture's pass-2 sums over the range, given the GLOBAL (merged) statistics.
+        the mixture's pass-2 sums over the range, given the GLOBAL (merged) statistics
+        (tvd's and alpha_beta's likewise, in the same columns: see below).
     grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher) -> (gs, gt)
         the gradient of the range's columns given the GLOBAL statistics (finished: DIV set),
         times grad_rows (N,); rows whose label is ignore_index get exactly 0. A label outside

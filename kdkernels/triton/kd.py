@@ -990,7 +990,14 @@ def _forward(s, t, labels, *args):
             # the newer kinds: the same passes, finished by _stats.finish
             _, stats = _stats_pass(s, t, labels, args, 0, finish=False)
             sums = _pw_pass(s, t, args, stats) if args[0] in ("tvd", "alpha_beta") else None
-            return _stats.finish(stats, labels, _spec_of(args), sums)
+            loss, stats = _stats.finish(stats, labels, _spec_of(args), sums)
+            if labels is not None:
+                # ignored rows read nothing: their divergence columns are 0, as the kernels
+                # write them for the other kinds (finish formed them from empty sums)
+                cols = list(_stats.MIX_COLS)
+                keep = (labels != args[-1])[:, None]
+                stats[:, cols] = torch.where(keep, stats[:, cols], 0.0)
+            return loss, stats
         loss, stats = _stats_pass(s, t, labels, args, 0, finish=True)
         if loss is None:  # mixture: pass 2 finishes
             loss = torch.empty(s.shape[0], device=s.device, dtype=torch.float32)
@@ -1250,6 +1257,8 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
                                                  part_ptr=f32, out_ptr=f32), ints, floats)
     bwd_sig = _sig(_kd_bwd_kernel, dict(s_ptr=x, t_ptr=x, labels_ptr=i64, stats_ptr=f32,
                                         grad_ptr=f32, ds_ptr=x, dt_ptr=x), ints, floats)
+    pw_sig = _sig(_kd_pw_kernel, dict(s_ptr=x, t_ptr=x, stats_ptr=f32, part_ptr=f32), ints,
+                  floats)
     kinds = {FORWARD_KL: "forward_kl", REVERSE_KL: "reverse_kl", MIXTURE: "mixture"}
     out = []
     for has_labels, has_ce, ce_shared in _LABEL_MODES:
@@ -1293,4 +1302,32 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
                     _kd_bwd_kernel, bwd_sig,
                     dict(KIND=kind, TEACHER_GRAD=teacher_grad, BLOCK_V=cfg.block_v, **lab,
                          **mix_flags), w))
+        out += _aot_other_kinds(cfg, lab, tag, fwd_sig, merge_sig, bwd_sig)
+    out += [AotKernel(f"kd_pw[{name}]", _kd_pw_kernel, pw_sig,
+                      dict(KIND=kind, BLOCK_V=cfg.block_v), w)
+            for kind, name in ((TVD, "tvd"), (ALPHA_BETA, "alpha_beta"))]
+    return out
+
+
+def _aot_other_kinds(cfg, lab, tag, fwd_sig, merge_sig, bwd_sig) -> list[AotKernel]:
+    """soft_cross_entropy, forward_reverse_kl, tvd, alpha_beta: pass 1 (never FINISH) and
+    the backward, for one label mode."""
+    w = cfg.num_warps
+    names = {SOFT_CE: "soft_cross_entropy", FR_KL: "forward_reverse_kl", TVD: "tvd",
+             ALPHA_BETA: "alpha_beta"}
+    none = dict(HAS_CP=False, HAS_CQ=False, HAS_U=False)
+    out = []
+    for kind, kname in names.items():
+        out.append(AotKernel(f"kd_fwd[{kname},{tag}]", _kd_fwd_kernel, fwd_sig,
+                             dict(KIND=kind, FINISH=False, BLOCK_V=cfg.block_v, **lab), w))
+        out.append(AotKernel(
+            f"kd_merge[{kname},{tag}]", _kd_merge_kernel, merge_sig,
+            dict(KIND=kind, HAS_LABELS=lab["HAS_LABELS"], HAS_CE=lab["HAS_CE"], FINISH=False,
+                 SPLIT_BLOCK=cfg.split_block), 1))
+        for teacher_grad in (False, True):
+            out.append(AotKernel(
+                f"kd_bwd[{kname},{tag}{',teacher_grad' if teacher_grad else ''}]",
+                _kd_bwd_kernel, bwd_sig,
+                dict(KIND=kind, TEACHER_GRAD=teacher_grad, BLOCK_V=cfg.block_v, **lab,
+                     **none), w))
     return out
