@@ -165,3 +165,12 @@ def test_liger_tvd(impl):
     want = q * (dq - (dq * q).sum(-1, keepdim=True))
     torch.testing.assert_close(s.grad.double(), want, rtol=1e-5, atol=1e-6)
     assert torch.equal(s.grad[0], torch.zeros_like(s.grad[0]))
+
+
+def test_module_takes_the_new_keywords():
+    """KDLoss reads its options off kd_loss's signature: alpha, ab_alpha, ab_beta too."""
+    s, t = logits((4, 33)), logits((4, 33))
+    for kw in (dict(divergence="forward_reverse_kl", alpha=0.3),
+               dict(divergence="alpha_beta", ab_alpha=0.2, ab_beta=0.7)):
+        got = kd.KDLoss(impl="torch", **kw)(s, t)
+        torch.testing.assert_close(got, kd.kd_loss(s, t, impl="torch", **kw))
