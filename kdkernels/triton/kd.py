@@ -732,11 +732,11 @@ def _kd_bwd_kernel(
             gs = coef_p * (q - p) + coef_q * tl.where(q > 0, q * (lq - lp - b_sum), 0.0)
             if TEACHER_GRAD:
                 gt = coef_p * tl.where(p > 0, p * (lp - lq - div), 0.0) + coef_q * (p - q)
-        elif KIND == 5:  # tvd: g = sgn(q - p), 0 where equal
-            g = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
-            gs = 0.5 * q * (g - uq)
+        elif KIND == 5:  # tvd: sgn(q - p), 0 where equal (g is the row's upstream gradient)
+            sg = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+            gs = 0.5 * q * (sg - uq)
             if TEACHER_GRAD:
-                gt = -0.5 * p * (g - up)
+                gt = -0.5 * p * (sg - up)
         elif KIND == 6:  # alpha_beta
             ab = coef_p + coef_q
             x = tl.exp(coef_p * lp + coef_q * lq)
