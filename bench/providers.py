@@ -37,7 +37,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
+# kd_loss's defaults for the last two: alpha = 0.5 (symmetric), (ab_alpha, ab_beta) = (0.5, 0.5)
+FR_ALPHA, AB = 0.5, (0.5, 0.5)
 MODES = ("forward", "backward", "full")
 KD_IMPLS = ("torch", "triton", "ext")
 PROVIDERS = (
@@ -95,6 +98,8 @@ def eager_loss(s, t, divergence: str, cfg: Config, reduction: str = "batchmean")
     elif kind == "reverse_kl":  # KL(q || p)
         loss = F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1),
                         reduction=reduction, log_target=True)
+    elif kind in ("soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta"):
+        loss = _eager_other(s, t, kind, T, reduction)
     else:
         lq = F.log_softmax(s / T, -1)
         lp = F.log_softmax(t / T, -1)
@@ -109,6 +114,26 @@ def eager_loss(s, t, divergence: str, cfg: Config, reduction: str = "batchmean")
             lm = torch.logaddexp(lq + log_or_minus_inf(a), lp + log_or_minus_inf(1.0 - a))
             loss = F.kl_div(lm, lq, reduction=reduction, log_target=True)
     return loss * (T * T)
+
+
+def _eager_other(s, t, kind: str, T: float, reduction: str):
+    """The eager lines of the tools that define these (torchtune, Liger, ABKD's code)."""
+    lq = F.log_softmax(s / T, -1)
+    lp = F.log_softmax(t / T, -1)
+    if kind == "soft_cross_entropy":  # torchtune's ForwardKLLoss: -sum p log q
+        rows = -(lp.exp() * lq).sum(-1)
+    elif kind == "tvd":  # Liger's TVD on the softmaxes
+        rows = 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    elif kind == "forward_reverse_kl":
+        rows = (FR_ALPHA * F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
+                + (1 - FR_ALPHA) * F.kl_div(lp, lq, reduction="none", log_target=True).sum(-1))
+    else:  # alpha_beta, from p^a q^b and the powers' sums
+        a, b = AB
+        rows = -(torch.exp(a * lp + b * lq) - a / (a + b) * torch.exp((a + b) * lp)
+                 - b / (a + b) * torch.exp((a + b) * lq)).sum(-1) / (a * b)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / s.shape[0]  # batchmean
 
 
 def chunked_loss(s, t, divergence: str, cfg: Config, rows_per_chunk: int):
@@ -169,7 +194,9 @@ def bytes_moved(divergence: str, mode: str, cfg: Config) -> int:
     """Bytes a fused two-pass design must move (DESIGN.md §2), per the module docstring."""
     es = torch.empty((), dtype=cfg.dtype).element_size()
     kind, _ = canonical(divergence, cfg.beta, cfg.skew)
-    fwd = 2 if kind in ("forward_kl", "reverse_kl") else 4  # mixtures: stats pass + value pass
+    # one-pass kinds read s and t once; the two-pass ones (mixtures, tvd, alpha_beta) twice
+    one_pass = ("forward_kl", "reverse_kl", "soft_cross_entropy", "forward_reverse_kl")
+    fwd = 2 if kind in one_pass else 4
     per = {"forward": fwd, "backward": 3, "full": fwd + 3, "copy": 3}[mode]
     return per * es * cfg.n * cfg.v
 

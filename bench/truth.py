@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .providers import Config, canonical, log_or_minus_inf
+from .providers import AB, FR_ALPHA, Config, canonical, log_or_minus_inf
 
 # Elements per chunk of the float64 ground truth: 2**22 float64 = 32 MiB per temporary.
 F64_CHUNK_ELEMENTS = 1 << 22
@@ -36,6 +36,18 @@ def rows_float64(s, t, divergence: str, cfg: Config):
     if kind == "reverse_kl":
         return (lq.exp() * (lq - lp)).sum(-1) * (T * T)
     q, p = lq.exp(), lp.exp()
+    if kind == "soft_cross_entropy":
+        return -(p * lq).sum(-1) * (T * T)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1) * (T * T)
+    if kind == "forward_reverse_kl":
+        d = FR_ALPHA * (p * (lp - lq)).sum(-1) + (1 - FR_ALPHA) * (q * (lq - lp)).sum(-1)
+        return d * (T * T)
+    if kind == "alpha_beta":
+        a, b = AB
+        d = -(torch.exp(a * lp + b * lq) - a / (a + b) * torch.exp((a + b) * lp)
+              - b / (a + b) * torch.exp((a + b) * lq)).sum(-1) / (a * b)
+        return d * (T * T)
     if kind == "jsd":
         lm = torch.logaddexp(lp + log_or_minus_inf(a), lq + log_or_minus_inf(1.0 - a))
         d = a * (p * (lp - lm)).sum(-1) + (1.0 - a) * (q * (lq - lm)).sum(-1)

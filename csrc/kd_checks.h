@@ -25,7 +25,12 @@ inline int parse_kind(const std::string& kind) {
   if (kind == "forward_kl") return FORWARD_KL;
   if (kind == "reverse_kl") return REVERSE_KL;
   if (kind == "mixture") return MIXTURE;
-  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl or mixture, got '", kind,
+  if (kind == "soft_cross_entropy") return SOFT_CE;
+  if (kind == "forward_reverse_kl") return FR_KL;
+  if (kind == "tvd") return TVD;
+  if (kind == "alpha_beta") return ALPHA_BETA;
+  TORCH_CHECK(false, "kdkernels: kind must be forward_kl, reverse_kl, mixture, "
+              "soft_cross_entropy, forward_reverse_kl, tvd or alpha_beta, got '", kind,
               "'");
   return -1;
 }

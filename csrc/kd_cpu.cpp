@@ -213,6 +213,114 @@ A forward_row(const Row& r, const Params& pr, A* st) {
   return loss;
 }
 
+// ---- soft_cross_entropy, forward_reverse_kl (one pass), tvd, alpha_beta (two passes) ------
+
+// Pass 1 of SOFT_CE / FR_KL (stats_row's layout; FR_KL's reverse accumulator in ST_B).
+// Returns sum exp(zs - ms) and sum exp(zt - mt).
+template <class A, int K>
+std::pair<A, A> kl2_stats_row(const Row& r, const Params& pr, A* st) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  alignas(64) A xs[TILE];
+  alignas(64) A xt[TILE];
+  const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
+  const bool ce_sep = r.ce && pr.inv_ts != 1.0;
+  const A ninf = kd_neg_inf<A>();
+  A ms = ninf, mt = ninf;
+  V ss(0), stt(0), acc(0), accb(0), s1(0);
+  const V vits(its), vitt(itt);
+  for (int64_t off = 0; off < r.v; off += TILE) {
+    const int64_t n = std::min(TILE, r.v - off);
+    const int64_t np = round_up<A>(n);
+    const A ts = load_tile<A>(r.s, r.ss, off, n, xs);
+    const A tt = load_tile<A>(r.t, r.tt, off, n, xt);
+    const A nms = kd_max_nan(ms, ts), nmt = kd_max_nan(mt, tt);
+    kl2_rebase<K>(ss, stt, acc, accb, ref_move(ms, nms, its), ref_move(mt, nmt, itt));
+    if (ce_sep) lse_rebase(s1, ref_move(ms, nms, A(1)));
+    ms = nms;
+    mt = nmt;
+    const V vms(safe_ref(ms)), vmt(safe_ref(mt));
+    V a(acc), b(accb), ls(ss), lt(stt);  // local: no spills of the captured sums
+    for (int64_t i = 0; i < np; i += W)
+      kl2_add<K>(V::loadu(xs + i), V::loadu(xt + i), vms, vmt, vits, vitt, ls, lt, a, b);
+    acc = a, accb = b, ss = ls, stt = lt;
+    if (ce_sep)
+      for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
+  }
+  const A ss_ = hsum(ss), st_ = hsum(stt);
+  st[ST_MS] = ms;
+  st[ST_LS] = kd_log(ss_);
+  st[ST_MT] = mt;
+  st[ST_LT] = kd_log(st_);
+  st[ST_M1] = ms;
+  st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
+  st[ST_LABEL] = r.label >= 0 ? load_one<A>(r.s, r.ss, r.label) : A(0);
+  st[ST_DIV] = st[ST_UQ] = st[ST_UP] = A(0);
+  st[ST_B] = K == FR_KL ? hsum(accb) : A(0);
+  st[ST_ACC] = hsum(acc);
+  return {ss_, st_};
+}
+
+// Pass 2 of TVD / ALPHA_BETA over the row's range given its GLOBAL statistics g:
+// out[0:4] = (D or T, 0, UQ, UP) sums over the range (kd_math.h's pw_add).
+template <class A, int K>
+void pw_row(const Row& r, const Params& pr, const A* g, A* out) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  alignas(64) A zs[TILE];
+  alignas(64) A zt[TILE];
+  const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
+  const PwCoef<A> c = pw_coef(A(pr.coef_p), A(pr.coef_q));
+  V sd(0), suq(0), sup(0);
+  const A ms = safe_ref(g[ST_MS]), ls = g[ST_LS], mt = safe_ref(g[ST_MT]), lt = g[ST_LT];
+  for (int64_t off = 0; off < r.v; off += TILE) {
+    const int64_t n = std::min(TILE, r.v - off);
+    const int64_t np = round_up<A>(n);
+    load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
+    load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
+    V d(sd), uq(suq), up(sup);
+    for (int64_t i = 0; i < np; i += W) pw_add<K>(V::loadu(zs + i), V::loadu(zt + i), c, d, uq, up);
+    sd = d, suq = uq, sup = up;
+  }
+  out[0] = hsum(sd);
+  out[1] = A(0);
+  out[2] = hsum(suq);
+  out[3] = hsum(sup);
+}
+
+// Pass 1 of any kind: the KL kinds' own, the lse pairs for the two-pass kinds.
+template <class A, int K>
+std::pair<A, A> stats_any(const Row& r, const Params& pr, A* st) {
+  if constexpr (K == SOFT_CE || K == FR_KL) {
+    return kl2_stats_row<A, K>(r, pr, st);
+  } else if constexpr (K == TVD || K == ALPHA_BETA) {
+    return stats_row<A, MIXTURE>(r, pr, st);
+  } else {
+    return stats_row<A, K>(r, pr, st);
+  }
+}
+
+// forward_row of the kinds above: fills st (finished: DIV, B, UQ, UP as _stats.finish) and
+// returns the row loss.
+template <class A, int K>
+A forward_row2(const Row& r, const Params& pr, A* st) {
+  const auto [ss, stt] = stats_any<A, K>(r, pr, st);
+  A d;
+  if constexpr (K == TVD || K == ALPHA_BETA) {
+    pw_row<A, K>(r, pr, st, st + ST_DIV);
+    d = K == TVD ? A(0.5) * st[ST_DIV] : st[ST_DIV];
+  } else {
+    A dv[2];
+    d = kl2_value<K>(ss, stt, st[ST_ACC], st[ST_B], A(pr.coef_p), A(pr.coef_q), dv);
+    st[ST_DIV] = dv[0];
+    st[ST_B] = dv[1];
+  }
+  A loss = A(pr.kd_scale) * d;
+  if (r.ce) loss += A(pr.ce_weight) * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+  if (!row_has_softmax(st[ST_MS], st[ST_MT])) loss = A(NAN);
+  return loss;
+}
+
 // ---- backward of one row ------------------------------------------------------------------
 
 // Writes g * d loss / d s of the row's range into r.gs (and / d t into r.gt when not null),
@@ -233,6 +341,7 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   const A cce = ce ? g * A(pr.ce_weight) : A(0);
   const A D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+  const PwCoef<A> pwc = pw_coef(A(pr.coef_p), A(pr.coef_q));
   // lq = (s - ms) / Ts - log Ss (load_logp), never s / Ts - lse with lse rounded; safe_ref
   // keeps -inf rows NaN-free
   const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
@@ -249,6 +358,10 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
     if constexpr (K == MIXTURE) {
       mix_grad<NT, F, U>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
+    } else if constexpr (K == SOFT_CE || K == FR_KL) {
+      kl2_grad<K, NT>(lq, lp, D, B, A(pr.coef_p), A(pr.coef_q), gsv, gtv);
+    } else if constexpr (K == TVD || K == ALPHA_BETA) {
+      pw_grad<K, NT>(lq, lp, pwc, Uq, Up, gsv, gtv);
     } else {
       kl_grad<REV, NT>(lq, lp, X(D), gsv, gtv);
     }
@@ -422,9 +535,15 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
         }
         continue;
       }
-      if (fwd) job.loss[i] = forward_row<A, K>(r, pr, st);
-      if (op == Op::PARTIAL) stats_row<A, K>(r, pr, st);
-      if (op == Op::MIX) mix_row<A>(r, pr, st, job.sums + i * 4, true);
+      if constexpr (K <= MIXTURE) {
+        if (fwd) job.loss[i] = forward_row<A, K>(r, pr, st);
+        if (op == Op::PARTIAL) stats_row<A, K>(r, pr, st);
+        if (op == Op::MIX) mix_row<A>(r, pr, st, job.sums + i * 4, true);
+      } else {
+        if (fwd) job.loss[i] = forward_row2<A, K>(r, pr, st);
+        if (op == Op::PARTIAL) stats_any<A, K>(r, pr, st);
+        if (op == Op::MIX) pw_row<A, K>(r, pr, st, job.sums + i * 4);
+      }
       if (bwd) backward_row<A, K>(r, pr, st, job.grad ? job.grad[i] : A(1));
     }
   });
@@ -438,6 +557,14 @@ void dispatch_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab,
       return run_rows<A, FORWARD_KL>(s, t, lab, pr, job);
     case REVERSE_KL:
       return run_rows<A, REVERSE_KL>(s, t, lab, pr, job);
+    case SOFT_CE:
+      return run_rows<A, SOFT_CE>(s, t, lab, pr, job);
+    case FR_KL:
+      return run_rows<A, FR_KL>(s, t, lab, pr, job);
+    case TVD:
+      return run_rows<A, TVD>(s, t, lab, pr, job);
+    case ALPHA_BETA:
+      return run_rows<A, ALPHA_BETA>(s, t, lab, pr, job);
     default:
       return run_rows<A, MIXTURE>(s, t, lab, pr, job);
   }
@@ -503,8 +630,9 @@ at::Tensor kd_mix_partial_cpu(const at::Tensor& s, const at::Tensor& t, const at
                               KD_PARAMS_DECL, int64_t offset) {
   const Params pr = make_params(KD_PARAMS_ARGS);
   check_logits(s, t, pr, true);
-  TORCH_CHECK(pr.kind == MIXTURE, "kdkernels: mix_partial needs kind 'mixture', got '", kind,
-              "'");
+  TORCH_CHECK(two_pass(pr.kind),
+              "kdkernels: mix_partial needs a two-pass kind (mixture, tvd, alpha_beta), got '",
+              kind, "'");
   TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   check_stats(stats, s.size(0), acc_type(s));
   auto sums = at::empty({s.size(0), 4}, s.options().dtype(acc_type(s)));

@@ -50,7 +50,8 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int PACK = 8;
-constexpr int NPART = 8;  // floats per partial state: ms, ss, mt, st, acc, m1, s1, (pad)
+constexpr int NPART = 8;  // floats per partial state: ms, ss, mt, st, acc, m1, s1, accb
+                          // (accb: soft_cross_entropy / forward_reverse_kl; else unused)
 
 #define KD_CUDA_CHECK(expr)                                                               \
   do {                                                                                    \
@@ -128,6 +129,32 @@ __device__ KLPart<float> block_merge_kl(KLPart<float> p, float its, float itt) {
   if (warp == 0) {
     p = lane < WARPS ? sh[lane] : kl_part_empty<float>();
     for (int off = 16; off > 0; off >>= 1) p = kl_merge<REV>(p, shfl_part(p, off), its, itt);
+  }
+  return p;
+}
+
+__device__ __forceinline__ KL2Part<float> shfl_part2(const KL2Part<float>& p, int off) {
+  KL2Part<float> o;
+  o.ms = __shfl_xor_sync(0xffffffffu, p.ms, off);
+  o.ss = __shfl_xor_sync(0xffffffffu, p.ss, off);
+  o.mt = __shfl_xor_sync(0xffffffffu, p.mt, off);
+  o.st = __shfl_xor_sync(0xffffffffu, p.st, off);
+  o.acc = __shfl_xor_sync(0xffffffffu, p.acc, off);
+  o.accb = __shfl_xor_sync(0xffffffffu, p.accb, off);
+  return o;
+}
+
+// block_merge_kl for the SOFT_CE / FR_KL states (kd_math.h kl2_merge); valid in thread 0.
+template <int K>
+__device__ KL2Part<float> block_merge_kl2(KL2Part<float> p, float its, float itt) {
+  __shared__ KL2Part<float> sh[WARPS];
+  for (int off = 16; off > 0; off >>= 1) p = kl2_merge<K>(p, shfl_part2(p, off), its, itt);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sh[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < WARPS ? sh[lane] : kl2_part_empty<float>();
+    for (int off = 16; off > 0; off >>= 1) p = kl2_merge<K>(p, shfl_part2(p, off), its, itt);
   }
   return p;
 }
@@ -423,6 +450,160 @@ __global__ void kd_mix_sums_kernel(const float* __restrict__ part,  // (N, split
   out[row * 4] = a, out[row * 4 + 1] = b, out[row * 4 + 2] = uq, out[row * 4 + 3] = up;
 }
 
+// ---- forward: soft_cross_entropy, forward_reverse_kl (one pass) --------------------------------
+
+// kd_stats_kernel for K = SOFT_CE / FR_KL: the state carries a second accumulator (accb,
+// FR_KL's reverse KL), written in the partial state's free slot 7.
+template <int K, class TS, class TT>
+__global__ void __launch_bounds__(THREADS) kd_stats2_kernel(
+    const TS* __restrict__ s, const TT* __restrict__ t, const int64_t* __restrict__ labels,
+    float* __restrict__ part, int64_t v, int64_t ss, int64_t ts, int64_t chunk, float its,
+    float itt, bool ce_sep, int64_t ignore_index) {
+  const int64_t row = blockIdx.x;
+  const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
+  float* out = part + (row * gridDim.y + blockIdx.y) * NPART;
+  if (labels && labels[row] == ignore_index) return;
+  const TS* sr = s + row * ss;
+  const TT* tr = t + row * ts;
+  KL2Part<float> p = kl2_part_empty<float>();
+  float s1 = 0.f;
+  for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
+    float xs[PACK], xt[PACK];
+    load_any(sr + i, cnt, xs);
+    load_any(tr + i, cnt, xt);
+    const float nms = kd_max(p.ms, pack_max(xs, cnt)), nmt = kd_max(p.mt, pack_max(xt, cnt));
+    kl2_rebase<K>(p.ss, p.st, p.acc, p.accb, ref_move(p.ms, nms, its),
+                  ref_move(p.mt, nmt, itt));
+    if (ce_sep) lse_rebase(s1, ref_move(p.ms, nms, 1.f));
+    p.ms = nms;
+    p.mt = nmt;
+    const float rs = safe_ref(p.ms), rt = safe_ref(p.mt);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k) {
+      if (k < cnt) {
+        kl2_add<K>(xs[k], xt[k], rs, rt, its, itt, p.ss, p.st, p.acc, p.accb);
+        if (ce_sep) lse_add(xs[k], rs, s1);
+      }
+    }
+  });
+  if (p.ss != p.ss) p.ms = NAN;
+  if (p.st != p.st) p.mt = NAN;
+  float m1 = p.ms;
+  p = block_merge_kl2<K>(p, its, itt);
+  if (ce_sep) block_merge_lse(m1, s1, 1.f);
+  if (threadIdx.x == 0) {
+    out[0] = p.ms, out[1] = p.ss, out[2] = p.mt, out[3] = p.st, out[4] = p.acc;
+    out[5] = p.ms, out[6] = s1, out[7] = p.accb;
+  }
+}
+
+// kd_finalize_kernel for K = SOFT_CE / FR_KL: DIV, B = (D, 0) or (F, R) with `loss`, else
+// the range's raw accumulators (ACC, and B for FR_KL) as _stats.py's table.
+template <int K, class T>
+__global__ void kd_finalize2_kernel(
+    const T* __restrict__ s, const int64_t* __restrict__ labels,
+    const float* __restrict__ part, float* __restrict__ stats, float* __restrict__ loss,
+    int64_t n, int64_t v, int64_t ss, int64_t offset, int splits, bool ce, bool ce_sep,
+    int64_t ignore_index, float its, float itt, float kd_scale, float ce_weight, float cf,
+    float cr) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  float* st = stats + row * NSTAT;
+  const int64_t lab = labels ? labels[row] : -1;
+  if (labels && lab == ignore_index) {
+    for (int c = 0; c < NSTAT; ++c) st[c] = 0.f;
+    if (loss) loss[row] = 0.f;
+    return;
+  }
+  KL2Part<float> p = kl2_part_empty<float>();
+  float m1 = kd_neg_inf<float>(), s1 = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    const float* q = part + (row * splits + k) * NPART;
+    KL2Part<float> o;
+    o.ms = q[0], o.ss = q[1], o.mt = q[2], o.st = q[3], o.acc = q[4], o.accb = q[7];
+    p = kl2_merge<K>(p, o, its, itt);
+    if (ce_sep) lse_merge(m1, s1, q[5], q[6], 1.f);
+  }
+  st[ST_MS] = p.ms;
+  st[ST_LS] = kd_log(p.ss);
+  st[ST_MT] = p.mt;
+  st[ST_LT] = kd_log(p.st);
+  st[ST_M1] = p.ms;
+  st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
+  const int64_t col = lab - offset;
+  st[ST_LABEL] = labels && col >= 0 && col < v ? to_f(s[row * ss + col]) : 0.f;
+  st[ST_DIV] = st[ST_UQ] = st[ST_UP] = 0.f;
+  st[ST_B] = K == FR_KL ? p.accb : 0.f;
+  st[ST_ACC] = p.acc;
+  if (loss) {
+    float dv[2];
+    const float d = kl2_value<K>(p.ss, p.st, p.acc, p.accb, cf, cr, dv);
+    st[ST_DIV] = dv[0];
+    st[ST_B] = dv[1];
+    float l = kd_scale * d;
+    if (ce) l += ce_weight * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+    loss[row] = row_has_softmax(p.ms, p.mt) ? l : NAN;
+  }
+}
+
+// ---- forward: tvd, alpha_beta pass 2 -------------------------------------------------------------
+
+// kd_mix_kernel for K = TVD / ALPHA_BETA: the range's (D or T, 0, UQ, UP) sums (pw_add).
+template <int K, class TS, class TT>
+__global__ void __launch_bounds__(THREADS) kd_pw_kernel(
+    const TS* __restrict__ s, const TT* __restrict__ t, const int64_t* __restrict__ labels,
+    const float* __restrict__ stats, float* __restrict__ part, int64_t v, int64_t ss,
+    int64_t ts, int64_t chunk, float its, float itt, int64_t ignore_index, float coef_p,
+    float coef_q) {
+  const int64_t row = blockIdx.x;
+  const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
+  if (labels && labels[row] == ignore_index) return;
+  const float* st = stats + row * NSTAT;
+  const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
+  const PwCoef<float> c = pw_coef(coef_p, coef_q);
+  const TS* sr = s + row * ss;
+  const TT* tr = t + row * ts;
+  float sd = 0.f, suq = 0.f, sup = 0.f;
+  for_elements(b, e, row_pack_head(sr, tr), [&](int64_t i, int cnt) {
+    float xs[PACK], xt[PACK];
+    load_any(sr + i, cnt, xs);
+    load_any(tr + i, cnt, xt);
+#pragma unroll
+    for (int k = 0; k < PACK; ++k)
+      if (k < cnt) {
+        const float lq = (xs[k] - ms) * its - ls, lp = (xt[k] - mt) * itt - lt;
+        pw_add<K>(lq, lp, c, sd, suq, sup);
+      }
+  });
+  sd = block_sum(sd);
+  suq = block_sum(suq);
+  sup = block_sum(sup);
+  if (threadIdx.x == 0) {
+    float* out = part + (row * gridDim.y + blockIdx.y) * 4;
+    out[0] = sd, out[1] = 0.f, out[2] = suq, out[3] = sup;
+  }
+}
+
+template <int K>
+__global__ void kd_pw_finalize_kernel(
+    const int64_t* __restrict__ labels, const float* __restrict__ part,
+    float* __restrict__ stats, float* __restrict__ loss, int64_t n, int splits, bool ce,
+    int64_t ignore_index, float kd_scale, float ce_weight) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  if (labels && labels[row] == ignore_index) return;  // zeroed by kd_finalize_kernel
+  float sd = 0.f, uq = 0.f, up = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    const float* q = part + (row * splits + k) * 4;
+    sd += q[0], uq += q[2], up += q[3];
+  }
+  float* st = stats + row * NSTAT;
+  st[ST_DIV] = sd, st[ST_B] = 0.f, st[ST_UQ] = uq, st[ST_UP] = up;
+  float l = kd_scale * (K == TVD ? 0.5f * sd : sd);
+  if (ce) l += ce_weight * ((st[ST_M1] - st[ST_LABEL]) + st[ST_L1]);
+  loss[row] = row_has_softmax(st[ST_MS], st[ST_MT]) ? l : NAN;
+}
+
 // ---- backward ----------------------------------------------------------------------------------
 
 template <int K, class TS, class TT>
@@ -467,6 +648,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
   const float m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
   const float D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
   const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
+  const PwCoef<float> pwc = pw_coef(coef_p, coef_q);
   for_elements(b, e, h, [&](int64_t i, int cnt) {
     float xs[PACK], xt[PACK], os[PACK], ot[PACK];
     load_any(sr + i, cnt, xs);
@@ -476,8 +658,12 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
       if (k < cnt) {
         const float lq = (xs[k] - ms) * its - ls, lp = (xt[k] - mt) * itt - lt;
         float a, bt;
-        if (K == MIXTURE) {
+        if constexpr (K == MIXTURE) {
           mix_grad(lq, lp, c, D, B, Uq, Up, a, bt);
+        } else if constexpr (K == SOFT_CE || K == FR_KL) {
+          kl2_grad<K>(lq, lp, D, B, coef_p, coef_q, a, bt);
+        } else if constexpr (K == TVD || K == ALPHA_BETA) {
+          pw_grad<K>(lq, lp, pwc, Uq, Up, a, bt);
         } else {
           kl_grad<REV>(lq, lp, D, a, bt);
         }
@@ -634,6 +820,16 @@ void dispatch_kind(int kind, F&& f) {
   return f(std::integral_constant<int, MIXTURE>{});
 }
 
+// dispatch_kind over every kind (the backward kernel serves them all)
+template <class F>
+void dispatch_kind_all(int kind, F&& f) {
+  if (kind == SOFT_CE) return f(std::integral_constant<int, SOFT_CE>{});
+  if (kind == FR_KL) return f(std::integral_constant<int, FR_KL>{});
+  if (kind == TVD) return f(std::integral_constant<int, TVD>{});
+  if (kind == ALPHA_BETA) return f(std::integral_constant<int, ALPHA_BETA>{});
+  dispatch_kind(kind, f);
+}
+
 int sm_count(int device) {
   int n = 0;
   KD_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
@@ -689,12 +885,70 @@ void check_cuda_inputs(const at::Tensor& s, const at::Tensor& t,
   }
 }
 
+// run_forward of SOFT_CE, FR_KL (one pass with two accumulators), TVD and ALPHA_BETA (the
+// mixture's pass 1, then kd_pw_kernel when the row is whole).
+void run_forward2(const at::Tensor& s, const at::Tensor& t, const int64_t* lab,
+                  const Params& pr, int64_t offset, at::Tensor* loss, at::Tensor& stats) {
+  const int64_t n = s.size(0), v = s.size(1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Split sp_ = choose_split(n, v, s.get_device());
+  const bool ce = pr.ce_weight != 0 && lab != nullptr;
+  const bool ce_sep = ce && pr.inv_ts != 1.0;
+  auto part = at::empty({n, sp_.splits, NPART}, s.options().dtype(at::kFloat));
+  const dim3 grid(unsigned(n), unsigned(sp_.splits));
+  const int fin_blocks = int((n + 127) / 128);
+  float* lossp = loss ? loss->data_ptr<float>() : nullptr;
+  const float its = float(pr.inv_ts), itt = float(pr.inv_tt);
+  dispatch_pair(s, t, [&](auto sz, auto tz) {
+    using TS = decltype(sz);
+    using TT = decltype(tz);
+    const TS* sp_s = static_cast<const TS*>(s.data_ptr());
+    const TT* sp_t = static_cast<const TT*>(t.data_ptr());
+    dispatch_kind_all(pr.kind, [&](auto kz) {
+      constexpr int K = decltype(kz)::value;
+      if constexpr (K == SOFT_CE || K == FR_KL) {
+        kd_stats2_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
+            sp_s, sp_t, lab, part.data_ptr<float>(), v, s.stride(0), t.stride(0), sp_.chunk,
+            its, itt, ce_sep, pr.ignore_index);
+        KD_CUDA_CHECK(cudaGetLastError());
+        kd_finalize2_kernel<K, TS><<<fin_blocks, 128, 0, stream>>>(
+            sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v,
+            s.stride(0), offset, sp_.splits, ce, ce_sep, pr.ignore_index, its, itt, float(pr.kd_scale),
+            float(pr.ce_weight), float(pr.coef_p), float(pr.coef_q));
+        KD_CUDA_CHECK(cudaGetLastError());
+      } else if constexpr (K == TVD || K == ALPHA_BETA) {
+        kd_stats_kernel<MIXTURE, TS, TT><<<grid, THREADS, 0, stream>>>(
+            sp_s, sp_t, lab, part.data_ptr<float>(), v, s.stride(0), t.stride(0), sp_.chunk,
+            its, itt, ce_sep, pr.ignore_index);
+        KD_CUDA_CHECK(cudaGetLastError());
+        kd_finalize_kernel<MIXTURE, TS><<<fin_blocks, 128, 0, stream>>>(
+            sp_s, lab, part.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, v,
+            s.stride(0), offset, sp_.splits, ce, ce_sep, pr.ignore_index, its, itt, float(pr.kd_scale),
+            float(pr.ce_weight));
+        KD_CUDA_CHECK(cudaGetLastError());
+        if (lossp) {
+          auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
+          kd_pw_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
+              sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v,
+              s.stride(0), t.stride(0), sp_.chunk, its, itt, pr.ignore_index, float(pr.coef_p), float(pr.coef_q));
+          KD_CUDA_CHECK(cudaGetLastError());
+          kd_pw_finalize_kernel<K><<<fin_blocks, 128, 0, stream>>>(
+              lab, part2.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, sp_.splits, ce,
+              pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight));
+          KD_CUDA_CHECK(cudaGetLastError());
+        }
+      }
+    });
+  });
+}
+
 // Pass 1 over the columns [offset, offset + v) of rows: fills stats (N, NSTAT); with `loss`
 // (whole rows, offset 0) also the loss and, for the mixture, pass 2.
 void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, const Params& pr,
                  int64_t offset, at::Tensor* loss, at::Tensor& stats) {
   const int64_t n = s.size(0), v = s.size(1);
   if (n == 0) return;
+  if (pr.kind > MIXTURE) return run_forward2(s, t, lab, pr, offset, loss, stats);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Split sp_ = choose_split(n, v, s.get_device());
   const bool ce = pr.ce_weight != 0 && lab != nullptr;
@@ -748,6 +1002,33 @@ void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
   const Split sp_ = choose_split(n, v, s.get_device());
   auto part = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
   const dim3 grid(unsigned(n), unsigned(sp_.splits));
+  if (pr.kind == TVD || pr.kind == ALPHA_BETA) {
+    // tvd / alpha_beta: their pass-2 sums, added over the splits as the mixture's
+    dispatch_pair(s, t, [&](auto sz, auto tz) {
+      using TS = decltype(sz);
+      using TT = decltype(tz);
+      auto launch = [&](auto kz) {
+        constexpr int K = decltype(kz)::value;
+        kd_pw_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
+            static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()),
+            nullptr, stats.data_ptr<float>(), part.data_ptr<float>(), v, s.stride(0),
+            t.stride(0), sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index,
+            float(pr.coef_p),
+            float(pr.coef_q));
+      };
+      if (pr.kind == TVD) {
+        launch(std::integral_constant<int, TVD>{});
+      } else {
+        launch(std::integral_constant<int, ALPHA_BETA>{});
+      }
+      KD_CUDA_CHECK(cudaGetLastError());
+    });
+    kd_mix_sums_kernel<<<int((n + 127) / 128), 128, 0, stream>>>(part.data_ptr<float>(),
+                                                               out.data_ptr<float>(), n,
+                                                               sp_.splits);
+    KD_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   dispatch_pair(s, t, [&](auto sz, auto tz) {
     using TS = decltype(sz);
     using TT = decltype(tz);
@@ -778,7 +1059,7 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
   dispatch_pair(s, t, [&](auto sz, auto tz) {
     using TS = decltype(sz);
     using TT = decltype(tz);
-    dispatch_kind(pr.kind, [&](auto kz) {
+    dispatch_kind_all(pr.kind, [&](auto kz) {
       constexpr int K = decltype(kz)::value;
       kd_grad_kernel<K, TS, TT><<<grid, THREADS, 0, stream>>>(
           grad, static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()),
@@ -836,8 +1117,9 @@ at::Tensor kd_mix_partial_cuda(const at::Tensor& s, const at::Tensor& t_in,
   const Params pr = make_params(KD_PARAMS_ARGS);
   TORCH_CHECK(s.is_cuda() && t_in.is_cuda(), "kdkernels CUDA: s and t must be CUDA tensors");
   check_logits(s, t_in, pr, false);
-  TORCH_CHECK(pr.kind == MIXTURE, "kdkernels: mix_partial needs kind 'mixture', got '", kind,
-              "'");
+  TORCH_CHECK(two_pass(pr.kind),
+              "kdkernels: mix_partial needs a two-pass kind (mixture, tvd, alpha_beta), got '",
+              kind, "'");
   TORCH_CHECK(offset >= 0, "kdkernels: offset must be >= 0, got ", offset);
   check_stats(stats, s.size(0), at::kFloat);
   TORCH_CHECK(stats.device() == s.device(), "kdkernels: stats must be on s's device");

@@ -51,6 +51,19 @@
 //               Gradient (derived in kdkernels/reference.py):
 //                 dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq)
 //                 dD/dzt = cp p (lp - lm - A) -   a   p (u - Up)
+//   soft_cross_entropy  D = -sum p lq = acc / St + log Ss, acc = sum e_t (-(zs - ms)) (forward
+//               KL's accumulator without its zt term: acc' = c_t (acc - delta_s St));
+//               dD/dzs = q - p,   dD/dzt = p (-lq - D)
+//   forward_reverse_kl  both KL accumulators in one pass (forward's acc, reverse's accb),
+//               F, R their values, D = cf F + cr R (cf = coef_p, cr = coef_q);
+//               dD/dzs = cf (q - p) + cr q (lq - lp - R)
+//               dD/dzt = cf p (lp - lq - F) + cr (p - q)
+//   tvd         pass 2: T = sum |p - q|, Sq = sum g q, Sp = sum g p, g = sgn(q - p) (0 at
+//               p = q); D = T / 2; dD/dzs = q (g - Sq) / 2,  dD/dzt = -p (g - Sp) / 2
+//   alpha_beta  (a, b > 0) x = p^a q^b = exp(a lp + b lq), yp = p^(a+b), yq = q^(a+b)
+//               pass 2: D = sum -(x - a/(a+b) yp - b/(a+b) yq) / (a b) (terms >= 0),
+//               Gq = sum (x - yq), Gp = sum (x - yp)
+//               dD/dzs = -(x - yq - q Gq) / a,  dD/dzt = -(x - yp - p Gp) / b
 //   CE (T = 1)  CE = lse1 - s[label],  dCE/ds = softmax(s) - onehot(label)
 //   Chain rule  d/ds = dD/dzs / Ts, d/dt = dD/dzt / Tt (the callers scale).
 //
@@ -74,7 +87,18 @@
 
 namespace kd {
 
-enum Kind : int { FORWARD_KL = 0, REVERSE_KL = 1, MIXTURE = 2 };
+enum Kind : int {
+  FORWARD_KL = 0,
+  REVERSE_KL = 1,
+  MIXTURE = 2,
+  SOFT_CE = 3,     // soft_cross_entropy: one pass, ACC (kl2_* below)
+  FR_KL = 4,       // forward_reverse_kl: one pass, ACC and B (kl2_* below)
+  TVD = 5,         // two passes: pw_* below
+  ALPHA_BETA = 6,  // two passes: pw_* below
+};
+
+// kinds whose pass 2 (mix_partial) needs the row's softmaxes first
+constexpr bool two_pass(int k) { return k == MIXTURE || k == TVD || k == ALPHA_BETA; }
 
 // ---- scalar primitives -------------------------------------------------------------------
 
@@ -451,6 +475,169 @@ KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs
     W pm = e.p > W(0);
     if (!c.unit_u) gt = kd_where(pm, W(S(0) - c.a) * e.p * (e.u - W(Up)), W(0));
     if (c.cp != S(0)) gt = gt + kd_where(pm, W(c.cp) * e.p * (e.lp_lm - W(A)), W(0));
+  }
+}
+
+// ---- soft cross-entropy and forward + reverse KL: one pass, two accumulators -------------
+// K = SOFT_CE: acc = sum e_t (-(zs - ms)) (accb unused). K = FR_KL: acc as forward KL's,
+// accb as reverse KL's.
+
+template <int K, class W, class S>
+KD_HD void kl2_rebase(W& ss, W& st, W& acc, W& accb, RefMove<S> rs, RefMove<S> rt) {
+  if (K == SOFT_CE) {
+    acc = kl_scale_acc(acc - W(rs.delta) * st, rt.scale);
+  } else {
+    acc = kl_scale_acc(acc + W(rt.delta - rs.delta) * st, rt.scale);
+    accb = kl_scale_acc(accb + W(rs.delta - rt.delta) * ss, rs.scale);
+  }
+  ss = ss * W(rs.scale);
+  st = st * W(rt.scale);
+}
+
+template <int K, class W>
+KD_HD void kl2_add(W xs, W xt, W ms, W mt, W its, W itt, W& ss, W& st, W& acc, W& accb) {
+  W ds = (xs - ms) * its;
+  W dt = (xt - mt) * itt;
+  W es = kd_exp(ds);
+  W et = kd_exp(dt);
+  ss = ss + es;
+  st = st + et;
+  if (K == SOFT_CE) {
+    acc = acc + kd_where(et > W(0), et * (W(0) - ds), W(0));
+  } else {
+    W d = dt - ds;
+    acc = acc + kd_where(et > W(0), et * d, W(0));
+    accb = accb + kd_where(es > W(0), es * (W(0) - d), W(0));
+  }
+}
+
+// A partial state of SOFT_CE / FR_KL (one shard of a row, or one thread's elements).
+template <class S>
+struct KL2Part {
+  S ms, ss, mt, st, acc, accb;
+};
+
+template <class S>
+KD_HD KL2Part<S> kl2_part_empty() {
+  KL2Part<S> p;
+  p.ms = p.mt = kd_neg_inf<S>();
+  p.ss = p.st = p.acc = p.accb = S(0);
+  return p;
+}
+
+// Exact merge of two partial states: move both to the larger (raw) references, then add.
+template <int K, class S>
+KD_HD KL2Part<S> kl2_merge(KL2Part<S> a, KL2Part<S> b, S its, S itt) {
+  S ms = kd_max_nan(a.ms, b.ms);
+  S mt = kd_max_nan(a.mt, b.mt);
+  kl2_rebase<K>(a.ss, a.st, a.acc, a.accb, ref_move(a.ms, ms, its), ref_move(a.mt, mt, itt));
+  kl2_rebase<K>(b.ss, b.st, b.acc, b.accb, ref_move(b.ms, ms, its), ref_move(b.mt, mt, itt));
+  KL2Part<S> r;
+  r.ms = ms;
+  r.mt = mt;
+  r.ss = a.ss + b.ss;
+  r.st = a.st + b.st;
+  r.acc = a.acc + b.acc;
+  r.accb = a.accb + b.accb;
+  return r;
+}
+
+// dv[0] = D (soft CE) or F, dv[1] = R (FR_KL); returns the row's divergence.
+template <int K, class S>
+KD_HD S kl2_value(S ss, S st, S acc, S accb, S cf, S cr, S* dv) {
+  if (K == SOFT_CE) {
+    dv[0] = (acc == S(0) ? S(0) : acc / st) + kd_log(ss);
+    dv[1] = S(0);
+    return dv[0];
+  }
+  dv[0] = (acc == S(0) ? S(0) : acc / st) - kd_log(st) + kd_log(ss);
+  dv[1] = (accb == S(0) ? S(0) : accb / ss) - kd_log(ss) + kd_log(st);
+  return cf * dv[0] + cr * dv[1];
+}
+
+// d = D (soft CE) or F, d2 = R (FR_KL); unscaled, as kl_grad
+template <int K, bool NEED_T = true, class W, class S>
+KD_HD void kl2_grad(W lq, W lp, S d, S d2, S cf, S cr, W& gs, W& gt) {
+  W q = kd_exp(lq);
+  W p = kd_exp(lp);
+  gt = W(0);
+  if (K == SOFT_CE) {
+    gs = q - p;
+    if (NEED_T) gt = kd_where(p > W(0), p * ((W(0) - lq) - W(d)), W(0));
+  } else {
+    gs = W(cf) * (q - p) + W(cr) * kd_where(q > W(0), q * (lq - lp - W(d2)), W(0));
+    if (NEED_T) gt = W(cf) * kd_where(p > W(0), p * (lp - lq - W(d)), W(0)) + W(cr) * (p - q);
+  }
+}
+
+// ---- tvd and alpha_beta: pass-2 sums and gradients from (lq, lp) -----------------------------
+// Row constants: a, b the exponents (alpha_beta), wp = a / (a+b), wq = b / (a+b),
+// k = -1 / (a b). Every power is an exp of a log-space sum, in [0, 1] for a, b > 0, and 0
+// (not NaN) for padding; no masks are needed (tvd's g and |p - q| are 0 there too).
+
+template <class S>
+struct PwCoef {
+  S a, b, ab, wp, wq, k, ia, ib;
+};
+
+template <class S>
+KD_HD PwCoef<S> pw_coef(S a, S b) {
+  PwCoef<S> c;
+  c.a = a;
+  c.b = b;
+  c.ab = a + b;
+  c.wp = c.ab > S(0) ? a / c.ab : S(0);
+  c.wq = c.ab > S(0) ? b / c.ab : S(0);
+  c.k = a * b != S(0) ? S(-1) / (a * b) : S(0);
+  c.ia = a != S(0) ? S(-1) / a : S(0);
+  c.ib = b != S(0) ? S(-1) / b : S(0);
+  return c;
+}
+
+// sgn(x): 1, -1, or 0 where x == 0
+template <class W>
+KD_HD W pw_sign(W x) {
+  return kd_where(x > W(0), W(1), kd_where(x < W(0), W(-1), W(0)));
+}
+
+template <int K, class W, class S>
+KD_HD void pw_add(W lq, W lp, const PwCoef<S>& c, W& sd, W& suq, W& sup) {
+  if (K == TVD) {
+    W q = kd_exp(lq);
+    W p = kd_exp(lp);
+    W diff = q - p;
+    W g = pw_sign(diff);
+    sd = sd - kd_nabs(diff);
+    suq = suq + g * q;
+    sup = sup + g * p;
+  } else {
+    W x = kd_exp(W(c.a) * lp + W(c.b) * lq);
+    W yp = kd_exp(W(c.ab) * lp);
+    W yq = kd_exp(W(c.ab) * lq);
+    sd = sd + W(c.k) * (x - W(c.wp) * yp - W(c.wq) * yq);
+    suq = suq + (x - yq);
+    sup = sup + (x - yp);
+  }
+}
+
+template <int K, bool NEED_T = true, class W, class S>
+KD_HD void pw_grad(W lq, W lp, const PwCoef<S>& c, S Uq, S Up, W& gs, W& gt) {
+  W q = kd_exp(lq);
+  gt = W(0);
+  if (K == TVD) {
+    W p = kd_exp(lp);
+    W g = pw_sign(q - p);
+    gs = W(0.5f) * q * (g - W(Uq));
+    if (NEED_T) gt = W(-0.5f) * p * (g - W(Up));
+  } else {
+    W x = kd_exp(W(c.a) * lp + W(c.b) * lq);
+    W yq = kd_exp(W(c.ab) * lq);
+    gs = W(c.ia) * (x - yq - q * W(Uq));
+    if (NEED_T) {
+      W p = kd_exp(lp);
+      W yp = kd_exp(W(c.ab) * lp);
+      gt = W(c.ib) * (x - yp - p * W(Up));
+    }
   }
 }
 

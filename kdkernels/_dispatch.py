@@ -9,7 +9,8 @@ A backend is a module with this interface (all shapes already normalized by func
     The row-statistics interface (kdkernels/_stats.py: the table layout, merge, finish),
     on a column range [offset, offset + Vr) of rows with GLOBAL labels:
     partial(s, t, labels, spec, offset) -> (N, NCOL) statistics table
-    mix_partial(s, t, spec, stats, offset) -> (N, 4) the mixture's sums, given global stats
+    mix_partial(s, t, spec, stats, offset) -> (N, 4) a two-pass kind's sums (mixture, tvd,
+        alpha_beta), given global stats
     grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher, out=None, out_t=None)
         -> (gs, gt or None); out / out_t: (N, Vr) tensors (any row stride) to write them into
     Logits (and out, out_t) have stride 1 along V and any row stride (_common.strided_rows):

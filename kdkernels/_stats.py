@@ -8,7 +8,8 @@ column ranges of a row. A backend (torch, triton, ext) implements, in these term
         labels: (N,) GLOBAL vocabulary ids or None. Fills every column below except DIV, B,
         UQ, UP (0). Pass 1 of every kind.
     mix_partial(s, t, spec, stats, offset) -> (N, 4) table (A, B, Uq, Up)
-        the mixture's pass-2 sums over the range, given the GLOBAL (merged) statistics.
+        the mixture's pass-2 sums over the range, given the GLOBAL (merged) statistics
+        (tvd's and alpha_beta's likewise, in the same columns: see below).
     grads(s, t, labels, spec, stats, offset, grad_rows, need_teacher) -> (gs, gt)
         the gradient of the range's columns given the GLOBAL statistics (finished: DIV set),
         times grad_rows (N,); rows whose label is ignore_index get exactly 0. A label outside
@@ -23,6 +24,7 @@ and this module, once for all of them:
     merge(a, b, spec)       the table of the union of two disjoint ranges, exact;
     merge_all(parts, spec)  a left fold of merge over the first dim (R, N, NCOL);
     finish(stats, labels, spec, mix_sums=None) -> (row losses, finished stats).
+(mix_partial and mix_sums serve every two-pass kind of _spec.py: mixture, tvd, alpha_beta.)
 
 So a whole row is one partial; the vocab-parallel path (distributed.py) is a partial per
 rank, an all_gather of the tables and merge_all; the mixture then all-reduces mix_partial.
@@ -47,9 +49,26 @@ x / T - m / T would carry a rounding of |x / T| into every probability.
              the range's own maxima; w is the weighting side (teacher for forward KL, student
              for reverse), o the other. D = acc / e^lw - lw + lo.
 
+The other kinds use the same columns:
+    soft_cross_entropy  ACC = sum e^(zt') (-zs'), the teacher-weighted sum of the student's
+             shifted logits (forward KL's accumulator without its zt' term):
+             CE = -sum p lq = acc / e^lt + ls (no lt: the teacher's entropy is not taken off).
+             DIV = CE when finished.
+    forward_reverse_kl  ACC = forward KL's accumulator, B = reverse KL's (student-weighted,
+             sum e^(zs') (zs' - zt')); finished: DIV = KL(p||q), B = KL(q||p),
+             D = coef_p DIV + coef_q B.
+    tvd      pass 2 (mix_partial's 4 sums): DIV = sum |p - q|, B = 0, UQ = sum sgn(q - p) q,
+             UP = sum sgn(q - p) p (sgn 0 = 0); D = DIV / 2.
+    alpha_beta  pass 2: DIV = D = sum of the element terms
+             -1/(a b) (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)) (each >= 0, so the sum
+             does not cancel), B = 0, UQ = sum (p^a q^b - q^(a+b)), UP = sum (p^a q^b - p^(a+b))
+             (the gradient's row constants, also summed without cancelling; see reference.py).
+
 The merge of two ranges moves each to the larger maxima M: l' = logaddexp over the pair with
 shifts dm = (m - M) / T (0 when m == M, -inf for an empty side), and the accumulator
     acc' = e^(dw) (acc + e^(lw) (dw - do))
+(soft_cross_entropy's acc' = e^(dt) (acc - e^(lt) ds): it holds -zs' only; the reverse
+accumulator B of forward_reverse_kl moves by the reverse rule, w = student)
 (every shifted difference (z - m) becomes (z - M) - dm). A range whose weighting mass is 0, or
 whose factor e^(dw) underflows, contributes 0 (as its probabilities underflow to 0 in the
 unsplit reference), even when its acc is +inf: never 0 * inf. NaN stays NaN.
@@ -67,7 +86,7 @@ from enum import IntEnum
 
 import torch
 
-from ._spec import LossSpec
+from ._spec import TWO_PASS_KINDS, LossSpec
 
 
 class Col(IntEnum):
@@ -130,8 +149,24 @@ def merge(a: torch.Tensor, b: torch.Tensor, spec: LossSpec) -> torch.Tensor:
         shifts[m] = (da, db)
     for c in SUMS:
         out[:, c] = a[:, c] + b[:, c]
-    if spec.div.kind == "mixture":
+    kind = spec.div.kind
+    if kind in TWO_PASS_KINDS:
         out[:, Col.ACC] = 0.0
+        return out
+    if kind == "soft_cross_entropy":
+        # the accumulator holds -zs' only: e^dt (acc + e^lt (0 - ds)), the forward rule
+        # with do = ds + dt
+        (dta, dtb), (dsa, dsb) = shifts[Col.MT], shifts[Col.MS]
+        out[:, Col.ACC] = (_rebase(a[:, Col.ACC], a[:, Col.LT], dta, dsa + dta)
+                           + _rebase(b[:, Col.ACC], b[:, Col.LT], dtb, dsb + dtb))
+        return out
+    if kind == "forward_reverse_kl":
+        # forward KL's accumulator in ACC, reverse KL's in B (not a plain sum)
+        (dta, dtb), (dsa, dsb) = shifts[Col.MT], shifts[Col.MS]
+        out[:, Col.ACC] = (_rebase(a[:, Col.ACC], a[:, Col.LT], dta, dsa)
+                           + _rebase(b[:, Col.ACC], b[:, Col.LT], dtb, dsb))
+        out[:, Col.B] = (_rebase(a[:, Col.B], a[:, Col.LS], dsa, dta)
+                         + _rebase(b[:, Col.B], b[:, Col.LS], dsb, dtb))
         return out
     # the weighting side: the teacher for forward KL, the student for reverse KL
     (w, lw), o = ((Col.MT, Col.LT), Col.MS) if spec.div.kind == "forward_kl" else (
@@ -151,6 +186,11 @@ def merge_all(parts: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     return out
 
 
+def _weighted(acc, lw):
+    """acc / e^lw, 0 where acc is 0 (never 0 * inf on a row with no weighting mass)."""
+    return torch.where(acc == 0, 0.0, acc * torch.exp(-lw))
+
+
 def finish(stats: torch.Tensor, labels, spec: LossSpec, mix_sums=None):
     """(row losses (N,), finished stats) from merged statistics; for the mixture,
     `mix_sums` is the (N, 4) merged output of mix_partial. A row whose student or teacher
@@ -166,6 +206,18 @@ def finish(stats: torch.Tensor, labels, spec: LossSpec, mix_sums=None):
             d = d + div.coef_p * stats[:, Col.DIV]
         if div.coef_q:
             d = d + div.coef_q * stats[:, Col.B]
+    elif div.kind in ("tvd", "alpha_beta"):
+        stats[:, list(MIX_COLS)] = mix_sums
+        d = stats[:, Col.DIV] * (0.5 if div.kind == "tvd" else 1.0)
+    elif div.kind == "soft_cross_entropy":
+        d = _weighted(stats[:, Col.ACC], stats[:, Col.LT]) + stats[:, Col.LS]
+        stats[:, Col.DIV] = d
+    elif div.kind == "forward_reverse_kl":
+        fwd = _weighted(stats[:, Col.ACC], stats[:, Col.LT]) - stats[:, Col.LT] + stats[:, Col.LS]
+        rev = _weighted(stats[:, Col.B], stats[:, Col.LS]) - stats[:, Col.LS] + stats[:, Col.LT]
+        stats[:, Col.DIV] = fwd
+        stats[:, Col.B] = rev
+        d = div.coef_p * fwd + div.coef_q * rev
     else:
         lw, lo = (Col.LT, Col.LS) if div.kind == "forward_kl" else (Col.LS, Col.LT)
         acc = stats[:, Col.ACC]

@@ -37,7 +37,9 @@ Collectives (W = world size, N = rows, H = 20 header fields in float64, NCOL = 1
 columns in the accumulation dtype: float32, or float64 for float64 logits):
 
     kd_rows  forward_kl / reverse_kl (+ CE)  forward: 2 all_gathers (H,) and (N, NCOL) backward: 0
+             soft_cross_entropy, forward_reverse_kl likewise (one pass)
     kd_rows  jsd / skew_* (+ CE)             forward: the same + 1 all_reduce (N, 4)    backward: 0
+             tvd, alpha_beta likewise (two passes)
     softmax / log_softmax                    forward: 2 all_gathers (H,) and (N, 2)
                                              backward: 1 all_reduce (N,)  (sum g y, or sum g)
 
@@ -60,7 +62,7 @@ import torch.distributed as dist
 
 from . import _stats, reference
 from ._common import acc_dtype, chunk_rows, first_order_only
-from ._spec import LossSpec
+from ._spec import KINDS, TWO_PASS_KINDS, LossSpec
 from .reference import softmax_grad, softmax_grad_sums
 
 __all__ = [
@@ -144,7 +146,7 @@ def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KINDS = ("forward_kl", "reverse_kl", "mixture")
+_KINDS = KINDS  # the header carries a divergence as its index here
 # Fields of the call header, in order: what every rank must agree on (all but the widths),
 # then the widths, which must add up to the same V for student and teacher.
 _HEADER = ("rows", "student dtype", "teacher dtype", "divergence", "mix", "coef_p", "coef_q",
@@ -272,9 +274,10 @@ class ShardedKDRows(torch.autograd.Function):
         table = _all_gather(backend.partial(s, t, labels, spec, offset), group)  # (W, n, NCOL)
         stats = _stats.merge_all(table, spec)
 
-        # pass 2 (mixture): its sums need the merged statistics -> one all_reduce
+        # pass 2 (mixture, tvd, alpha_beta): its sums need the merged statistics -> one
+        # all_reduce
         mix_sums = None
-        if spec.div.kind == "mixture":
+        if spec.div.kind in TWO_PASS_KINDS:
             mix_sums = _all_reduce_sum(backend.mix_partial(s, t, spec, stats, offset), group)
         loss, stats = _stats.finish(stats, labels, spec, mix_sums)
         ctx.offset = offset

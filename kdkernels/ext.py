@@ -8,7 +8,7 @@ Ops (torch.ops.kdkernels.*; fake and autograd registrations below):
 
     kd_forward(s, t, labels, <spec>) -> (row losses (N,), stats (N, NSTAT))
     kd_partial(s, t, labels, <spec>, offset) -> stats (N, NSTAT) of a column range
-    kd_mix_partial(s, t, stats, <spec>, offset) -> the mixture's pass-2 sums (N, 4)
+    kd_mix_partial(s, t, stats, <spec>, offset) -> a two-pass kind's pass-2 sums (N, 4)
     kd_backward(grad_loss, s, t, labels, stats, <spec>, offset, need_teacher)
         -> (grad_s, grad_t) of a column range
     kd_backward_out(grad_loss, s, t, labels, stats, <spec>, offset, grad_s!, grad_t!?)
@@ -307,9 +307,10 @@ def partial(s, t, labels, spec: LossSpec, offset: int = 0) -> torch.Tensor:
 
 
 def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0) -> torch.Tensor:
-    """The mixture's pass-2 sums (N, 4) = (A, B, Uq, Up) over the columns [offset,
-    offset + Vr), given the rows' GLOBAL (merged) statistics. For jsd (u = 1) Uq and Up are
-    the range's sums of q and p, so the ranges of a row add up to 1."""
+    """The pass-2 sums (N, 4) of a two-pass kind over the columns [offset, offset + Vr),
+    given the rows' GLOBAL (merged) statistics: the mixture's (A, B, Uq, Up), tvd's and
+    alpha_beta's (_stats.py). For jsd (u = 1) Uq and Up are the range's sums of q and p, so
+    the ranges of a row add up to 1."""
     _require(s.device)
     return torch.ops.kdkernels.kd_mix_partial(_rows(s), _rows(t), stats.contiguous(),
                                               *spec.as_args(), int(offset))

@@ -141,6 +141,9 @@ def kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha: float = 0.5,
+    ab_alpha: float = 0.5,
+    ab_beta: float = 0.5,
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
     temperature_scale: bool = True,
@@ -159,7 +162,10 @@ def kd_loss(
          + ce_weight * CE(s at T=1, labels)
 
     with D chosen by `divergence` (forward_kl, reverse_kl, jsd(beta), skew_forward_kl(skew),
-    skew_reverse_kl(skew)). Rows whose label is `ignore_index` are skipped. The result is
+    skew_reverse_kl(skew), soft_cross_entropy (-sum p log q), tvd (1/2 sum |p - q|),
+    forward_reverse_kl(alpha) = alpha KL(p||q) + (1 - alpha) KL(q||p), alpha_beta(ab_alpha,
+    ab_beta): ABKD's alpha-beta divergence, see _spec.py). Rows whose label is
+    `ignore_index` are skipped. The result is
     float32 (float64 for float64 logits). Gradients reach `student_logits` and, when it
     requires grad, `teacher_logits`.
 
@@ -215,6 +221,9 @@ def kd_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     beta = _check_unit("beta", beta)
     skew = _check_unit("skew", skew)
+    alpha = _check_unit("alpha", alpha)
+    ab_alpha = _check_finite("ab_alpha", ab_alpha)
+    ab_beta = _check_finite("ab_beta", ab_beta)
     temperature = _check_positive("temperature", temperature)
     teacher_temperature = (
         temperature
@@ -247,7 +256,7 @@ def kd_loss(
         raise ValueError("inplace_backward=True is not supported with a process_group")
 
     spec = LossSpec(
-        div=Divergence.from_user(divergence, beta, skew),
+        div=Divergence.from_user(divergence, beta, skew, alpha, ab_alpha, ab_beta),
         inv_ts=1.0 / temperature,
         inv_tt=1.0 / teacher_temperature,
         kd_scale=kd_weight * (temperature * temperature if temperature_scale else 1.0),

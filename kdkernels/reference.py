@@ -17,6 +17,23 @@ Math for one row (q = softmax(zs) student, p = softmax(zt) teacher; lq, lp their
               dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq)
               dD/dzt = cp p (lp - lm - A) -   a   p (u - Up)
 
+  soft_cross_entropy  D = -sum p lq                dD/dzs = q - p
+                                                   dD/dzt = p (-lq - D)
+  forward_reverse_kl  F = sum p (lp - lq), R = sum q (lq - lp), D = cp F + cq R
+                      dD/dzs = cp (q - p) + cq q (lq - lp - R)
+                      dD/dzt = cp p (lp - lq - F) + cq (p - q)
+  tvd         D = 1/2 sum |p - q|,  g = sgn(q - p) (0 where p = q, Liger's sub-gradient)
+              Sq = sum g q,  Sp = sum g p
+              dD/dzs = 1/2 q (g - Sq)              dD/dzt = -1/2 p (g - Sp)
+  alpha_beta  (a, b = cp, cq > 0)  x = p^a q^b,  yp = p^(a+b),  yq = q^(a+b)
+              D = -1/(a b) sum (x - a/(a+b) yp - b/(a+b) yq)
+              Gq = sum (x - yq),  Gp = sum (x - yp)
+              dD/dzs = -1/a (x - yq - q Gq)        dD/dzt = -1/b (x - yp - p Gp)
+              (from dx/dzs_k = b x_k - b q_k x summed: d sum x / dzs_k = b (x_k - q_k sum x),
+              d sum yq / dzs_k = (a+b) (yq_k - q_k sum yq); the teacher's likewise.) The
+              powers are exps of a lp + b lq etc.: bounded by 1 for a, b > 0, and 0 (not NaN)
+              for padding.
+
 Derivation of the mixture gradient: with dq_i/dzs_k = q_i (d_ik - q_k) and
 dm_i/dzs_k = (1-a) q_i (d_ik - q_k),
   dA/dzs_k = -sum_i (p_i/m_i) dm_i/dzs_k = -(1-a) (q_k p_k/m_k - q_k sum_i q_i p_i/m_i)
@@ -58,7 +75,7 @@ from ._common import (
     scale_rows_,
     take_inplace_grads,
 )
-from ._spec import LossSpec
+from ._spec import ONE_PASS_KINDS, TWO_PASS_KINDS, LossSpec
 from ._stats import Col
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -122,10 +139,61 @@ def mixture_sums(lq, lp, div):
     return a, b, uq, up
 
 
+def _ab_powers(lq, lp, div):
+    """(x, yp, yq) = (p^a q^b, p^(a+b), q^(a+b)) of alpha_beta, as exps of log-space sums."""
+    a, b = div.coef_p, div.coef_q
+    return torch.exp(a * lp + b * lq), torch.exp((a + b) * lp), torch.exp((a + b) * lq)
+
+
+def pointwise_sums(lq, lp, div):
+    """The pass-2 row sums (DIV, B, UQ, UP) of tvd and alpha_beta (see _stats.py)."""
+    zero = lq.new_zeros(lq.shape[0])
+    q, p = lq.exp(), lp.exp()
+    if div.kind == "tvd":
+        g = torch.sign(q - p)
+        return (p - q).abs().sum(-1), zero, (g * q).sum(-1), (g * p).sum(-1)
+    a, b = div.coef_p, div.coef_q
+    x, yp, yq = _ab_powers(lq, lp, div)
+    terms = (x - (a / (a + b)) * yp - (b / (a + b)) * yq) * (-1.0 / (a * b))
+    return terms.sum(-1), zero, (x - yq).sum(-1), (x - yp).sum(-1)
+
+
+def _pointwise_grads(lq, lp, div, saved, need_teacher):
+    q, p = lq.exp(), lp.exp()
+    _, _, uq, up = (x[:, None] for x in saved)
+    dt = None
+    if div.kind == "tvd":
+        g = torch.sign(q - p)
+        ds = 0.5 * q * (g - uq)
+        if need_teacher:
+            dt = -0.5 * p * (g - up)
+        return ds, dt
+    a, b = div.coef_p, div.coef_q
+    x, yp, yq = _ab_powers(lq, lp, div)
+    ds = (x - yq - q * uq) * (-1.0 / a)
+    if need_teacher:
+        dt = (x - yp - p * up) * (-1.0 / b)
+    return ds, dt
+
+
 def divergence_grads(lq, lp, div, saved, need_teacher: bool):
     """dD/dzs and dD/dzt (None unless need_teacher) of one chunk, from the saved scalars."""
+    if div.kind in ("tvd", "alpha_beta"):
+        return _pointwise_grads(lq, lp, div, saved, need_teacher)
     q, p = lq.exp(), lp.exp()
     dt = None
+    if div.kind == "soft_cross_entropy":
+        (d,) = saved
+        ds = q - p
+        if need_teacher:
+            dt = _xlogy_masked(p, -lq - d[:, None])
+        return ds, dt
+    if div.kind == "forward_reverse_kl":
+        fwd, rev = (x[:, None] for x in saved)
+        ds = div.coef_p * (q - p) + div.coef_q * _xlogy_masked(q, lq - lp - rev)
+        if need_teacher:
+            dt = div.coef_p * _xlogy_masked(p, lp - lq - fwd) + div.coef_q * (p - q)
+        return ds, dt
     if div.kind == "forward_kl":
         (d,) = saved
         ds = q - p
@@ -203,6 +271,32 @@ def _label_logits(s, labels, spec, offset):
 # there, zeroed; zo = -inf where zw is finite gives +inf, the true value.
 
 
+def _finite_sum(x):
+    """Row sums of element terms whose NaNs are 0 * inf of padding (zeroed); infs kept."""
+    return torch.nan_to_num_(x, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+
+
+def _kl_pair_partial_chunk(s, t, spec, ws):
+    """((acc, acc_b), pairs) of soft_cross_entropy (acc_b None) and forward_reverse_kl:
+    the teacher-weighted accumulator (sum e^zt (-zs), or forward KL's), and for
+    forward_reverse_kl reverse KL's (sum e^zs (zs - zt))."""
+    zs, ms = _shift(s, spec.inv_ts, out=ws[0])
+    zt, mt = _shift(t, spec.inv_tt, out=ws[1])
+    e = torch.exp(zs, out=ws[2])
+    ls = e.sum(-1).log_()
+    acc_b = None
+    if spec.div.kind == "forward_reverse_kl":
+        d = zs - zt
+        acc_b = _finite_sum(d * e)
+        torch.exp(zt, out=e)
+        acc = _finite_sum(d.neg_().mul_(e))
+    else:
+        torch.exp(zt, out=e)
+        acc = _finite_sum(zs.neg_().mul_(e))
+    lt = e.sum(-1).log_()
+    return (acc, acc_b), (ms, ls, mt, lt)
+
+
 def _kl_partial_chunk(s, t, spec, ws):
     """(acc, (ms, ls, mt, lt)) of one chunk, the KL columns of the statistics table."""
     zs, ms = _shift(s, spec.inv_ts, out=ws[0])
@@ -236,11 +330,17 @@ def partial(s, t, labels, spec: LossSpec, offset: int = 0):
     out = _stats.empty(n, s.device, acc_dtype(s.dtype))
     if n == 0 or v == 0:
         return out
-    kl = spec.div.kind != "mixture"
+    kl = spec.div.kind in ONE_PASS_KINDS
+    pair = spec.div.kind in ("soft_cross_entropy", "forward_reverse_kl")
     ws = _workspace(s, chunk_rows(n, v)) if kl else None
     for i, j in row_chunks(n, v):
         sc, tc, o = s[i:j], t[i:j], out[i:j]
-        if kl:
+        if pair:
+            (o[:, Col.ACC], acc_b), pairs = _kl_pair_partial_chunk(
+                sc, tc, spec, [w[: j - i] for w in ws])
+            if acc_b is not None:
+                o[:, Col.B] = acc_b
+        elif kl:
             o[:, Col.ACC], pairs = _kl_partial_chunk(sc, tc, spec, [w[: j - i] for w in ws])
         else:
             pairs = (*lse_pair(sc, spec.inv_ts), *lse_pair(tc, spec.inv_tt))
@@ -264,13 +364,15 @@ def _chunk_logs(s, t, spec, stats, ws=None):
 
 
 def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0):
-    """The mixture's pass-2 sums (A, B, Uq, Up) of the columns [offset, offset + Vr), given
-    the GLOBAL statistics: (N, 4). # read 2 x N x Vr, write 4 x N"""
+    """The pass-2 sums of a two-pass kind (the mixture's A, B, Uq, Up; tvd's and
+    alpha_beta's of _stats.py) of the columns [offset, offset + Vr), given the GLOBAL
+    statistics: (N, 4). # read 2 x N x Vr, write 4 x N"""
     n, v = s.shape
     out = torch.zeros(n, 4, device=s.device, dtype=acc_dtype(s.dtype))
     for i, j in row_chunks(n, v) if v else ():
         lq, lp = _chunk_logs(s[i:j], t[i:j], spec, stats[i:j])
-        out[i:j] = torch.stack(mixture_sums(lq, lp, spec.div), 1)
+        sums = mixture_sums if spec.div.kind == "mixture" else pointwise_sums
+        out[i:j] = torch.stack(sums(lq, lp, spec.div), 1)
     return out
 
 
@@ -286,7 +388,7 @@ def _ce_grad_chunk(s, labels, spec, stats, offset):
 def _kl_grad_chunk(s, t, spec, stats, ws):
     """dD/dzs of forward KL (q - p) or reverse KL (q (lq - lp - D)), in ws[0]."""
     lq, lp = _chunk_logs(s, t, spec, stats, ws)
-    if spec.div.kind == "forward_kl":
+    if spec.div.kind in ("forward_kl", "soft_cross_entropy"):
         return lq.exp_().sub_(lp.exp_())
     diff = torch.sub(lq, lp, out=ws[2]).sub_(stats[:, Col.DIV, None])
     return torch.nan_to_num_(lq.exp_().mul_(diff), nan=0.0, posinf=math.inf,
@@ -294,8 +396,10 @@ def _kl_grad_chunk(s, t, spec, stats, ws):
 
 
 def _saved_scalars(stats, div):
-    if div.kind == "mixture":
+    if div.kind in TWO_PASS_KINDS:
         return tuple(stats[:, c] for c in _stats.MIX_COLS)
+    if div.kind == "forward_reverse_kl":
+        return stats[:, Col.DIV], stats[:, Col.B]
     return (stats[:, Col.DIV],)
 
 
@@ -336,7 +440,7 @@ def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teac
     g = grad_rows if labels is None else torch.where(labels != spec.ignore_index, grad_rows, 0.0)
     grad_s = torch.empty_like(s) if out is None else out
     grad_t = (torch.empty_like(t) if out_t is None else out_t) if need_teacher else None
-    lean = spec.div.kind != "mixture" and not need_teacher
+    lean = spec.div.kind in ("forward_kl", "reverse_kl", "soft_cross_entropy") and not need_teacher
     ws = _workspace(s, chunk_rows(n, v)) if lean and n and v else None
     for i, j in row_chunks(n, v) if v else ():
         lab = None if labels is None else labels[i:j]
@@ -353,7 +457,7 @@ def forward_stats(s, t, labels, spec: LossSpec):
     """(row losses, finished statistics) of whole rows: partial, the mixture's second pass
     given the row's own statistics, finish."""
     stats = partial(s, t, labels, spec)
-    mix = mix_partial(s, t, spec, stats) if spec.div.kind == "mixture" else None
+    mix = mix_partial(s, t, spec, stats) if spec.div.kind in TWO_PASS_KINDS else None
     return _stats.finish(stats, labels, spec, mix)
 
 

@@ -48,7 +48,8 @@ import kdkernels as kd
 from . import _dispatch
 
 IMPLS = ("torch", "triton", "ext")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 
 # One kd_loss setting that exercises every term: different student and teacher
 # temperatures (both chain-rule factors), the T**2 scale, an asymmetric mixture weight, a
@@ -122,6 +123,16 @@ def _divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, skew
         return _kl(p, lp, _log_mixture(skew, lp, lq))
     if name == "skew_reverse_kl":  # KL(q || skew q + (1 - skew) p)
         return _kl(q, lq, _log_mixture(skew, lq, lp))
+    # the rest at kd_loss's defaults: alpha = 1/2, (ab_alpha, ab_beta) = (1/2, 1/2)
+    if name == "soft_cross_entropy":  # -sum p log q
+        return _kl(p, torch.zeros_like(lp), lq)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "forward_reverse_kl":
+        return 0.5 * _kl(p, lp, lq) + 0.5 * _kl(q, lq, lp)
+    if name == "alpha_beta":  # 4 (1 - sum sqrt(p q)), from the terms of the general formula
+        x, y = torch.exp(0.5 * (lp + lq)), 0.5 * (p + q)
+        return -4.0 * (x - y).sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {name!r}")
 
 

@@ -51,11 +51,31 @@ def _log_mixture(m: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.log(torch.where(pos, m, torch.ones_like(m))), -math.inf)
 
 
-def row_divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, skew: float):
+def row_divergence(lq: torch.Tensor, lp: torch.Tensor, name: str, beta: float, skew: float,
+                   alpha: float = 0.5, ab_alpha: float = 0.5, ab_beta: float = 0.5):
     """Per-row divergence D(p || q) of DESIGN.md §1's table from the log-probabilities.
 
     q = student, p = teacher. Mixtures are formed directly in probability space."""
     q, p = lq.exp(), lp.exp()
+    if name == "soft_cross_entropy":
+        # -sum p log q, p = 0 entries masked (q = 0 < p: +inf)
+        return kl(p, torch.zeros_like(lp), lq)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "forward_reverse_kl":
+        return alpha * kl(p, lp, lq) + (1.0 - alpha) * kl(q, lq, lp)
+    if name == "alpha_beta":
+        # Cichocki-Cruces-Amari's AB-divergence (ABKD's form), written in probability space
+        a, b = ab_alpha, ab_beta
+        if (a, b) == (1.0, 0.0):  # the limits b -> 0 at a = 1, a -> 0 at b = 1
+            return kl(p, lp, lq)
+        if (a, b) == (0.0, 1.0):
+            return kl(q, lq, lp)
+        # p^a = exp(a log p): the same numbers, and a finite gradient where p underflows to 0
+        # (d p^a / dp = a p^(a-1) is inf there)
+        terms = (torch.exp(a * lp + b * lq) - a / (a + b) * torch.exp((a + b) * lp)
+                 - b / (a + b) * torch.exp((a + b) * lq))
+        return -terms.sum(-1) / (a * b)
     if name == "forward_kl" or (name == "jsd" and beta == 0.0):
         return kl(p, lp, lq)  # GKD convention: jsd(0) is forward KL exactly
     if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
@@ -89,6 +109,9 @@ def kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha: float = 0.5,
+    ab_alpha: float = 0.5,
+    ab_beta: float = 0.5,
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
     temperature_scale: bool = True,
@@ -102,7 +125,7 @@ def kd_loss(
     tt = temperature if teacher_temperature is None else teacher_temperature
     lq = log_softmax(s / ts)
     lp = log_softmax(t / tt)
-    row = row_divergence(lq, lp, divergence, beta, skew) * kd_weight
+    row = row_divergence(lq, lp, divergence, beta, skew, alpha, ab_alpha, ab_beta) * kd_weight
     if temperature_scale:
         row = row * (ts * ts)
     if labels is not None:

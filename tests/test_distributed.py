@@ -38,9 +38,11 @@ from kdkernels._stats import NCOL
 VOCAB = 37  # not a multiple of 2 or 4: uneven shards
 # uneven column widths per world size (sum = VOCAB); 4 ranks include a 1-column shard
 WIDTHS = {2: (20, 17), 4: (9, 14, 1, 13)}
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 DIV_KWARGS = {"jsd": {"beta": 0.3}, "skew_forward_kl": {"skew": 0.2},
-              "skew_reverse_kl": {"skew": 0.35}}
+              "skew_reverse_kl": {"skew": 0.35}, "forward_reverse_kl": {"alpha": 0.3},
+              "alpha_beta": {"ab_alpha": 0.3, "ab_beta": 0.8}}
 PG_TIMEOUT_S = 60  # a desynchronized collective errors out after this
 DEADLINE_S = 600  # the whole spawn group (~40 s on an idle 2-core machine); past it the
 # workers are killed and the unfinished cases fail

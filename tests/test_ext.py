@@ -25,7 +25,8 @@ from kdkernels import ext
 from kdkernels._spec import Divergence, LossSpec
 from kdkernels._stats import MIX_COLS, Col
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 TEMPS = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt0.7": (2.0, 0.7)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -159,13 +160,15 @@ def test_op_errors_name_the_argument():
 # column splits of V = 37 (the last one has an empty range); labels below fall in each part
 RANGES = {"3-parts": ((0, 10), (10, 25), (25, 37)), "with-empty": ((0, 10), (10, 10), (10, 37))}
 RANGE_LABELS = [3, -100, 12, 36, 30, -100, 0, 24]
-RANGE_DIVS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl")
+RANGE_DIVS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "soft_cross_entropy", "tvd",
+              "forward_reverse_kl", "alpha_beta")
 RANGE_TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12},
              torch.float32: {"rtol": 2e-6, "atol": 2e-6}}
 
 
 def range_spec(divergence, ts, tt, ce_weight=0.5):
-    div = Divergence.from_user(divergence, beta=0.3, skew=0.3)
+    div = Divergence.from_user(divergence, beta=0.3, skew=0.3, alpha=0.3, ab_alpha=0.3,
+                               ab_beta=0.8)
     return LossSpec(div, 1 / ts, 1 / tt, ts * ts, ce_weight=ce_weight)
 
 
@@ -203,7 +206,7 @@ def test_partial_merge_finish_equals_whole_rows(divergence, split, dtype, temps)
     assert torch.all(gs_ref[~keep] == 0) and torch.all(gt_ref[~keep] == 0)
 
 
-@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl"])
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "tvd", "alpha_beta"])
 def test_mix_partial_sums_add_up(divergence):
     n, v = 5, 37
     s, t = logits((n, v), torch.float64), logits((n, v), torch.float64)
@@ -256,7 +259,9 @@ def test_partial_of_padding_and_of_zero_probability_columns(divergence):
     loss, _ = ranged_stats(s, t, lab, spec, ((0, 20), (20, 30), (30, v)))
     torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
     assert torch.isfinite(loss[:2]).all()
-    assert loss[2] == math.inf if divergence == "forward_kl" else math.isfinite(loss[2])
+    # (+inf wherever KL(p || q) or -sum p log q is a term)
+    infinite = divergence in ("forward_kl", "soft_cross_entropy", "forward_reverse_kl")
+    assert loss[2] == math.inf if infinite else math.isfinite(loss[2])
 
 
 def test_partial_maxima_are_raw():

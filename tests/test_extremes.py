@@ -24,7 +24,8 @@ from _formulas import TOLERANCES, kd_loss, max_err
 import kdkernels as kd
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 NAN, INF = math.nan, math.inf
 
 

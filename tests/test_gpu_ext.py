@@ -11,7 +11,8 @@ import kdkernels as kd
 
 pytestmark = pytest.mark.gpu
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 5e-3)}
 
 
@@ -45,7 +46,8 @@ def test_many_rows(divergence, dtype):
 
 
 @pytest.mark.parametrize("v", [128256, 50257, 262144])
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "soft_cross_entropy",
+                                        "forward_reverse_kl", "tvd", "alpha_beta"])
 def test_few_rows_vocab_split(divergence, v):
     # 3 rows cannot fill the GPU: each row's vocabulary is split over many blocks whose
     # partial (max, sum, acc) triples are merged exactly; V = 50257 is not 16-byte aligned

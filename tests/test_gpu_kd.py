@@ -45,7 +45,9 @@ def _check(s, t, labels, **kw):
     return tri
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl",
+                                        "soft_cross_entropy", "tvd", "forward_reverse_kl",
+                                        "alpha_beta"])
 def test_llama3_vocab_bf16(divergence):
     s, t, labels = _inputs(N, V)
     _check(s, t, labels, divergence=divergence, beta=0.3, temperature=2.0, ce_weight=0.5)

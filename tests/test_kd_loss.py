@@ -22,7 +22,8 @@ import kdkernels as kd
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
 # (temperature, teacher_temperature): T = 1, T = 2, and a teacher at its own temperature
 TEMPERATURES = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt0.7": (2.0, 0.7)}

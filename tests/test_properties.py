@@ -28,7 +28,8 @@ import kdkernels as kd
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
 
 
@@ -154,6 +155,14 @@ def test_zero_when_student_equals_teacher(impl, divergence):
     and lq = lp in float32, a few ulps of O(1) log-probabilities away from lp."""
     x = torch.randn(5, 97) * 3
     loss, gs, gt = run(impl, x, x, divergence=divergence, temperature=2.0, reduction="none")
+    if divergence == "soft_cross_entropy":
+        # -sum p log p = H(p) at q = p (times T^2 = 4); the student's gradient q - p is 0,
+        # the teacher's is the entropy's
+        lp = torch.log_softmax(x.double() / 2.0, -1)
+        entropy = -(lp.exp() * lp).sum(-1)
+        torch.testing.assert_close(loss.double(), 4.0 * entropy, rtol=1e-5, atol=1e-6)
+        assert gs.abs().max() <= 1e-6
+        return
     assert loss.abs().max() <= 1e-6
     assert gs.abs().max() <= 1e-6 and gt.abs().max() <= 1e-6
 

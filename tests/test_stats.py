@@ -19,6 +19,10 @@ SPECS = {
     "reverse_kl": Divergence("reverse_kl"),
     "jsd": Divergence.from_user("jsd", 0.3, 0.0),
     "skew_forward_kl": Divergence.from_user("skew_forward_kl", 0.0, 0.2),
+    "soft_cross_entropy": Divergence("soft_cross_entropy"),
+    "tvd": Divergence("tvd"),
+    "forward_reverse_kl": Divergence.from_user("forward_reverse_kl", 0.0, 0.0, alpha=0.3),
+    "alpha_beta": Divergence.from_user("alpha_beta", 0.0, 0.0, ab_alpha=0.3, ab_beta=0.8),
 }
 # column ranges of a 37-wide row, with an empty one
 SPLITS = ((0, 10), (10, 10), (10, 25), (25, 37))
@@ -62,7 +66,9 @@ def test_finish_matches_formula(name):
     s, t = torch.randn(5, 37, dtype=torch.float64), torch.randn(5, 37, dtype=torch.float64)
     labels = torch.tensor([3, -100, 0, 36, 17])
     loss, _ = reference.forward_stats(s, t, labels, spec)
-    div = {"skew_forward_kl": dict(skew=0.2), "jsd": dict(beta=0.3)}.get(name, {})
+    div = {"skew_forward_kl": dict(skew=0.2), "jsd": dict(beta=0.3),
+           "forward_reverse_kl": dict(alpha=0.3),
+           "alpha_beta": dict(ab_alpha=0.3, ab_beta=0.8)}.get(name, {})
     want = kd_loss(s, t, labels, divergence=name, temperature=1.0, teacher_temperature=1.5,
                    temperature_scale=False, kd_weight=1.3, ce_weight=0.5, reduction="none",
                    **div)

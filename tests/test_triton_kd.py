@@ -31,7 +31,8 @@ from kdkernels._spec import Divergence, LossSpec
 from kdkernels.triton import kd as tkd
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+               "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 # (temperature, teacher_temperature): T = 1, T = 2, a teacher at its own temperature
 TEMPERATURES = {"T1": (1.0, None), "T2": (2.0, None), "Ts2-Tt1.5": (2.0, 1.5)}
 # no labels; labels with ignored rows (skipped); the same with a CE term
@@ -587,6 +588,10 @@ SHARD_DIVS = {
     "reverse_kl": Divergence("reverse_kl"),
     "jsd": Divergence.from_user("jsd", 0.3, 0.0),
     "skew_forward_kl": Divergence.from_user("skew_forward_kl", 0.0, 0.2),
+    "soft_cross_entropy": Divergence("soft_cross_entropy"),
+    "tvd": Divergence("tvd"),
+    "forward_reverse_kl": Divergence.from_user("forward_reverse_kl", 0.0, 0.0, alpha=0.3),
+    "alpha_beta": Divergence.from_user("alpha_beta", 0.0, 0.0, ab_alpha=0.3, ab_beta=0.8),
 }
 # (inverse temperature, labels, ce_weight, logits): own CE pair at T = 2, the student's at
 # T = 1, no labels, and logits of +-1e4 (shifted differences only) at T = 2

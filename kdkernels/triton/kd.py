@@ -107,13 +107,20 @@ import triton.language as tl
 
 from .. import _stats
 from .._common import first_order_only, strided_rows
-from .._spec import LossSpec
+from .._spec import TWO_PASS_KINDS, Divergence, LossSpec
 from .._stats import NCOL, Col
 from ._common import AotKernel, device_guard
 
 # Kinds (the KIND constexpr).
 FORWARD_KL, REVERSE_KL, MIXTURE = 0, 1, 2
-_KIND_IDS = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "mixture": MIXTURE}
+# The kinds below are finished by _stats.finish (torch ops on (N,) columns) rather than in a
+# kernel: soft_cross_entropy and forward_reverse_kl in one pass (the KL pass with their
+# accumulators, ACC and B), tvd and alpha_beta in two (pass 1 as the mixture's, pass 2
+# _kd_pw_kernel).
+SOFT_CE, FR_KL, TVD, ALPHA_BETA = 3, 4, 5, 6
+_KIND_IDS = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "mixture": MIXTURE,
+             "soft_cross_entropy": SOFT_CE, "forward_reverse_kl": FR_KL, "tvd": TVD,
+             "alpha_beta": ALPHA_BETA}
 
 # Widest vocab tile: 4096 values of each input over 8 warps is 16 per thread and input
 # (no spills on sm_80 / sm_90 for any kernel here, see aot.py).
@@ -232,7 +239,7 @@ def _row_range(labels_ptr, V, chunk, offset, ignore_index, HAS_LABELS: tl.conste
 def _store_row(
     p, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1, target, acc, kd_scale, ce_weight,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    FINISH: tl.constexpr,
+    FINISH: tl.constexpr, acc_b=0.0,
 ):
     # One row of the table from the final (max, sum) pairs, sums and KL accumulator: each
     # logsumexp as its pair (m, log l), never summed (see the top of the file). FINISH (KL
@@ -266,7 +273,7 @@ def _store_row(
             loss = tl.where(valid, loss, 0.0)
         tl.store(loss_ptr + row, loss)
     tl.store(p + C_DIV, d)
-    tl.store(p + C_B, 0.0)
+    tl.store(p + C_B, acc_b)  # forward_reverse_kl's reverse accumulator, else 0
     tl.store(p + C_UQ, 0.0)
     tl.store(p + C_UP, 0.0)
 
@@ -310,6 +317,7 @@ def _kd_fwd_kernel(
     lt = 0.0
     l1 = 0.0
     acc = 0.0
+    acc_b = 0.0
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
         mask = cols < hi
@@ -320,6 +328,11 @@ def _kd_fwd_kernel(
         mt_new = tl.maximum(mt, tl.max(xt, 0))
         rs = _ref(ms_new)
         rt = _ref(mt_new)
+        if HAS_CE:
+            if not CE_SHARED:
+                # the CE pair at T = 1 shares the raw maximum: only its sum is separate
+                # (taken first, so the raw tile is dead before the divergence's tiles live)
+                l1 = l1 * tl.exp(_shift(ms, ms_new)) + tl.sum(tl.exp(xs - rs), 0)
         ys = (xs - rs) * inv_ts  # zs - ms
         yt = (xt - rt) * inv_tt  # zt - mt
         es = tl.exp(ys)
@@ -335,10 +348,19 @@ def _kd_fwd_kernel(
         if KIND == 1:
             acc = _rebase(acc, ls, dms, dmt)
             acc += tl.sum(tl.where(es > 0, es * (ys - yt), 0.0), 0)
-        if HAS_CE:
-            if not CE_SHARED:
-                # the CE pair at T = 1 shares the raw maximum: only its sum is separate
-                l1 = l1 * tl.exp(_shift(ms, ms_new)) + tl.sum(tl.exp(xs - rs), 0)
+        if KIND == 3:
+            # soft_cross_entropy: sum e^(zt - mt) (-(zs - ms)); its shift is -ds only, the
+            # forward rule with do = ds + dt
+            acc = _rebase(acc, lt, dmt, dms + dmt)
+            acc += tl.sum(tl.where(et > 0, -et * ys, 0.0), 0)
+        if KIND == 4:
+            # forward_reverse_kl: forward KL's accumulator and reverse KL's, from one
+            # difference d = (zs - ms) - (zt - mt) (one tile fewer live: no spill on sm_90)
+            d = ys - yt
+            acc = _rebase(acc, lt, dmt, dms)
+            acc -= tl.sum(tl.where(et > 0, et * d, 0.0), 0)
+            acc_b = _rebase(acc_b, ls, dms, dmt)
+            acc_b += tl.sum(tl.where(es > 0, es * d, 0.0), 0)
         ls = ls * tl.exp(dms) + tl.sum(es, 0)
         lt = lt * tl.exp(dmt) + tl.sum(et, 0)
         ms = ms_new
@@ -356,7 +378,7 @@ def _kd_fwd_kernel(
                          other=0.0).to(tl.float32)
     _store_row(out_ptr + (row * n_split + tl.program_id(1)) * C_NCOL, loss_ptr, row, valid,
                ms, ls, mt, lt, m1, l1, target, acc, kd_scale, ce_weight,
-               KIND, HAS_LABELS, HAS_CE, FINISH)
+               KIND, HAS_LABELS, HAS_CE, FINISH, acc_b)
 
 
 @triton.jit
@@ -403,8 +425,15 @@ def _kd_merge_kernel(
         acc = tl.sum(_rebase(acc_k, tl.exp(lt_k), dmt, dms), 0)
     if KIND == 1:
         acc = tl.sum(_rebase(acc_k, tl.exp(ls_k), dms, dmt), 0)
+    acc_b = 0.0
+    if KIND == 3:
+        acc = tl.sum(_rebase(acc_k, tl.exp(lt_k), dmt, dms + dmt), 0)
+    if KIND == 4:
+        acc = tl.sum(_rebase(acc_k, tl.exp(lt_k), dmt, dms), 0)
+        b_k = tl.load(p + C_B, mask=km, other=0.0)
+        acc_b = tl.sum(_rebase(b_k, tl.exp(ls_k), dms, dmt), 0)
     _store_row(stats_ptr + row * C_NCOL, loss_ptr, row, valid, ms, ls, mt, lt, m1, l1,
-               target, acc, kd_scale, ce_weight, KIND, HAS_LABELS, HAS_CE, FINISH)
+               target, acc, kd_scale, ce_weight, KIND, HAS_LABELS, HAS_CE, FINISH, acc_b)
 
 
 @triton.jit
@@ -528,6 +557,68 @@ def _kd_mix_kernel(
 
 
 @triton.jit
+def _kd_pw_kernel(
+    s_ptr,  # (N, V) student logits
+    t_ptr,  # (N, V) teacher logits
+    stats_ptr,  # (N, NCOL) fp32: the rows' global MS, LS, MT, LT
+    part_ptr,  # (N, n_split, 4) fp32 out: the range's (D or T, 0, UQ, UP) sums
+    V,  # row width (of this range)
+    s_stride,  # elements between rows of s (>= V)
+    t_stride,  # elements between rows of t (>= V)
+    chunk,  # columns per program
+    n_split,  # programs per row
+    inv_ts,  # 1 / student temperature
+    inv_tt,  # 1 / teacher temperature
+    coef_p,  # alpha_beta's a
+    coef_q,  # alpha_beta's b
+    KIND: tl.constexpr,  # TVD / ALPHA_BETA
+    BLOCK_V: tl.constexpr,
+):
+    # Pass 2 of tvd and alpha_beta (reference.py pointwise_sums). Rows are not told apart:
+    # an ignored row's sums are whatever its empty statistics give, masked by _stats.finish.
+    row, lo, hi, _, _ = _row_range(s_ptr, V, chunk, 0, 0, False)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    st = stats_ptr + row * C_NCOL
+    ms = tl.load(st + C_MS)
+    rs = tl.load(st + C_LS)
+    mt = tl.load(st + C_MT)
+    rt = tl.load(st + C_LT)
+    offs = tl.arange(0, BLOCK_V)
+    sd = 0.0
+    uq = 0.0
+    up = 0.0
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + offs
+        mask = cols < hi
+        xs = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        xt = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        lq = (xs - ms) * inv_ts - rs
+        lp = (xt - mt) * inv_tt - rt
+        if KIND == 5:
+            q = tl.exp(lq)
+            p = tl.exp(lp)
+            g = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+            sd += tl.sum(tl.abs(p - q), 0)
+            uq += tl.sum(g * q, 0)
+            up += tl.sum(g * p, 0)
+        else:
+            ab = coef_p + coef_q
+            x = tl.exp(coef_p * lp + coef_q * lq)
+            yp = tl.exp(ab * lp)
+            yq = tl.exp(ab * lq)
+            terms = x - (coef_p / ab) * yp - (coef_q / ab) * yq
+            sd += tl.sum(terms, 0) * (-1.0 / (coef_p * coef_q))
+            uq += tl.sum(x - yq, 0)
+            up += tl.sum(x - yp, 0)
+    p_out = part_ptr + (row * n_split + tl.program_id(1)) * 4
+    tl.store(p_out + 0, sd)
+    tl.store(p_out + 1, 0.0)
+    tl.store(p_out + 2, uq)
+    tl.store(p_out + 3, up)
+
+
+@triton.jit
 def _kd_mix_merge_kernel(
     labels_ptr,  # (N,) int64 labels (read only when HAS_LABELS)
     loss_ptr,  # (N,) fp32 out: row losses (FINISH)
@@ -624,7 +715,7 @@ def _kd_bwd_kernel(
     b_sum = 0.0
     uq = 0.0
     up = 0.0
-    if KIND == 2:
+    if KIND >= 2:  # the mixture's B, Uq, Up; forward_reverse_kl's R; tvd's, alpha_beta's
         b_sum = tl.load(st + C_B)
         uq = tl.load(st + C_UQ)
         up = tl.load(st + C_UP)
@@ -647,6 +738,25 @@ def _kd_bwd_kernel(
             gs = tl.where(q > 0, q * (lq - lp - div), 0.0)
             if TEACHER_GRAD:
                 gt = p - q
+        elif KIND == 3:  # soft_cross_entropy
+            gs = q - p
+            if TEACHER_GRAD:
+                gt = tl.where(p > 0, p * (-lq - div), 0.0)
+        elif KIND == 4:  # forward_reverse_kl: div = F, b_sum = R
+            gs = coef_p * (q - p) + coef_q * tl.where(q > 0, q * (lq - lp - b_sum), 0.0)
+            if TEACHER_GRAD:
+                gt = coef_p * tl.where(p > 0, p * (lp - lq - div), 0.0) + coef_q * (p - q)
+        elif KIND == 5:  # tvd: sgn(q - p), 0 where equal (g is the row's upstream gradient)
+            sg = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+            gs = 0.5 * q * (sg - uq)
+            if TEACHER_GRAD:
+                gt = -0.5 * p * (sg - up)
+        elif KIND == 6:  # alpha_beta
+            ab = coef_p + coef_q
+            x = tl.exp(coef_p * lp + coef_q * lq)
+            gs = (x - tl.exp(ab * lq) - q * uq) * (-1.0 / coef_p)
+            if TEACHER_GRAD:
+                gt = (x - tl.exp(ab * lp) - p * up) * (-1.0 / coef_q)
         else:
             lm = _logaddexp(lp + log_a, lq + log_1ma)
             gs = tl.zeros_like(lq)
@@ -801,7 +911,7 @@ def _stats_pass(s, t, labels, args, offset: int, finish: bool):
     kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index = args
     n, v = s.shape
     f = _flags(kind, mix, coef_p, coef_q, labels is not None, ce_weight, inv_ts)
-    finish = finish and f.kind != MIXTURE
+    finish = finish and f.kind in (FORWARD_KL, REVERSE_KL)
     stats = torch.empty((n, NCOL), device=s.device, dtype=torch.float32)
     loss = torch.empty(n, device=s.device, dtype=torch.float32) if finish else None
     if n == 0:
@@ -865,10 +975,44 @@ def _mix_pass(s, t, labels, args, stats, loss):
     return sums
 
 
+def _pw_pass(s, t, args, stats):
+    """Pass 2 of tvd / alpha_beta: the (N, 4) sums of the columns s, t hold, given the
+    GLOBAL table `stats`. # read s, t once; write O(N)"""
+    kind, mix, coef_p, coef_q, inv_ts, inv_tt = args[:6]
+    n, v = s.shape
+    if n == 0 or v == 0:
+        return torch.zeros((n, 4), device=s.device, dtype=torch.float32)
+    cfg = _config_for(s)
+    part = torch.empty((n, cfg.n_split, 4), device=s.device, dtype=torch.float32)
+    _kd_pw_kernel[(n, cfg.n_split)](
+        s, t, stats, part, v, s.stride(0), t.stride(0), cfg.chunk, cfg.n_split, inv_ts, inv_tt, coef_p, coef_q,
+        KIND=_KIND_IDS[kind], BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+    )
+    return part.sum(1)
+
+
+def _spec_of(args) -> LossSpec:
+    kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index = args
+    return LossSpec(Divergence(kind, mix, coef_p, coef_q), inv_ts, inv_tt, kd_scale,
+                    ce_weight, ignore_index)
+
+
 def _forward(s, t, labels, *args):
     """Whole rows: (row losses (N,), the finished (N, NCOL) table), both float32."""
     _check_inputs(s, t, labels)
     with device_guard(s):
+        if _KIND_IDS.get(args[0], 0) > MIXTURE:
+            # the newer kinds: the same passes, finished by _stats.finish
+            _, stats = _stats_pass(s, t, labels, args, 0, finish=False)
+            sums = _pw_pass(s, t, args, stats) if args[0] in ("tvd", "alpha_beta") else None
+            loss, stats = _stats.finish(stats, labels, _spec_of(args), sums)
+            if labels is not None:
+                # ignored rows read nothing: their divergence columns are 0, as the kernels
+                # write them for the other kinds (finish formed them from empty sums)
+                cols = list(_stats.MIX_COLS)
+                keep = (labels != args[-1])[:, None]
+                stats[:, cols] = torch.where(keep, stats[:, cols], 0.0)
+            return loss, stats
         loss, stats = _stats_pass(s, t, labels, args, 0, finish=True)
         if loss is None:  # mixture: pass 2 finishes
             loss = torch.empty(s.shape[0], device=s.device, dtype=torch.float32)
@@ -936,6 +1080,8 @@ def _mix_partial_op(
 ) -> torch.Tensor:
     args = (kind, mix, coef_p, coef_q, inv_ts, inv_tt, kd_scale, ce_weight, ignore_index)
     with device_guard(s):
+        if kind != "mixture":
+            return _pw_pass(s, t, args, stats)
         return _mix_pass(s, t, None, args, stats, None)
 
 
@@ -981,8 +1127,9 @@ def mix_partial(s, t, spec: LossSpec, stats: torch.Tensor, offset: int = 0) -> t
     del offset
     _check_inputs(s, t, None)
     _check_stats(stats, s.shape[0], s.device)
-    if spec.div.kind != "mixture":
-        raise ValueError(f"mix_partial needs a mixture divergence, got {spec.div.kind!r}")
+    if spec.div.kind not in TWO_PASS_KINDS:
+        raise ValueError(f"mix_partial needs a two-pass divergence {TWO_PASS_KINDS}, got "
+                         f"{spec.div.kind!r}")
     return _mix_partial_op(s, t, stats, *spec.as_args())
 
 
@@ -1184,6 +1331,8 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
                                                  part_ptr=f32, out_ptr=f32), ints, floats)
     bwd_sig = _sig(_kd_bwd_kernel, dict(s_ptr=x, t_ptr=x, labels_ptr=i64, stats_ptr=f32,
                                         grad_ptr=f32, ds_ptr=x, dt_ptr=x), ints, floats)
+    pw_sig = _sig(_kd_pw_kernel, dict(s_ptr=x, t_ptr=x, stats_ptr=f32, part_ptr=f32), ints,
+                  floats)
     kinds = {FORWARD_KL: "forward_kl", REVERSE_KL: "reverse_kl", MIXTURE: "mixture"}
     out = []
     for has_labels, has_ce, ce_shared in _LABEL_MODES:
@@ -1227,4 +1376,32 @@ def aot_kernels(V: int, dtype: torch.dtype) -> list[AotKernel]:
                     _kd_bwd_kernel, bwd_sig,
                     dict(KIND=kind, TEACHER_GRAD=teacher_grad, BLOCK_V=cfg.block_v, **lab,
                          **mix_flags), w))
+        out += _aot_other_kinds(cfg, lab, tag, fwd_sig, merge_sig, bwd_sig)
+    out += [AotKernel(f"kd_pw[{name}]", _kd_pw_kernel, pw_sig,
+                      dict(KIND=kind, BLOCK_V=cfg.block_v), w)
+            for kind, name in ((TVD, "tvd"), (ALPHA_BETA, "alpha_beta"))]
+    return out
+
+
+def _aot_other_kinds(cfg, lab, tag, fwd_sig, merge_sig, bwd_sig) -> list[AotKernel]:
+    """soft_cross_entropy, forward_reverse_kl, tvd, alpha_beta: pass 1 (never FINISH) and
+    the backward, for one label mode."""
+    w = cfg.num_warps
+    names = {SOFT_CE: "soft_cross_entropy", FR_KL: "forward_reverse_kl", TVD: "tvd",
+             ALPHA_BETA: "alpha_beta"}
+    none = dict(HAS_CP=False, HAS_CQ=False, HAS_U=False)
+    out = []
+    for kind, kname in names.items():
+        out.append(AotKernel(f"kd_fwd[{kname},{tag}]", _kd_fwd_kernel, fwd_sig,
+                             dict(KIND=kind, FINISH=False, BLOCK_V=cfg.block_v, **lab), w))
+        out.append(AotKernel(
+            f"kd_merge[{kname},{tag}]", _kd_merge_kernel, merge_sig,
+            dict(KIND=kind, HAS_LABELS=lab["HAS_LABELS"], HAS_CE=lab["HAS_CE"], FINISH=False,
+                 SPLIT_BLOCK=cfg.split_block), 1))
+        for teacher_grad in (False, True):
+            out.append(AotKernel(
+                f"kd_bwd[{kname},{tag}{',teacher_grad' if teacher_grad else ''}]",
+                _kd_bwd_kernel, bwd_sig,
+                dict(KIND=kind, TEACHER_GRAD=teacher_grad, BLOCK_V=cfg.block_v, **lab,
+                     **none), w))
     return out
