@@ -277,8 +277,22 @@ def _workspace(s, n_rows, count=3):
             for _ in range(count)]
 
 
-# The mixture's workspace: lq, lp (then q, p), lm (then lq - lm), lp - lm, u.
+# The mixture's workspace: lq, lp (then q, p), lm (then lq - lm), lp - lm, u. Its chunks are
+# MIX_CHUNK_SHRINK times fewer rows than the KL kinds' (1 MiB buffers for the default
+# chunk): the mixture makes ~20 in-place passes over them per chunk, which then run from
+# cache instead of memory (measured: a third less time at V = 128256).
 MIX_BUFFERS = 5
+MIX_CHUNK_SHRINK = 16
+
+
+def _mix_rows(n: int, v: int) -> int:
+    return max(1, chunk_rows(n, v) // MIX_CHUNK_SHRINK)
+
+
+def _mix_chunks(n: int, v: int):
+    step = _mix_rows(n, v)
+    for i in range(0, n, step):
+        yield i, min(i + step, n)
 
 
 def partial(s, t, labels, spec: LossSpec, offset: int = 0):
@@ -321,8 +335,8 @@ def mix_partial(s, t, spec: LossSpec, stats, offset: int = 0):
     the GLOBAL statistics: (N, 4). # read 2 x N x Vr, write 4 x N"""
     n, v = s.shape
     out = torch.zeros(n, 4, device=s.device, dtype=acc_dtype(s.dtype))
-    ws = _workspace(s, chunk_rows(n, v), MIX_BUFFERS) if n and v else None
-    for i, j in row_chunks(n, v) if v else ():
+    ws = _workspace(s, _mix_rows(n, v), MIX_BUFFERS) if n and v else None
+    for i, j in _mix_chunks(n, v) if v else ():
         w = [x[: j - i] for x in ws]
         lq, lp = _chunk_logs(s[i:j], t[i:j], spec, stats[i:j], w)
         out[i:j] = torch.stack(mixture_sums(lq, lp, spec.div, w), 1)
@@ -394,8 +408,9 @@ def grads(s, t, labels, spec: LossSpec, stats, offset: int, grad_rows, need_teac
     lean = not mix and not need_teacher
     ws = None
     if (lean or mix) and n and v:
-        ws = _workspace(s, chunk_rows(n, v), MIX_BUFFERS if mix else 3)
-    for i, j in row_chunks(n, v) if v else ():
+        ws = (_workspace(s, _mix_rows(n, v), MIX_BUFFERS) if mix
+              else _workspace(s, chunk_rows(n, v)))
+    for i, j in (_mix_chunks(n, v) if mix else row_chunks(n, v)) if v else ():
         lab = None if labels is None else labels[i:j]
         w = None if ws is None else [x[: j - i] for x in ws]
         ds, dt = _grads_chunk(s[i:j], t[i:j], lab, spec, stats[i:j], offset, g[i:j],
