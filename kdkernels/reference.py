@@ -108,7 +108,7 @@ def mixture_terms(lq, lp, div, ws):
     top = torch.maximum(x, y, out=x)
     u = None
     if not (div.coef_p == a and div.coef_q == 1.0 - a):
-        # u = kp p/m + kq q/m... with p / m = sigmoid(d) / a, q / m = sigmoid(-d) / (1-a):
+        # u = cp p/m + cq q/m with p/m = sigmoid(d) / a and q/m = sigmoid(-d) / (1-a):
         # u = kp sigmoid(d) + kq sigmoid(-d), kp = cp / a, kq = cq / (1-a), from one sigmoid
         # and bounded (sigmoid(+-inf) is 1 or 0 exactly where q = 0 or p = 0); NaN at
         # padding only
