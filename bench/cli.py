@@ -16,7 +16,7 @@ import torch
 
 from .measure import pick_device, run
 from .providers import DIVERGENCES, DTYPES, KD_IMPLS, MODES, PROVIDERS, Config, dtype_name
-from .report import machine_info, table, targets, write_csv
+from .report import divergence_ratios, machine_info, table, targets, write_csv
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r.note:
             print(f"note: {r.provider}: {r.note}")
+    ratios = divergence_ratios(rows, "full" if "full" in modes else modes[0])
+    if ratios:
+        print()
+        print(ratios)
     print()
     for line in targets(rows, cfg):
         print(line)

@@ -247,9 +247,10 @@ def run_provider(provider, divergence, cfg, s, t, truth, modes, reps, warmup):
     reset()
     gc.collect()
     loss, mem = measure_memory(step, cfg.device, backward)
-    loss_err = abs(float(loss.detach().double()) - truth.loss)
-    grad_err = None
-    if backward:
+    loss_err = grad_err = None
+    if truth is not None:
+        loss_err = abs(float(loss.detach().double()) - truth.loss)
+    if backward and truth is not None:
         g = s.grad[truth.rows].double()
         grad_err = float((g - truth.grad).abs().max())
     del loss
@@ -295,8 +296,12 @@ def run(cfg: Config, divergences, providers, modes, reps, warmup, grad_rows, see
     copies_done = False
     for div in divergences:
         t0 = time.perf_counter()
-        truth = ground_truth(s, t, div, cfg, grad_rows, backward)
-        log(f"# float64 ground truth for {div}: {time.perf_counter() - t0:.1f} s")
+        try:
+            truth = ground_truth(s, t, div, cfg, grad_rows, backward)
+            log(f"# float64 ground truth for {div}: {time.perf_counter() - t0:.1f} s")
+        except NotImplementedError as e:  # a divergence bench has no formula for: time it
+            truth = None
+            notes.append(f"{div}: errors not checked ({e})")
         for p in runnable:
             if p in COPIES and (copies_done or "full" not in modes):
                 continue

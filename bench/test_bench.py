@@ -301,6 +301,43 @@ def test_cli_quick_run(tmp_path, capsys):
     assert png.exists() and png.stat().st_size > 10_000
 
 
+def test_cli_every_divergence_as_a_ratio_to_forward_kl(tmp_path, capsys):
+    """`--divergence all` times every divergence of kdkernels (_spec.DIVERGENCES, so one
+    added there shows up here) and prints each as a ratio to the same provider's forward KL."""
+    from kdkernels import _spec
+
+    out = tmp_path / "all.csv"
+    rc = cli.main(["--n", "8", "--v", "67", "--divergence", "all", "--providers",
+                   "kd-torch,kd-ext", "--mode", "full", "--reps", "2", "--grad-rows", "4",
+                   "--no-plot", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out.splitlines()
+    start = text.index("time / the same provider's forward_kl (full, medians):")
+    head, _, *body = text[start + 1:start + 5]
+    assert head.split() == ["provider", *_spec.DIVERGENCES]
+    ratios = {line.split()[0]: line.split()[1:] for line in body[:2]}
+    assert set(ratios) == {"kd-torch", "kd-ext"}
+    for cells in ratios.values():
+        assert cells[0] == "1.00" and len(cells) == len(_spec.DIVERGENCES)
+        assert all(float(c) > 0 for c in cells)
+    # the bounded ratios carry their target (no verdict: not the target shape)
+    line = next(x for x in text if "reference skew_forward_kl vs its forward KL" in x)
+    assert "target <= 2.5" in line and line.endswith("(not the target shape)")
+
+
+def test_divergence_ratios_from_rows():
+    """The ratio matrix divides each row's median by its provider's forward_kl median; a
+    provider without a forward_kl row shows '-'; one divergence alone gives no matrix."""
+    rows = [measure.Row("kd-ext", "forward_kl", "full", [0.2, 0.4, 0.3]),
+            measure.Row("kd-ext", "jsd", "full", [0.45]),
+            measure.Row("eager", "jsd", "full", [2.0])]
+    lines = report.divergence_ratios(rows).splitlines()
+    assert lines[1].split() == ["provider", "forward_kl", "jsd"]
+    assert lines[3].split() == ["kd-ext", "1.00", "1.50"]
+    assert lines[4].split() == ["eager", "-", "-"]
+    assert report.divergence_ratios(rows[:1]) == ""
+
+
 def test_subcommand_dispatch(monkeypatch, capsys):
     """A subcommand whose module is missing prints a clear message and exits 2; a present
     one receives the rest of the command line."""

@@ -54,9 +54,11 @@ def rows_float64(s, t, divergence: str, cfg: Config):
     elif kind == "skew_forward_kl":
         lm = torch.logaddexp(lp + log_or_minus_inf(a), lq + log_or_minus_inf(1.0 - a))
         d = (p * (lp - lm)).sum(-1)
-    else:
+    elif kind == "skew_reverse_kl":
         lm = torch.logaddexp(lq + log_or_minus_inf(a), lp + log_or_minus_inf(1.0 - a))
         d = (q * (lq - lm)).sum(-1)
+    else:
+        raise NotImplementedError(f"no float64 formula for {divergence!r} in bench")
     return d * (T * T)
 
 

@@ -78,13 +78,21 @@ struct Row {
   int64_t label;  // the label's column in this range, -1 when none (or no labels)
 };
 
-// Calls f(fast, unit) (std::bool_constant each) with the mixture element path of these
-// coefficients (kd_math.h mix_elem): FAST where one exp gives p and q, UNIT for jsd (u = 1).
+// Calls f(fast, unit, sides) (std::bool_constant, std::bool_constant, MixSides constant) with
+// the mixture element path of these coefficients (kd_math.h mix_elem): FAST where one exp
+// gives p and q, UNIT for jsd (u = 1), SIDES MIX_P for skew forward KL (cq = 0) and MIX_Q for
+// skew reverse KL (cp = 0).
+template <int SIDES>
+using mix_sides = std::integral_constant<int, SIDES>;
 template <class S, class F>
 void with_mix_mode(const MixCoef<S>& c, const F& f) {
-  if (c.one_exp && c.unit_u) return f(std::true_type{}, std::true_type{});
-  if (c.one_exp) return f(std::true_type{}, std::false_type{});
-  f(std::false_type{}, std::false_type{});
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (c.one_exp && c.unit_u) return f(yes{}, yes{}, mix_sides<MIX_BOTH>{});
+  if (c.one_exp && mix_sides_match<MIX_P>(c)) return f(yes{}, no{}, mix_sides<MIX_P>{});
+  if (c.one_exp && mix_sides_match<MIX_Q>(c)) return f(yes{}, no{}, mix_sides<MIX_Q>{});
+  if (c.one_exp) return f(yes{}, no{}, mix_sides<MIX_BOTH>{});
+  f(no{}, no{}, mix_sides<MIX_BOTH>{});
 }
 
 // ---- forward of one row -------------------------------------------------------------------
@@ -162,8 +170,9 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums)
   V sa(0), sb(0), suq(0), sup(0);
   // lq = (s - ms) / Ts - log Ss (load_logp): never through a rounded lse
   const A ms = safe_ref(g[ST_MS]), ls = g[ST_LS], mt = safe_ref(g[ST_MT]), lt = g[ST_LT];
-  with_mix_mode(c, [&](auto fast, auto unit) {
+  with_mix_mode(c, [&](auto fast, auto unit, auto sides) {
     constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
+    constexpr int SD = decltype(sides)::value;
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
@@ -171,7 +180,7 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums)
       load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
       V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
       for (int64_t i = 0; i < np; i += W)
-        mix_add<F, U>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
+        mix_add<F, U, SD>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
       if (c.unit_u && unit_sums) {
         // u = 1: sum q u = sum q (padding is exp(-inf) = 0)
         for (int64_t i = 0; i < np; i += W) {
@@ -350,14 +359,15 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   const A m1 = ce_sep ? safe_ref(st[ST_M1]) : A(0), l1 = ce_sep ? st[ST_L1] : A(0);
   // element gradient (lane type X): the same code for the vector body and the label fix-up;
   // NT: whether the teacher's gradient is formed at all
-  // (fast, unit: the mixture's element path, see with_mix_mode)
-  auto elem = [&](auto nt, auto fast, auto unit, auto lq, auto lp, auto z1v, auto onehot,
-                  auto& gsv, auto& gtv) {
+  // (fast, unit, sides: the mixture's element path, see with_mix_mode)
+  auto elem = [&](auto nt, auto fast, auto unit, auto sides, auto lq, auto lp, auto z1v,
+                  auto onehot, auto& gsv, auto& gtv) {
     using X = std::decay_t<decltype(lq)>;
     constexpr bool NT = decltype(nt)::value;
     constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
+    constexpr int SD = decltype(sides)::value;
     if constexpr (K == MIXTURE) {
-      mix_grad<NT, F, U>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
+      mix_grad<NT, F, U, SD>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
     } else if constexpr (K == SOFT_CE || K == FR_KL) {
       kl2_grad<K, NT>(lq, lp, D, B, A(pr.coef_p), A(pr.coef_q), gsv, gtv);
     } else if constexpr (K == TVD || K == ALPHA_BETA) {
@@ -376,7 +386,7 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     if (r.ss == at::kFloat) gs_direct = static_cast<A*>(r.gs);
     if (r.gt && r.tt == at::kFloat) gt_direct = static_cast<A*>(r.gt);
   }
-  auto tiles = [&](auto nt, auto fast, auto unit) {
+  auto tiles = [&](auto nt, auto fast, auto unit, auto sides) {
     constexpr bool NT = decltype(nt)::value;
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
@@ -390,8 +400,8 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
       }
       for (int64_t i = 0; i < np; i += W) {
         V gsv, gtv;
-        elem(nt, fast, unit, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0), gsv,
-             gtv);
+        elem(nt, fast, unit, sides, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0),
+             gsv, gtv);
         const bool full = i + W <= n;
         // the tile buffers receive the gradient where it is not stored directly (read already)
         if (gs_direct && full) {
@@ -415,11 +425,11 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
       if (NT && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
     }
   };
-  auto run = [&](auto fast, auto unit) {
+  auto run = [&](auto fast, auto unit, auto sides) {
     if (r.gt) {
-      tiles(std::true_type{}, fast, unit);
+      tiles(std::true_type{}, fast, unit, sides);
     } else {
-      tiles(std::false_type{}, fast, unit);
+      tiles(std::false_type{}, fast, unit, sides);
     }
     store_fence();
     if (ce && r.label >= 0) {
@@ -428,15 +438,15 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
       const A tl = load_one<A>(r.t, r.tt, r.label);
       A gsv, gtv;
       const A lql = (sl - ms) * its - ls;
-      elem(std::false_type{}, fast, unit, lql, (tl - mt) * itt - lt, ce_sep ? sl : lql, A(1),
-           gsv, gtv);
+      elem(std::false_type{}, fast, unit, sides, lql, (tl - mt) * itt - lt, ce_sep ? sl : lql,
+           A(1), gsv, gtv);
       store_one<A>(r.gs, r.ss, r.label, gsv);
     }
   };
   if constexpr (K == MIXTURE) {
     with_mix_mode(c, run);
   } else {
-    run(std::false_type{}, std::false_type{});
+    run(std::false_type{}, std::false_type{}, mix_sides<MIX_BOTH>{});
   }
 }
 

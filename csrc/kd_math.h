@@ -73,8 +73,8 @@
 //
 // The element functions are templates over the lane type W: float / double here and on the
 // GPU, at::vec::Vectorized<float|double> on the CPU. They call kd_exp, kd_log, kd_log1p_unit,
-// kd_nabs, kd_max, kd_clamp and kd_where unqualified; a vector backend declares overloads for
-// its type in namespace kd BEFORE including this header (kd_cpu.cpp does).
+// kd_rcp, kd_nabs, kd_max, kd_clamp and kd_where unqualified; a vector backend declares
+// overloads for its type in namespace kd BEFORE including this header (kd_cpu.cpp does).
 #pragma once
 
 #include <math.h>
@@ -106,6 +106,9 @@ KD_HD float kd_exp(float x) { return expf(x); }
 KD_HD double kd_exp(double x) { return exp(x); }
 KD_HD float kd_log(float x) { return logf(x); }
 KD_HD double kd_log(double x) { return log(x); }
+// 1 / x; the CPU vector overload may be an approximation refined to a few ulps (kd_cpu_simd.h)
+KD_HD float kd_rcp(float x) { return 1.f / x; }
+KD_HD double kd_rcp(double x) { return 1.0 / x; }
 KD_HD float kd_abs(float x) { return fabsf(x); }
 KD_HD double kd_abs(double x) { return fabs(x); }
 KD_HD float kd_nabs(float x) { return -fabsf(x); }  // -|x|
@@ -369,6 +372,18 @@ KD_HD S mix_clamp() {
   return sizeof(S) == sizeof(float) ? S(200) : S(1000);
 }
 
+// Which KL terms of the mixture have a nonzero coefficient, when known at compile time (the
+// FAST path of the CPU kernel): both (jsd and general mixtures), only KL(p || m) (cq = 0:
+// skew forward KL) or only KL(q || m) (cp = 0: skew reverse KL). A missing side's log-ratio,
+// its share of u and its sums are then never formed: for skew forward KL's student gradient
+// (which needs no log-ratio at all) that removes the log1p from the element.
+enum MixSides : int { MIX_BOTH = 0, MIX_P = 1, MIX_Q = 2 };
+
+template <int SIDES, class S>
+KD_HD bool mix_sides_match(const MixCoef<S>& c) {
+  return SIDES == MIX_BOTH || (SIDES == MIX_P ? c.cq == S(0) : c.cp == S(0));
+}
+
 // Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
 template <class W>
 struct MixElem {
@@ -386,7 +401,12 @@ struct MixElem {
 //    if d < -C, p = q exp(d - logit) <= exp(-C + |logit|) = 0, and the same for q if d > C.
 //    Padding (lp = lq = -inf, d = NaN) gives p = q = 0 and finite log-ratios.
 //  UNIT = true (needs c.unit_u): u = 1 is known at compile time.
-template <bool NEED_P = true, bool FAST = false, bool UNIT = false, class W, class S>
+//  SIDES (FAST only, needs mix_sides_match): the sides whose pieces are formed; NEED_LOG =
+//  false skips the log-ratios (lp_lm, lq_lm, sp_*) altogether.
+// sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, e^-|d| / (1 + e^-|d|) on the
+// other: one reciprocal (kd_rcp) for both.
+template <bool NEED_P = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
+          bool NEED_LOG = true, class W, class S>
 KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
   MixElem<W> e;
   W d = lp - lq + W(c.logit);
@@ -408,16 +428,28 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
     e.q = kd_exp(lq);
     if (NEED_P) e.p = kd_exp(lp);
   }
-  W l1 = kd_log1p_unit(ex);
-  // softplus(-+d) = max(-+d, 0) + log1p(exp(-|d|))
-  e.sp_neg = kd_max(W(0) - d, W(0)) + l1;
-  e.sp_pos = kd_max(d, W(0)) + l1;
-  e.lp_lm = W(-c.log_a) - e.sp_neg;
-  e.lq_lm = W(-c.log_1ma) - e.sp_pos;
+  if (!FAST || NEED_LOG) {
+    W l1 = kd_log1p_unit(ex);
+    // softplus(-+d) = max(-+d, 0) + log1p(exp(-|d|))
+    if (!FAST || SIDES != MIX_Q) {
+      e.sp_neg = kd_max(W(0) - d, W(0)) + l1;
+      e.lp_lm = W(-c.log_a) - e.sp_neg;
+    }
+    if (!FAST || SIDES != MIX_P) {
+      e.sp_pos = kd_max(d, W(0)) + l1;
+      e.lq_lm = W(-c.log_1ma) - e.sp_pos;
+    }
+  }
   if (UNIT || c.unit_u) {
     e.u = W(1);
+  } else if (FAST && SIDES == MIX_P) {
+    W inv = kd_rcp(W(1) + ex);
+    e.u = W(c.kp) * kd_where(pos, inv, ex * inv);  // kp sigmoid(d)
+  } else if (FAST && SIDES == MIX_Q) {
+    W inv = kd_rcp(W(1) + ex);
+    e.u = W(c.kq) * kd_where(pos, ex * inv, inv);  // kq sigmoid(-d)
   } else {
-    W inv = W(1) / (W(1) + ex);
+    W inv = kd_rcp(W(1) + ex);
     W sig_pos = kd_where(pos, inv, ex * inv);  // sigmoid(d)
     W sig_neg = kd_where(pos, ex * inv, inv);  // sigmoid(-d)
     e.u = W(c.kp) * sig_pos + W(c.kq) * sig_neg;
@@ -427,13 +459,14 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
 
 // Pass-2 sums of the mixture. General path: terms of a side whose coefficient is 0 are
 // skipped (their log-ratio may be inf at a = 0 or 1 and they are never used). FAST: every
-// log-ratio is finite (see mix_elem), nothing is masked.
-template <bool FAST = false, bool UNIT = false, class W, class S>
+// log-ratio is finite (see mix_elem), nothing is masked; a side SIDES leaves out keeps its
+// sum at 0 (its coefficient is 0).
+template <bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH, class W, class S>
 KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup) {
-  MixElem<W> e = mix_elem<true, FAST, UNIT>(lq, lp, c);
+  MixElem<W> e = mix_elem<true, FAST, UNIT, SIDES>(lq, lp, c);
   if (FAST) {
-    sa = sa + e.p * e.lp_lm;
-    sb = sb + e.q * e.lq_lm;
+    if (SIDES != MIX_Q) sa = sa + e.p * e.lp_lm;
+    if (SIDES != MIX_P) sb = sb + e.q * e.lq_lm;
     if (!(UNIT || c.unit_u)) {
       suq = suq + e.q * e.u;
       sup = sup + e.p * e.u;
@@ -450,18 +483,22 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
   }
 }
 
-template <bool NEED_T = true, bool FAST = false, bool UNIT = false, class W, class S>
+template <bool NEED_T = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
+          class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt) {
-  MixElem<W> e = mix_elem<NEED_T, FAST, UNIT>(lq, lp, c);
+  // the log-ratios enter the student's gradient through cq and the teacher's through cp
+  constexpr bool LOG = SIDES != MIX_P || (NEED_T && SIDES != MIX_Q);
+  MixElem<W> e = mix_elem<NEED_T, FAST, UNIT, SIDES, LOG>(lq, lp, c);
   constexpr bool U = UNIT;
   if (FAST) {
-    // cp or cq = 0 multiplies a finite term here; lq - lm - B = (-log(1-a) - B) - softplus(d)
-    // with the row constant formed once (one step less on the element's chain)
-    gs = (W(c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
+    // lq - lm - B = (-log(1-a) - B) - softplus(d) with the row constant formed once (one
+    // step less on the element's chain); a side SIDES leaves out has coefficient 0
+    gs = W(0);
+    if (SIDES != MIX_P) gs = (W(c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
     if (!(U || c.unit_u)) gs = gs - W(S(1) - c.a) * e.q * (e.u - W(Uq));
     gt = W(0);
     if (NEED_T) {
-      gt = (W(c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
+      if (SIDES != MIX_Q) gt = (W(c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
       if (!(U || c.unit_u)) gt = gt - W(c.a) * e.p * (e.u - W(Up));
     }
     return;

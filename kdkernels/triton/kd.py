@@ -206,6 +206,45 @@ def _mix_u(lq, lp, lm, coef_p, coef_q, HAS_CP: tl.constexpr, HAS_CQ: tl.constexp
 
 
 @triton.jit
+def _mix_grad(lq, lp, q, p, log_a, log_1ma, mix, coef_p, coef_q, a_sum, b_sum, uq, up,
+              HAS_CP: tl.constexpr, HAS_CQ: tl.constexpr, HAS_U: tl.constexpr,
+              TEACHER_GRAD: tl.constexpr):
+    # dD/dzs = q (cq (lq - lm - B) - (1-a) (u - Uq)),  dD/dzt = p (cp (lp - lm - A) - a (u - Up))
+    # from the log-odds of m's two parts, d = lp - lq + log a - log(1-a), and e = e^-|d|:
+    #   lq - lm = -log(1-a) - softplus(d),   lp - lm = -log a - softplus(-d),
+    #   softplus(+-d) = max(+-d, 0) + log(1 + e),
+    #   u = cp p/m + cq q/m = kp sigmoid(d) + kq sigmoid(-d),  kp = cp/a, kq = cq/(1-a),
+    # two exps (e, the sigmoid) and one log per element, where log m by logaddexp and u
+    # from exps of log-space sums took up to five and kept more tiles live: the teacher
+    # gradient's kernels needed up to 171 registers per thread on sm_90 (one 8-warp block
+    # per SM), now at most 128 (two). Entries of weight 0 (q or p = 0: d = -+inf; padding:
+    # d = nan) are masked by that weight; sigmoid(+-inf) is 1 or 0 exactly.
+    d = lp - lq + (log_a - log_1ma)
+    e = tl.exp(-tl.abs(d))
+    e1 = 1.0 + e
+    l1 = tl.log(e1)
+    gs = tl.zeros_like(lq)
+    gt = tl.zeros_like(lp)
+    if HAS_U:
+        u = tl.zeros_like(lq)
+        if HAS_CP:
+            u += (coef_p / mix) * tl.sigmoid(d)
+        if HAS_CQ:
+            u += (coef_q / (1.0 - mix)) * tl.sigmoid(-d)
+        gs = (1.0 - mix) * (uq - u)
+        if TEACHER_GRAD:
+            gt = mix * (up - u)
+    if HAS_CQ:
+        gs += coef_q * ((-log_1ma - b_sum) - (tl.maximum(d, 0.0) + l1))
+    gs = tl.where(q > 0, q * gs, 0.0)
+    if TEACHER_GRAD:
+        if HAS_CP:
+            gt += coef_p * ((-log_a - a_sum) - (tl.maximum(-d, 0.0) + l1))
+        gt = tl.where(p > 0, p * gt, 0.0)
+    return gs, gt
+
+
+@triton.jit
 def _kl_value(ls, lt, acc, KIND: tl.constexpr):
     # D = acc / l_w - log l_w + log l_o from the sums l (not their logs); acc = 0 (no
     # weighting mass) gives 0 for the first term, never 0 / 0
@@ -758,19 +797,8 @@ def _kd_bwd_kernel(
             if TEACHER_GRAD:
                 gt = (x - tl.exp(ab * lp) - p * up) * (-1.0 / coef_q)
         else:
-            lm = _logaddexp(lp + log_a, lq + log_1ma)
-            gs = tl.zeros_like(lq)
-            gt = tl.zeros_like(lp)
-            if HAS_U:
-                qu, pu = _mix_u(lq, lp, lm, coef_p, coef_q, HAS_CP, HAS_CQ)
-                gs = -(1.0 - mix) * (qu - q * uq)
-                if TEACHER_GRAD:
-                    gt = -mix * (pu - p * up)
-            if HAS_CQ:
-                gs += coef_q * tl.where(q > 0, q * (lq - lm - b_sum), 0.0)
-            if TEACHER_GRAD:
-                if HAS_CP:
-                    gt += coef_p * tl.where(p > 0, p * (lp - lm - div), 0.0)
+            gs, gt = _mix_grad(lq, lp, q, p, log_a, log_1ma, mix, coef_p, coef_q, div, b_sum,
+                               uq, up, HAS_CP, HAS_CQ, HAS_U, TEACHER_GRAD)
         ds = cs * gs
         if HAS_CE:
             if CE_SHARED:
