@@ -100,18 +100,24 @@ def _linear_grads(g, tanh, h, w, row_weight, grads, i, j):
     gradient of the capped logits for an upstream gradient of 1 per row, row_weight (rows,)
     float32 the real one; grads = [grad_h, grad_w accumulator, grad_b accumulator] (entries
     may be None). The row weights multiply the small side (h, the (rows, H) product), never
-    the (rows, V) gradient."""
+    the (rows, V) gradient.
+
+    The (V, H) accumulator is not zeroed beforehand: the first chunk (i == 0) writes it
+    (beta=0 ignores the uninitialized memory, NaNs included), later chunks add to it. On a
+    CPU a zeroing pass over a V x H buffer costs about a chunk's weight-gradient GEMM."""
     grad_h, grad_w, grad_b = grads
     if tanh is not None:
         g.mul_(tanh.square_().neg_().add_(1.0))  # d/dz c tanh(z/c) = 1 - tanh(z/c)^2
     rw = row_weight[:, None]
-    if grad_h is not None:
-        grad_h[i:j] = torch.mm(g, w) * rw
+    if grad_h is not None:  # written in place: no (rows, H) temporaries
+        torch.mm(g, w, out=grad_h[i:j]).mul_(rw)
     if grad_w is not None:
         hw = (h * rw).to(h.dtype)  # one rounding, as the weighted gradient's would be
         if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.t(), hw)
-        else:  # low precision: one rounding per chunk, the sum over chunks in float32
+            grad_w.addmm_(g.t(), hw, beta=0.0 if i == 0 else 1.0)
+        elif i == 0:  # low precision: one rounding per chunk, the sum over chunks in float32
+            grad_w.copy_(torch.mm(g.t(), hw))
+        else:
             grad_w.add_(torch.mm(g.t(), hw))
     if grad_b is not None:
         grad_b.add_(torch.mv(g.t(), row_weight.to(g.dtype)))
@@ -121,9 +127,11 @@ def _grad_buffers(h, w, b, need):
     """[grad_h, grad_w, grad_b] for the flagged ones (a None bias is never flagged)."""
     need_h, need_w, need_b = need
     acc = acc_dtype(w.dtype)
+    # the first chunk writes the weight gradient (_linear_grads); without rows there is none
+    new_w = torch.empty if h.shape[0] else torch.zeros
     return [
         torch.empty_like(h) if need_h else None,
-        torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None,
+        new_w(w.shape, dtype=acc, device=w.device) if need_w else None,
         torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None,
     ]
 
