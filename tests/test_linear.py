@@ -234,6 +234,23 @@ def test_gradient_buffers_start_uninitialized(impl, monkeypatch):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
 
 
+def test_logits_gemm_paths_agree(monkeypatch):
+    """On a CPU in float32 the chunk logits come from oneDNN (a fresh tensor per chunk);
+    otherwise from torch.mm into reused buffers: the same loss and gradients up to float32
+    GEMM rounding."""
+    x, labels = make_inputs((7,), torch.float32)
+    on_cpu = x["student_hidden"].device.type == "cpu"
+    assert linear._fresh_logits(x["student_hidden"], x["student_weight"]) == (
+        on_cpu and torch.backends.mkldnn.is_available())
+    out, want, g = run(kd.linear_kd_loss, x, labels, STUDENT, impl="torch", chunk_size=3)
+    monkeypatch.setattr(linear, "_fresh_logits", lambda h, w: False)
+    out_mm, got, _ = run(kd.linear_kd_loss, x, labels, STUDENT, g=g, impl="torch",
+                         chunk_size=3)
+    torch.testing.assert_close(out_mm, out, rtol=1e-5, atol=1e-6)
+    for name in STUDENT:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 def test_all_ignored_and_empty_batch(impl):
     dtype = torch.float32
     x, labels = make_inputs((5,), dtype)
