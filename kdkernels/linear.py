@@ -59,10 +59,10 @@ def chunk_rows(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
     Why as tall as that: every chunk streams the (V, H) weights through three GEMMs (student
     and teacher logits, grad_hidden) and reads and writes the (V, H) weight gradient once, a
     fixed cost per chunk that taller chunks amortize. Measured at N=2048, H=512, V=128256
-    float32 on two CPU cores (which share one memory bus for those passes): the GEMMs of 11
-    chunks of 187 rows (the former 3H/8 rule) took about 16% more CPU time than 1024-row
-    ones, those of 9 chunks of 228 rows about 8%, those of 8 chunks of 256 rows (buffers of
-    a whole weight) about 7%."""
+    float32 on two CPU cores (which share one memory bus for those passes), all four GEMMs
+    in MKL: those of 11 chunks of 187 rows (the former 3H/8 rule) took about 16% more CPU
+    time than 1024-row ones, those of 9 chunks of 228 rows about 8%, those of 8 chunks of
+    256 rows (buffers of a whole weight) about 7%."""
     row_bytes = max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
     lo = max(1, MIN_CHUNK_BYTES // row_bytes)
     hi = max(1, MAX_CHUNK_BYTES // row_bytes)
@@ -93,8 +93,9 @@ def _fresh_logits(h, w) -> bool:
     rather than torch.mm (MKL) into a reused buffer: on a CPU in float32. oneDNN runs this
     short-and-wide product ((rows, H) x (H, V), a few hundred rows) faster than MKL (about
     13% less CPU time at 228 x 512 x 128256 on two cores, page faults of the fresh tensor
-    included); MKL keeps the weight-side GEMMs, where it is as fast. A chunk's tensors are
-    freed before the next chunk's are made (_run), so the memory is that of reused buffers."""
+    included; at 2048 rows MKL is the faster one). grad_hidden and grad_W stay with torch.mm.
+    A chunk's tensors are freed before the next chunk's are made (_run), so the memory is
+    that of reused buffers."""
     return (h.device.type == "cpu" and h.dtype == torch.float32 and w.is_contiguous()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -127,8 +128,8 @@ def _linear_grads(g, tanh, h, w, row_weight, grads, i, j):
     the (rows, V) gradient.
 
     The (V, H) accumulator is not zeroed beforehand: the first chunk (i == 0) writes it
-    (beta=0 ignores the uninitialized memory, NaNs included), later chunks add to it. On a
-    CPU a zeroing pass over a V x H buffer costs about a chunk's weight-gradient GEMM."""
+    (beta=0 ignores the uninitialized memory, NaNs included), later chunks add to it: no
+    separate pass writes zeros over the V x H buffer."""
     grad_h, grad_w, grad_b = grads
     if tanh is not None:
         g.mul_(tanh.square_().neg_().add_(1.0))  # d/dz c tanh(z/c) = 1 - tanh(z/c)^2
