@@ -6,12 +6,12 @@ Providers, same shapes, same run (teacher frozen, forward + backward):
                written into buffers allocated once, outside the measurement. On a CPU they
                dominate any fused-linear loss: the floor of its time (its memory column
                does not count those buffers).
-  gemm_chunks  the same four GEMMs chunk by chunk at kd's chunk size (buffers allocated
-               once): what a fused loss that never holds N x V logits cannot go below. Not
-               a target; kd / gemm_chunks shows the fused loss's own cost (the loss kernel,
-               its buffers), gemm_chunks / gemm_floor the cost of chunking itself (each
-               chunk streams the (V, H) weights through three GEMMs and reads and writes the
-               weight gradient once).
+  gemm_chunks  the same four GEMMs chunk by chunk as kd runs them (its chunk size, its
+               GEMM calls): the floor of kd's own design. Not a target; kd / gemm_chunks
+               shows the fused loss's own cost (the loss kernel, bookkeeping), gemm_chunks /
+               gemm_floor the cost of chunking (each chunk streams the (V, H) weights
+               through three GEMMs and reads and writes the weight gradient once), net of
+               the faster logits GEMM kd uses at chunk height on a CPU.
   eager        materialized logits and the F.kl_div line (bench/providers.py eager_loss)
   kd           kd.linear_kd_loss (impl=ext on CPU by default: --impl)
   liger        Liger-Kernel's chunked LigerFusedLinearJSDLoss (jsd only; when installed),
@@ -76,20 +76,24 @@ class _FourGemms(torch.autograd.Function):
 
 
 class _ChunkedGemms(torch.autograd.Function):
-    """The same four GEMMs, chunk by chunk as a fused loss must run them (kd's chunk rows,
-    buffers allocated once): forward computes both logits of a chunk, then grad_hidden and
-    the weight gradient of the chunk (the logits standing in for their gradient), as kd's
-    forward does; backward hands them over."""
+    """The same four GEMMs, chunk by chunk as kd runs them (its chunk rows, its logits GEMM:
+    oneDNN into fresh tensors where kdkernels.linear._fresh_logits says so, else torch.mm
+    into buffers allocated once): forward computes both logits of a chunk, then grad_hidden
+    and the weight gradient of the chunk (the logits standing in for their gradient), as
+    kd's forward does; backward hands them over."""
 
     @staticmethod
     def forward(ctx, sh, sw, th, tw, bufs):
+        from kdkernels.linear import _capped_logits, _fresh_logits
+
         n, c = sh.shape[0], bufs[0].shape[0]
+        fresh = _fresh_logits(sh, sw)
         grad_h, grad_w = torch.empty_like(sh), torch.empty_like(sw)
         for i in range(0, n, c):
             j = min(i + c, n)
-            s, t = bufs[0][: j - i], bufs[1][: j - i]
-            torch.mm(th[i:j], tw.T, out=t)
-            torch.mm(sh[i:j], sw.T, out=s)
+            s_buf, t_buf = (None, None) if fresh else (bufs[0][: j - i], bufs[1][: j - i])
+            t, _ = _capped_logits(th[i:j], tw, None, t_buf, None, None)
+            s, _ = _capped_logits(sh[i:j], sw, None, s_buf, None, None)
             torch.mm(s, sw, out=grad_h[i:j])
             grad_w.addmm_(s.T, sh[i:j], beta=0.0 if i == 0 else 1.0)
         ctx.grads = grad_h, grad_w
@@ -148,6 +152,7 @@ def make_step(provider, divergence, cfg, impl, chunk_size, h):
         from kdkernels.linear import chunk_rows
 
         c = min(chunk_size or chunk_rows(cfg.n, h, cfg.v, cfg.dtype), cfg.n)
+        # (only their row count is used where kd's logits are fresh tensors)
         bufs = [torch.empty(c, cfg.v, dtype=cfg.dtype, device=cfg.device) for _ in range(2)]
         return functools.partial(_gemm_chunks, bufs=bufs), ""
     if provider == "eager":
