@@ -6,6 +6,12 @@ Providers, same shapes, same run (teacher frozen, forward + backward):
                written into buffers allocated once, outside the measurement. On a CPU they
                dominate any fused-linear loss: the floor of its time (its memory column
                does not count those buffers).
+  gemm_chunks  the same four GEMMs chunk by chunk as kd runs them (its chunk size, its
+               GEMM calls): the floor of kd's own design. Not a target; kd / gemm_chunks
+               shows the fused loss's own cost (the loss kernel, bookkeeping), gemm_chunks /
+               gemm_floor the cost of chunking (each chunk streams the (V, H) weights
+               through three GEMMs and reads and writes the weight gradient once), net of
+               the faster logits GEMM kd uses at chunk height on a CPU.
   eager        materialized logits and the F.kl_div line (bench/providers.py eager_loss)
   kd           kd.linear_kd_loss (impl=ext on CPU by default: --impl)
   liger        Liger-Kernel's chunked LigerFusedLinearJSDLoss (jsd only; when installed),
@@ -31,7 +37,7 @@ from .measure import measure_memory, pick_device, time_iterations
 from .providers import DTYPES, Config, dtype_name, eager_loss
 from .report import _fmt_bytes, _fmt_s, machine_info, target_line
 
-PROVIDERS = ("gemm_floor", "eager", "kd", "liger")
+PROVIDERS = ("gemm_floor", "gemm_chunks", "eager", "kd", "liger")
 TARGET = dict(n=2048, h=512, v=128256, dtype=torch.float32, temperature=2.0)
 TARGET_TEXT = "CPU float32 N=2048 H=512 V=128256 T=2 forward+backward, teacher frozen"
 
@@ -69,6 +75,42 @@ class _FourGemms(torch.autograd.Function):
         return g @ sw, g.T @ sh, None, None, None
 
 
+class _ChunkedGemms(torch.autograd.Function):
+    """The same four GEMMs, chunk by chunk as kd runs them (its chunk rows, its logits GEMM:
+    oneDNN into fresh tensors where kdkernels.linear._fresh_logits says so, else torch.mm
+    into buffers allocated once): forward computes both logits of a chunk, then grad_hidden
+    and the weight gradient of the chunk (the logits standing in for their gradient), as
+    kd's forward does; backward hands them over."""
+
+    @staticmethod
+    def forward(ctx, sh, sw, th, tw, bufs):
+        from kdkernels.linear import _capped_logits, _fresh_logits
+
+        n, c = sh.shape[0], bufs[0].shape[0]
+        fresh = _fresh_logits(sh, sw)
+        grad_h, grad_w = torch.empty_like(sh), torch.empty_like(sw)
+        for i in range(0, n, c):
+            j = min(i + c, n)
+            s_buf, t_buf = (None, None) if fresh else (bufs[0][: j - i], bufs[1][: j - i])
+            t, _ = _capped_logits(th[i:j], tw, None, t_buf, None, None)
+            s, _ = _capped_logits(sh[i:j], sw, None, s_buf, None, None)
+            torch.mm(s, sw, out=grad_h[i:j])
+            grad_w.addmm_(s.T, sh[i:j], beta=0.0 if i == 0 else 1.0)
+        ctx.grads = grad_h, grad_w
+        return sh.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        return grad_h, grad_w, None, None, None
+
+
+def _gemm_chunks(x, divergence, cfg, bufs):
+    return _ChunkedGemms.apply(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
+                               x["teacher_weight"], bufs)
+
+
 def _gemm_floor(x, divergence, cfg, bufs):
     return _FourGemms.apply(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
                             x["teacher_weight"], bufs)
@@ -100,12 +142,19 @@ def _liger_module(cfg):
                                    temperature=cfg.temperature)
 
 
-def make_step(provider, divergence, cfg, impl, chunk_size):
+def make_step(provider, divergence, cfg, impl, chunk_size, h):
     """(step function x -> loss, or None, note)."""
     if provider == "gemm_floor":
         n, v = cfg.n, cfg.v
         bufs = [torch.empty(n, v, dtype=cfg.dtype, device=cfg.device) for _ in range(2)]
         return functools.partial(_gemm_floor, bufs=bufs), ""
+    if provider == "gemm_chunks":
+        from kdkernels.linear import chunk_rows
+
+        c = min(chunk_size or chunk_rows(cfg.n, h, cfg.v, cfg.dtype), cfg.n)
+        # (only their row count is used where kd's logits are fresh tensors)
+        bufs = [torch.empty(c, cfg.v, dtype=cfg.dtype, device=cfg.device) for _ in range(2)]
+        return functools.partial(_gemm_chunks, bufs=bufs), ""
     if provider == "eager":
         return _eager, ""
     if provider == "kd":
@@ -143,7 +192,7 @@ def run(cfg, h, divergences, providers, reps, impl, chunk_size, seed, log=print)
 
     for div in divergences:
         for p in providers:
-            step, note = make_step(p, div, cfg, impl, chunk_size)
+            step, note = make_step(p, div, cfg, impl, chunk_size, h)
             if note:
                 notes.append(note)
             if step is None:
@@ -173,7 +222,7 @@ def table(rows, cfg):
            f"{'max|dW - eager dW|':>19}"]
     for r in rows:
         e = eager.get(r["divergence"])
-        if r["provider"] == "gemm_floor" or e is None:
+        if r["provider"].startswith("gemm_") or e is None:
             dl = dw = "-"
         else:
             dl = f"{abs(r['loss'] - e['loss']):.1e}"
@@ -210,6 +259,14 @@ def targets(rows, cfg, h):
          ratio(get("kd", fkl, "median"), get("gemm_floor", fkl, "median")), "<=", 1.2)
     line("time vs eager", "kd time / eager time",
          ratio(get("kd", fkl, "median"), get("eager", fkl, "median")), "<=", 1.0)
+    def info(name, formula, value):  # a ratio shown without a target: where the time goes
+        shown = "n/a" if value is None else f"{value:.2f}"
+        lines.append(f"  {name:<42} {formula:<40} {shown:>8}   (information)")
+
+    info("cost of chunking the GEMMs", "gemm_chunks time / gemm_floor time",
+         ratio(get("gemm_chunks", fkl, "median"), get("gemm_floor", fkl, "median")))
+    info("the fused loss over its chunked GEMMs", "kd time / gemm_chunks time",
+         ratio(get("kd", fkl, "median"), get("gemm_chunks", fkl, "median")))
     line("peak extra memory", "kd peak extra / one N x V fp32",
          ratio(get("kd", fkl, "peak"), nv32), "<=", 0.25)
     line("jsd time vs Liger's chunked loss", "kd jsd time / liger jsd time",
