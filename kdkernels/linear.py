@@ -149,15 +149,19 @@ def _linear_grads(g, tanh, h, w, row_weight, grads, i, j):
         grad_b.add_(torch.mv(g.t(), row_weight.to(g.dtype)))
 
 
-def _grad_buffers(h, w, b, need):
-    """[grad_h, grad_w, grad_b] for the flagged ones (a None bias is never flagged)."""
+def _grad_buffers(h, w, b, need, v: int):
+    """[grad_h, grad_w, grad_b] for the flagged ones (a None bias is never flagged); the
+    chunks write the first v rows of grad_w, its rows past v (vocab_size) are 0."""
     need_h, need_w, need_b = need
     acc = acc_dtype(w.dtype)
     # the first chunk writes the weight gradient (_linear_grads); without rows there is none
-    new_w = torch.empty if h.shape[0] else torch.zeros
+    grad_w = None
+    if need_w:
+        grad_w = (torch.empty if h.shape[0] else torch.zeros)(w.shape, dtype=acc, device=w.device)
+        grad_w[v:].zero_()
     return [
         torch.empty_like(h) if need_h else None,
-        new_w(w.shape, dtype=acc, device=w.device) if need_w else None,
+        grad_w,
         torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None,
     ]
 
@@ -186,9 +190,9 @@ def _run(cfg: _Config, tensors, need, row_weight):
     s_tanh = sh.new_empty((c, v)) if want_s and cfg.student_softcap is not None else None
     t_tanh = (th.new_empty((c, v)) if want_t and tl is None
               and cfg.teacher_softcap is not None else None)
-    s_grads = _grad_buffers(sh, sw_full, sb_full, need[0:3])
+    s_grads = _grad_buffers(sh, sw_full, sb_full, need[0:3], v)
     if tl is None:
-        t_grads = _grad_buffers(th, tw_full, tb_full, need[3:6])
+        t_grads = _grad_buffers(th, tw_full, tb_full, need[3:6], v)
         grad_tl = None
     else:
         t_grads = [None, None, None]
