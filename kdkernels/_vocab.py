@@ -11,8 +11,9 @@ gradient and copy the N x vocab one into it. With inplace_backward the student's
 is written over its own full-width buffer, padding columns zeroed.
 
 The forward is the row-statistics interface of _stats.py on whole rows: partial, the
-mixture's second pass, finish (what every backend's fused forward computes).
-# read s, t once (twice for the mixture) in the forward; backward reads them once and
+second pass of the two-pass kinds (mixture, tvd, alpha_beta), finish (what every backend's
+fused forward computes).
+# read s, t once (twice for a two-pass kind) in the forward; backward reads them once and
 # writes N x vocab, plus the zeros of the padding
 """
 
@@ -22,12 +23,13 @@ import torch
 
 from . import _stats
 from ._common import first_order_only, scale_rows_, take_inplace_grads
-from ._spec import LossSpec
+from ._spec import TWO_PASS_KINDS, LossSpec
 
 
 def _forward(backend, s, t, labels, spec: LossSpec):
     stats = backend.partial(s, t, labels, spec, 0)
-    mix = backend.mix_partial(s, t, spec, stats, 0) if spec.div.kind == "mixture" else None
+    two_pass = spec.div.kind in TWO_PASS_KINDS
+    mix = backend.mix_partial(s, t, spec, stats, 0) if two_pass else None
     return _stats.finish(stats, labels, spec, mix)
 
 

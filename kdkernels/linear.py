@@ -373,6 +373,9 @@ def linear_kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha: float = 0.5,
+    ab_alpha: float = 0.5,
+    ab_beta: float = 0.5,
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
     temperature_scale: bool = True,
@@ -477,7 +480,8 @@ def linear_kd_loss(
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     chunk_size = max(1, min(chunk_size, n))
 
-    options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+    options = dict(divergence=divergence, beta=beta, skew=skew, alpha=alpha, ab_alpha=ab_alpha,
+                   ab_beta=ab_beta, temperature=temperature,
                    teacher_temperature=teacher_temperature, temperature_scale=temperature_scale,
                    kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
                    impl=impl)

@@ -533,3 +533,19 @@ def test_bench_linear_liger_provider(capsys, monkeypatch):
     assert len(liger_rows) == 1 and liger_rows[0][1] == "jsd", out
     target = [line for line in out.splitlines() if "kd jsd time / liger jsd time" in line]
     assert len(target) == 1 and "n/a" not in target[0], out
+
+
+# the newer divergences with non-default parameters reach every chunk's loss
+NEW_DIVERGENCES = {
+    "soft_cross_entropy": dict(divergence="soft_cross_entropy"),
+    "forward_reverse_kl": dict(divergence="forward_reverse_kl", alpha=0.2),
+    "tvd": dict(divergence="tvd", reduction="sum"),
+    "alpha_beta": dict(divergence="alpha_beta", ab_alpha=0.3, ab_beta=0.8),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_DIVERGENCES))
+def test_new_divergences_match_materialized_logits(impl, case):
+    x, labels = make_inputs((2, 5), torch.float32)
+    check_against_materialized(impl, x, labels, STUDENT + TEACHER, temperature=2.0,
+                               chunk_size=3, **NEW_DIVERGENCES[case])

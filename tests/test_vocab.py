@@ -109,8 +109,13 @@ KINDS = [
     dict(divergence="reverse_kl", reduction="sum"),
     dict(divergence="jsd", beta=0.3, ce_weight=0.5, reduction="none"),
     dict(divergence="skew_reverse_kl", skew=0.2, teacher_temperature=0.5),
+    dict(divergence="soft_cross_entropy", temperature=2.0),
+    dict(divergence="forward_reverse_kl", alpha=0.3, reduction="none"),
+    dict(divergence="tvd", ce_weight=0.5),
+    dict(divergence="alpha_beta", ab_alpha=0.4, ab_beta=0.7, reduction="sum"),
 ]
-KIND_IDS = ["forward_kl", "reverse_kl-sum", "jsd+ce-none", "skew_reverse_kl"]
+KIND_IDS = ["forward_kl", "reverse_kl-sum", "jsd+ce-none", "skew_reverse_kl",
+            "soft_cross_entropy", "forward_reverse_kl-none", "tvd+ce", "alpha_beta-sum"]
 
 
 def _run(impl, s, t, labels, g=None, **kwargs):
