@@ -27,7 +27,7 @@ from _ranges import over_ranges
 
 import kdkernels as kd
 from kdkernels import _stats
-from kdkernels._spec import Divergence, LossSpec
+from kdkernels._spec import TWO_PASS_KINDS, Divergence, LossSpec
 from kdkernels.triton import kd as tkd
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +233,7 @@ def test_aot_kernels_cover_every_launch():
             return launch
 
     names = ("_kd_fwd_kernel", "_kd_merge_kernel", "_kd_mix_kernel", "_kd_mix_merge_kernel",
-             "_kd_bwd_kernel")
+             "_kd_bwd_kernel", "_kd_pw_kernel")
     orig = {n: getattr(tkd, n) for n in names}
     try:
         for n in names:
@@ -254,7 +254,7 @@ def test_aot_kernels_cover_every_launch():
                             s, t = logits(2, v), logits(2, v)
                             stats = tkd.partial(s, t, lab, spec, 3)
                             sums = (tkd.mix_partial(s, t, spec, stats, 3)
-                                    if spec.div.kind == "mixture" else None)
+                                    if spec.div.kind in TWO_PASS_KINDS else None)
                             stats = _stats.finish(stats, lab, spec, sums)[1]
                             tkd.grads(s, t, lab, spec, stats, 3, torch.ones(2), skew == 0.1)
     finally:
@@ -406,10 +406,13 @@ def test_mix_partial_of_a_row_without_softmax_is_nan(divergence, case):
 
 
 def test_identical_inputs_give_zero():
+    """q = p: every divergence is 0, except soft_cross_entropy, which is then H(p)."""
     s = logits(4, 100)
+    entropy = -(s.softmax(-1) * s.log_softmax(-1)).sum(-1)
     for divergence in DIVERGENCES:
         out = kd.kd_loss(s, s.clone(), impl="triton", reduction="none", divergence=divergence)
-        assert (out.abs() < 1e-6).all(), divergence
+        want = entropy if divergence == "soft_cross_entropy" else torch.zeros_like(out)
+        assert ((out - want).abs() < 1e-5).all(), divergence
 
 
 def test_empty_and_all_ignored():
