@@ -107,8 +107,20 @@ void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, int6
     if (ce && label >= off && label < off + n) g[label - off] -= c_1;
     for (; k < slots.size() && slots[k].first < off + n; ++k)
       g[slots[k].first - off] += slots[k].second;
+    if constexpr (std::is_same_v<A, float>) {
+      if (ss == at::kFloat) {
+        // float32: streamed to memory (store_vec), skipping the read-for-ownership of every
+        // output line, as the dense backward does (kd_cpu.cpp)
+        float* out = static_cast<float*>(gs) + off;
+        int64_t i = 0;
+        for (; i + W <= n; i += W) store_vec(V::loadu(g + i), out + i);
+        for (; i < n; ++i) out[i] = g[i];
+        continue;
+      }
+    }
     store_tile<A>(gs, ss, off, n, g);
   }
+  store_fence();
 }
 
 // The slots of row r whose GLOBAL id falls in [offset, offset + v), as (column, weight)
