@@ -48,9 +48,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -448,21 +445,6 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   } else {
     run(std::false_type{}, std::false_type{}, mix_sides<MIX_BOTH>{});
   }
-}
-
-// Ask the kernel for transparent huge pages on a fresh output (Linux, THP "madvise" mode):
-// first-touch page faults of a 1 GB gradient otherwise cost as much as writing it.
-void advise_huge_pages(const at::Tensor& x) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t HUGE = uintptr_t(2) << 20;
-  const uintptr_t b = reinterpret_cast<uintptr_t>(x.data_ptr());
-  const uintptr_t e = b + x.nbytes();
-  const uintptr_t ab = (b + HUGE - 1) & ~(HUGE - 1);
-  const uintptr_t ae = e & ~(HUGE - 1);
-  if (ae > ab) madvise(reinterpret_cast<void*>(ab), ae - ab, MADV_HUGEPAGE);  // advice only
-#else
-  (void)x;
-#endif
 }
 
 template <class A>

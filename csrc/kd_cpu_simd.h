@@ -7,9 +7,11 @@
 // 2. Tiles: a row is read in tiles converted from any input dtype to the accumulation type A
 //    (float; double for float64 logits) as raw logits (load_tile) or as log-probabilities
 //    (x - m) / T - l (load_logp), padded with -inf to whole vectors, and written back in the
-//    output dtype (store_tile, store_vec).
+//    output dtype (store_tile, store_vec); fresh outputs advised to huge pages
+//    (advise_huge_pages).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -22,6 +24,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace kd {
 // Vector overloads of kd_math.h's primitives, declared before the header so its templates
@@ -368,6 +373,21 @@ inline void store_vec(const Vectorized<A>& v, A* dst) {
 inline void store_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();  // order the streaming stores before the op returns
+#endif
+}
+
+// Ask the kernel for transparent huge pages on a fresh output (Linux, THP "madvise" mode):
+// first-touch page faults of a 1 GB gradient otherwise cost as much as writing it.
+inline void advise_huge_pages(const at::Tensor& x) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE = uintptr_t(2) << 20;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(x.data_ptr());
+  const uintptr_t e = b + x.nbytes();
+  const uintptr_t ab = (b + HUGE - 1) & ~(HUGE - 1);
+  const uintptr_t ae = e & ~(HUGE - 1);
+  if (ae > ab) madvise(reinterpret_cast<void*>(ab), ae - ab, MADV_HUGEPAGE);  // advice only
+#else
+  (void)x;
 #endif
 }
 

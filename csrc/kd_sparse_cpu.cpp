@@ -15,10 +15,11 @@
 //                      Ignored rows get 0.
 //
 // Both reuse kd_math.h's online (raw max, sum) statistics and kd_cpu_simd.h's tiles, as the
-// dense kernels of kd_cpu.cpp do. A row is read once by each op; the gradient of a tile is
-// formed in the accumulation type, the label's one-hot and the slots' weights of that tile
-// added to it there, and the tile rounded to s's dtype once when stored. The slots of a row
-// are sorted by column first (K log K per row), so each tile finds its own in O(1) each.
+// dense kernels of kd_cpu.cpp do. A row is read once by each op. The gradient's sparse terms
+// (the slots' weights, the label's one-hot) are sorted by column first (K log K per row) and
+// added where their vector or tile is formed, before it is stored once: float32 rows in one
+// pass, each vector from s straight to a streaming store into a gradient advised to huge
+// pages (as kd_cpu.cpp's backward); other dtypes through tiles in the accumulation type.
 // s may be a column slice of wider logits (row stride >= Vr): rows are addressed by stride.
 
 #include <ATen/Parallel.h>
@@ -79,21 +80,49 @@ void sparse_stats_row(const void* s, at::ScalarType ss, int64_t v, int64_t label
 }
 
 // gs of one row's range (see the top): g[r] of the row's GLOBAL statistics st, coef, and its
-// slots (column in the range, weight) sorted by column.
+// sparse terms (column in the range, value) sorted by column: the slots' weights and, with
+// CE, the label's -c_1.
 template <class A>
-void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, int64_t label,
-                     bool ce, bool ce_sep, A its, const A* st, A c_q, A c_1,
-                     const std::vector<std::pair<int64_t, A>>& slots) {
+void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, bool ce,
+                     bool ce_sep, A its, const A* st, A c_q, A c_1,
+                     const std::vector<std::pair<int64_t, A>>& terms) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  alignas(64) A g[TILE];
-  alignas(64) A z1[TILE];
-  // q = exp(lq), lq = (s - ms) / Ts - ls (load_logp; safe_ref keeps -inf rows NaN-free);
-  // at Ts = 1 q1 = q and the two terms are one: (c_q + c_1) q
+  // q = exp(lq), lq = (s - ms) / Ts - ls (safe_ref keeps -inf rows NaN-free); at Ts = 1
+  // q1 = q and the two terms are one: (c_q + c_1) q
   const A ms = safe_ref(st[ST_MS]), ls = st[ST_LS];
   const A m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
   const V vq(ce && !ce_sep ? c_q + c_1 : c_q), v1(c_1), vm1(m1), vl1(l1);
   size_t k = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    if (ss == at::kFloat) {
+      // float32: one pass, each vector read from s, formed and streamed to gs (store_vec
+      // skips the read-for-ownership of every output line, as the dense backward does); the
+      // few vectors that hold a sparse term go through a small buffer first
+      const float* x = static_cast<const float*>(s);
+      float* out = static_cast<float*>(gs);
+      const V vms(ms), vits(its), vls(ls);
+      for (int64_t i = 0; i < v; i += W) {
+        const int64_t n = std::min(W, v - i);
+        const V xs = n == W ? V::loadu(x + i) : V::loadu(x + i, n);
+        V g = vq * kd_exp((xs - vms) * vits - vls);
+        if (ce_sep) g = g + v1 * ce_grad(xs, vm1, vl1, V(0));
+        if (n == W && (k == terms.size() || terms[k].first >= i + W)) {
+          store_vec(g, out + i);
+          continue;
+        }
+        alignas(64) A buf[W];
+        g.store(buf);
+        for (; k < terms.size() && terms[k].first < i + n; ++k) buf[terms[k].first - i] += terms[k].second;
+        V::loadu(buf).store(out + i, n);
+      }
+      store_fence();
+      return;
+    }
+  }
+  // other dtypes: tiles converted to A (kd_cpu_simd.h), rounded to s's dtype once when stored
+  alignas(64) A g[TILE];
+  alignas(64) A z1[TILE];
   for (int64_t off = 0; off < v; off += TILE) {
     const int64_t n = std::min(TILE, v - off);
     const int64_t np = round_up<A>(n);
@@ -104,35 +133,23 @@ void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, int6
       if (ce_sep) x = x + v1 * ce_grad(V::loadu(z1 + i), vm1, vl1, V(0));
       x.store(g + i);
     }
-    if (ce && label >= off && label < off + n) g[label - off] -= c_1;
-    for (; k < slots.size() && slots[k].first < off + n; ++k)
-      g[slots[k].first - off] += slots[k].second;
-    if constexpr (std::is_same_v<A, float>) {
-      if (ss == at::kFloat) {
-        // float32: streamed to memory (store_vec), skipping the read-for-ownership of every
-        // output line, as the dense backward does (kd_cpu.cpp)
-        float* out = static_cast<float*>(gs) + off;
-        int64_t i = 0;
-        for (; i + W <= n; i += W) store_vec(V::loadu(g + i), out + i);
-        for (; i < n; ++i) out[i] = g[i];
-        continue;
-      }
-    }
+    for (; k < terms.size() && terms[k].first < off + n; ++k) g[terms[k].first - off] += terms[k].second;
     store_tile<A>(gs, ss, off, n, g);
   }
-  store_fence();
 }
 
-// The slots of row r whose GLOBAL id falls in [offset, offset + v), as (column, weight)
-// sorted by column.
+// The sparse terms of row r in the range [offset, offset + v): the slots whose GLOBAL id
+// falls there, as (column, weight), and the label's (column, -c_1) when it has one; sorted by
+// column (a slot may share the label's column: both terms are added).
 template <class A>
-void row_slots(const int64_t* ids, const A* w, int64_t kk, int64_t offset, int64_t v,
-               std::vector<std::pair<int64_t, A>>& out) {
+void row_terms(const int64_t* ids, const A* w, int64_t kk, int64_t offset, int64_t v,
+               int64_t label, A c_1, std::vector<std::pair<int64_t, A>>& out) {
   out.clear();
   for (int64_t k = 0; k < kk; ++k) {
     const int64_t c = ids[k] - offset;
     if (ids[k] >= 0 && c >= 0 && c < v) out.emplace_back(c, w[k]);
   }
+  if (label >= 0) out.emplace_back(label, -c_1);
   std::sort(out.begin(), out.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
 }
@@ -198,6 +215,7 @@ at::Tensor kd_sparse_grads_cpu(const at::Tensor& s, const c10::optional<at::Tens
   check_label_values(labels, -1, pr);
   const int64_t n = s.size(0), v = s.size(1), kk = ids.size(1);
   auto gs = at::empty({n, v}, s.options());
+  advise_huge_pages(gs);
   const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   const bool ce = lab && pr.ce_weight != 0;
   const bool ce_sep = ce && pr.inv_ts != 1.0;
@@ -213,7 +231,7 @@ at::Tensor kd_sparse_grads_cpu(const at::Tensor& s, const c10::optional<at::Tens
     const A* cp = coef.data_ptr<A>();
     const A* wp = w.data_ptr<A>();
     at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
-      std::vector<std::pair<int64_t, A>> slots;
+      std::vector<std::pair<int64_t, A>> terms;
       for (int64_t i = b; i < e; ++i) {
         void* out = gp + i * v * es;
         const auto [label, ignored] = row_label(lab, i, offset, v, pr);
@@ -221,9 +239,10 @@ at::Tensor kd_sparse_grads_cpu(const at::Tensor& s, const c10::optional<at::Tens
           std::memset(out, 0, v * es);
           continue;
         }
-        row_slots<A>(idp + i * kk, wp + i * kk, kk, offset, v, slots);
-        sparse_grad_row<A>(sp + i * stride * es, out, ss, v, label, ce, ce_sep, A(pr.inv_ts),
-                           stp + i * NSTAT, cp[2 * i], ce ? cp[2 * i + 1] : A(0), slots);
+        const A c_1 = ce ? cp[2 * i + 1] : A(0);
+        row_terms<A>(idp + i * kk, wp + i * kk, kk, offset, v, ce ? label : -1, c_1, terms);
+        sparse_grad_row<A>(sp + i * stride * es, out, ss, v, ce, ce_sep, A(pr.inv_ts),
+                           stp + i * NSTAT, cp[2 * i], c_1, terms);
       }
     });
   };
