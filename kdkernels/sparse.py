@@ -15,6 +15,9 @@ the teacher's mass outside S becomes:
                p_i = exp(lp_i), p_tail = max(0, 1 - sum_S p_i);
                q_i = softmax(s / Ts)_i over all V, q_tail = 1 - sum_S q_i;
                D over the K + 1 categories. A row whose S covers all V has no tail.
+               q_tail is 1 - sum_S q_i from the row's statistics where that difference is
+               resolved; a row whose student holds nearly all its mass in S gets its tail
+               summed over the columns outside S instead (`_exact_tails`).
   none         forward_kl only: sum_S p_i (lp_i - log q_i), p_i = exp(lp_i) unrenormalized.
 
 How the work splits. The student side needs, per row, its log-sum over all V (for q_i and
@@ -34,6 +37,11 @@ so its backward, given the upstream gradients (dLS, dCE, dG), is one call of
     gs_j = c_q q_j + c_1 (q1_j - [j = label]) + sum_k [id_k = j] w_k,
     c_q = dLS / Ts,  c_1 = dCE,  w = dG        (backend.sparse_grads)
 
+With tail="bucket" a fifth output LT = log sum_{j not in S} exp((s_j - MS) / Ts) is the
+tail's own log-sum on the rows where 1 - sum_S q_i would not resolve q_tail (0 elsewhere):
+those rows are copied with -inf at S and passed through the same two kernels, so
+dLT/ds_j = qt_j / Ts with qt the softmax of the row outside S, added to their gradient.
+
 Everything else (the tail modes, the divergences, temperature scaling, cross-entropy mixing,
 the teacher's gradient, reductions) is plain torch on N x K tensors with autograd, written
 once for every backend (`_row_losses`).
@@ -52,6 +60,7 @@ collective: each rank's sparse_grads adds the terms of its own columns.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -91,14 +100,70 @@ def _gather_local(s, ids, offset: int, dt):
     return torch.where(inside, s.gather(1, col).to(dt), 0.0)
 
 
+# Where 1 - sum_S q_i is below this many eps of the statistics' dtype, the tail is summed
+# over its own columns (_exact_tails). Above it, the difference's absolute error (a few eps,
+# from the rounding of LS) is at most ~1% of q_tail.
+TAIL_RESOLUTION = 2.0**10
+
+
+def _tail_rows(s, ids, rows, offset: int):
+    """Copies of s's rows `rows` with -inf at the columns of their teacher ids (those in
+    the range [offset, offset + Vr)): the student's tail, the columns outside S.
+    # read, write len(rows) x Vr"""
+    x = s.index_select(0, rows)
+    col, inside = _local_slots(ids.index_select(0, rows), offset, s.shape[1])
+    r = torch.arange(len(rows), device=s.device)[:, None].expand_as(col)
+    x[r[inside], col[inside]] = -math.inf
+    return x
+
+
+def _exact_tails(s, labels, ids, spec: LossSpec, backend, group, offset: int, stats, g):
+    """The rows whose q_tail = 1 - sum_S q_i the statistics do not resolve, and the merged
+    statistics of their tails (the student's columns outside S), or None when no row needs
+    it. Such a row's tail is below TAIL_RESOLUTION eps (a student sure of the teacher's ids):
+    the difference would lose it (to 0 below eps: the loss of a confident student
+    understated, no gradient through its tail). Selecting the rows reads the device (one
+    host sync on CUDA); every rank selects the same rows (merged statistics, reduced G).
+    Rows with no finite tail logit keep the difference (their q_tail rounds to its floor).
+    Under torch.compile the selection (a data-dependent shape) is skipped: every row keeps
+    the difference."""
+    from . import distributed as kdd
+
+    if torch.compiler.is_compiling():
+        return None
+    eps = torch.finfo(stats.dtype).eps
+    valid = ids >= 0
+    lq = (g.double() - stats[:, Col.MS, None].double()) * spec.inv_ts - \
+        stats[:, Col.LS, None].double()
+    q_sum = torch.where(valid, torch.where(valid, lq, -math.inf).exp(), 0.0).sum(-1)
+    need = (1.0 - q_sum < TAIL_RESOLUTION * eps) & stats[:, Col.MS].isfinite()
+    if labels is not None:
+        need &= labels != spec.ignore_index
+    rows = need.nonzero()[:, 0]
+    if rows.numel() == 0:
+        return None
+    tail_spec = dataclasses.replace(spec, ce_weight=0.0)
+    tail = backend.sparse_partial(_tail_rows(s, ids, rows, offset), None, tail_spec, offset)
+    if group is not None:
+        tail = _stats.merge_all(kdd._all_gather(tail, group), tail_spec)
+    keep = tail[:, Col.MS].isfinite()
+    if not bool(keep.all()):
+        rows, tail = rows[keep], tail[keep]
+        if rows.numel() == 0:
+            return None
+    return rows, tail
+
+
 class SparseStudent(torch.autograd.Function):
-    """(MS, LS, CE, G) of (N, Vr) student logits (see the module docstring). With
+    """(MS, LS, CE, G, LT) of (N, Vr) student logits (see the module docstring). With
     need_stats=False only G is computed (MS, LS, CE are zeros): renormalize without
-    cross-entropy reads the K gathered logits and nothing else."""
+    cross-entropy reads the K gathered logits and nothing else. LT (the tail's log-sum,
+    exact_tail) is 0 on rows where q_tail is resolved by the statistics; `exact` marks the
+    others."""
 
     @staticmethod
     def forward(ctx, s, labels, ids, spec: LossSpec, backend, group, offset: int,
-                need_stats: bool):
+                need_stats: bool, exact_tail: bool):
         from . import distributed as kdd
 
         n = s.shape[0]
@@ -116,15 +181,23 @@ class SparseStudent(torch.autograd.Function):
         g = _gather_local(s, ids, offset, dt)
         if group is not None and n:
             g = kdd._all_reduce_sum(g, group)
-        ctx.mark_non_differentiable(ms)
+        lt, exact = zeros.clone(), torch.zeros(n, device=s.device, dtype=torch.bool)
+        tails = _exact_tails(s, labels, ids, spec, backend, group, offset, stats, g) \
+            if exact_tail and n else None
+        rows, tail = tails if tails is not None else (None, None)
+        if tails is not None:
+            # log sum_{j not in S} exp((s_j - MS) / Ts), from the tail's own (max, log-sum)
+            lt[rows] = (tail[:, Col.MS] - stats[rows, Col.MS]) * spec.inv_ts + tail[:, Col.LS]
+            exact[rows] = True
+        ctx.mark_non_differentiable(ms, exact)
         ctx.spec, ctx.backend, ctx.offset, ctx.need_stats = spec, backend, offset, need_stats
-        ctx.save_for_backward(s, labels, ids, stats)
-        return ms, ls, ce, g
+        ctx.save_for_backward(s, labels, ids, stats, rows, tail)
+        return ms, ls, ce, g, lt, exact
 
     @staticmethod
     @first_order_only
-    def backward(ctx, _dms, dls, dce, dg):
-        s, labels, ids, stats = ctx.saved_tensors
+    def backward(ctx, _dms, dls, dce, dg, dlt, _dexact):
+        s, labels, ids, stats, rows, tail = ctx.saved_tensors
         spec, offset = ctx.spec, ctx.offset
         dt = acc_dtype(s.dtype)
         w = torch.where(ids >= 0, dg.to(dt), 0.0)
@@ -137,14 +210,23 @@ class SparseStudent(torch.autograd.Function):
             if s.shape[1]:
                 col, inside = _local_slots(ids, offset, s.shape[1])
                 gs.scatter_add_(1, col, torch.where(inside, w, 0.0).to(s.dtype))
-            return gs, None, None, None, None, None, None, None
+            return gs, None, None, None, None, None, None, None, None
         c_q = dls.to(dt) * spec.inv_ts  # dLS/ds_j = q_j / Ts
         c_1 = dce.to(dt) if spec.ce_weight else torch.zeros_like(c_q)
         coef = torch.stack([c_q, c_1], 1)
         if labels is not None:
             coef = torch.where((labels != spec.ignore_index)[:, None], coef, 0.0)
         gs = ctx.backend.sparse_grads(s, labels, spec, stats, coef, ids, w, offset)
-        return gs, None, None, None, None, None, None, None
+        if rows is not None and dlt is not None:
+            # dLT/ds_j = qt_j / Ts on the tail's columns (0 at S: -inf in the copies)
+            c_t = dlt[rows].to(dt) * spec.inv_ts
+            no_ids = torch.full((len(rows), 1), -1, device=s.device, dtype=torch.int64)
+            gt = ctx.backend.sparse_grads(
+                _tail_rows(s, ids, rows, offset), None, dataclasses.replace(spec, ce_weight=0.0),
+                tail, torch.stack([c_t, torch.zeros_like(c_t)], 1), no_ids,
+                torch.zeros(no_ids.shape, device=s.device, dtype=dt), offset)
+            gs.index_add_(0, rows, gt)
+        return gs, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -207,23 +289,24 @@ def _divergence(lp, lq, mask, divergence: str, beta: float):
 
 
 def _bucket_tail(ms, ls, g, valid, inv_ts, eps):
-    """log q_tail = log(1 - sum_S q_i) for each row, in float64.
+    """log q_tail = log(1 - sum_S q_i) for each row, in float64, from the statistics.
 
     q_i = exp((s_i - MS) / Ts - LS) from the gathered logit and the row's (max, log-sum)
     pair, summed in float64, so the subtraction 1 - Q adds no error of its own; what is
     left is the rounding of LS (float32 for 16/32-bit logits): |error of q_tail| <~ a few
-    eps_acc * Q (eps_acc = 1.2e-7 in float32). A tail below that is not resolved by the
-    statistics and may round to <= 0: it is clamped to eps_acc, so log q_tail >= log eps_acc
-    (-15.9 in float32) and the loss stays finite (its gradient through the clamped tail is
-    0). A true tail mass well above eps_acc is exact to that absolute error."""
+    eps_acc * Q (eps_acc = 1.2e-7 in float32). Rows whose tail is below TAIL_RESOLUTION
+    eps_acc take the tail's own log-sum instead (`_exact_tails`); here a value that rounds
+    to <= 0 is clamped to eps_acc, so log q_tail stays finite (its gradient through the
+    clamped tail is 0)."""
     lq = (g.double() - ms.double()[:, None]) * inv_ts - ls.double()[:, None]
     q_sum = torch.where(valid, torch.where(valid, lq, -math.inf).exp(), 0.0).sum(-1)
     return torch.log((1.0 - q_sum).clamp(min=eps))
 
 
-def _row_losses(ms, ls, ce, g, ids, lp, labels, *, tail, divergence, beta, inv_ts, inv_tt,
-                vocab, kd_scale, ce_weight, ignore_index, eps):
-    """(N,) row losses from the student's (MS, LS, CE, G) and the teacher's (ids, lp).
+def _row_losses(ms, ls, ce, g, lt, exact, ids, lp, labels, *, tail, divergence, beta, inv_ts,
+                inv_tt, vocab, kd_scale, ce_weight, ignore_index, eps):
+    """(N,) row losses from the student's (MS, LS, CE, G, LT, exact) and the teacher's
+    (ids, lp).
 
     Empty slots (-1) are replaced by finite placeholders and masked out of every sum; a row
     with no valid id has D = 0 (no teacher information) in every tail mode. eps: the
@@ -256,6 +339,8 @@ def _row_losses(ms, ls, ce, g, ids, lp, labels, *, tail, divergence, beta, inv_t
             # vocabulary has no tail.
             p_tail = (-torch.expm1(_masked_logsumexp(lp, valid))).clamp(min=0.0)
             lq_tail = _bucket_tail(ms, ls, g, valid, inv_ts, eps).to(dt)
+            # the tail's own log-sum where the difference does not resolve it
+            lq_tail = torch.where(exact, torch.where(exact, lt, 0.0) - ls, lq_tail)
             has_tail = valid.sum(-1) < vocab
             lp_all = torch.cat([lp, _safe_log(p_tail)[:, None]], 1)
             lq_all = torch.cat([lq, lq_tail[:, None]], 1)
@@ -494,12 +579,13 @@ def sparse_kd_loss(
                              f"last dim), got K={k}")
         _check_ids_range(ids, global_v, None, None)
     need_stats = tail != "renormalize" or ce_weight != 0.0
-    ms, ls, ce, g = SparseStudent.apply(s, flat_labels, ids, spec, backend, process_group,
-                                        offset, need_stats)
+    ms, ls, ce, g, lt, exact = SparseStudent.apply(s, flat_labels, ids, spec, backend,
+                                                   process_group, offset, need_stats,
+                                                   tail == "bucket")
     # the teacher's dtype joins the math when it is wider (float64 log-probabilities)
     dt = torch.promote_types(g.dtype, acc_dtype(lp.dtype))
-    rows = _row_losses(ms.to(dt), ls.to(dt), ce.to(dt), g.to(dt), ids, lp, flat_labels,
-                       tail=tail, divergence=divergence, beta=beta, inv_ts=spec.inv_ts,
+    rows = _row_losses(ms.to(dt), ls.to(dt), ce.to(dt), g.to(dt), lt.to(dt), exact, ids, lp,
+                       flat_labels, tail=tail, divergence=divergence, beta=beta, inv_ts=spec.inv_ts,
                        inv_tt=spec.inv_tt, vocab=global_v, kd_scale=spec.kd_scale,
                        ce_weight=ce_weight, ignore_index=ignore_index,
                        eps=torch.finfo(ms.dtype).eps)

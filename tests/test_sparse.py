@@ -290,9 +290,10 @@ def test_renormalize_reads_only_the_gathered_logits(monkeypatch):
 
 
 def test_bucket_tail_below_resolution_stays_finite(impl):
-    """A student whose mass sits on the teacher's ids to within 1e-26: q_tail = 1 - sum_S q
-    rounds to 0 or below in float32; it is clamped (to the dtype's eps), so the loss and
-    gradients are finite. A row whose ids cover every column has no tail at all."""
+    """A student whose mass sits on the teacher's ids to within 1e-25: q_tail = 1 - sum_S q
+    rounds to 0 or below in float32; the tail's own log-sum gives it (log q_tail ~ -57),
+    with finite loss and gradients in every divergence. A row whose ids cover every column
+    has no tail at all."""
     k = 5
     ids = torch.stack([torch.arange(k), torch.arange(k, 2 * k)])
     s = torch.full((2, V), -30.0)
@@ -306,11 +307,9 @@ def test_bucket_tail_below_resolution_stays_finite(impl):
         out = kd.sparse_kd_loss(x, ids, lpg, tail="bucket", divergence=divergence, impl=impl)
         out.backward()
         assert out.isfinite() and x.grad.isfinite().all() and lpg.grad.isfinite().all()
-        # the clamped tail: log q_tail = log eps bounds the forward KL tail term
         if divergence == "forward_kl":
-            p_tail = 1 - lp.exp().sum(-1)
-            assert out.item() <= float((p_tail * (p_tail.log() - math.log(2 ** -23))).mean()
-                                       + 1.0)
+            want = _bucket_forward_kl64(s.double(), ids, lp.double(), 1.0).mean()
+            torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0.0)
         y = torch.randn(1, V, requires_grad=True)
         out = kd.sparse_kd_loss(y, full_ids, lpf, tail="bucket", divergence=divergence,
                                 impl=impl)
@@ -392,22 +391,57 @@ def test_bucket_teacher_tail_from_its_log_probabilities(impl):
     assert x.grad.isfinite().all()
 
 
-@pytest.mark.xfail(strict=True, reason="the student's q_tail is 1 - sum_S q from the row's "
-                   "(max, log-sum): below the statistics' eps it is clamped, not resolved")
-def test_bucket_student_tail_below_resolution_is_exact():
-    """The exact bucket loss of a student sure of an id in S (gap ~ 7000 nats to the best
-    column outside S): log q_tail ~ -7000, so a teacher with tail mass 0.4 adds ~ 2800 and
-    the loss is 3497. The statistics resolve q_tail only down to eps (log eps = -36 in
-    float64), so the loss reads 713."""
-    s = torch.zeros(1, V, dtype=torch.float64)
+def _bucket_forward_kl64(s, ids, lp, temperature):
+    """Forward KL over S + tail in float64, T^2-scaled, with the student's tail summed over
+    the columns not in S (never 1 - sum_S q) and p_tail = -expm1(logsumexp(lp))."""
+    lq = torch.log_softmax(s / temperature, -1)
+    lq_s = lq.gather(1, ids)
+    rest = torch.ones_like(lq, dtype=torch.bool).scatter_(1, ids, False)
+    lq_tail = torch.where(rest, lq, -math.inf).logsumexp(-1)
+    p_tail = -torch.expm1(lp.logsumexp(-1))
+    d = (lp.exp() * (lp - lq_s)).sum(-1) + p_tail * (p_tail.log() - lq_tail)
+    return d * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_bucket_student_tail_below_resolution_is_exact(impl, temperature):
+    """Students sure of the teacher's ids. Row 0: a gap of 7000 nats to the best column
+    outside S, so log q_tail ~ -7000 and the teacher's tail mass 0.4 adds ~ 2800 (1 - sum_S q
+    rounds to 0: the loss would read a few hundred, with no gradient through the tail).
+    Row 1: q_tail ~ 1e-7, at the float32 rounding of 1 - sum_S q. Row 2: an ordinary row.
+    Row 3: an ignored confident row (0, no gradient). Values and gradients against float64
+    with the tail summed over its own columns."""
+    dtype = dtype_for(impl)
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, V, generator=g, dtype=torch.float64)
+    s[0] = 0.0
     s[0, 3] = 7000.0
-    ids = torch.tensor([[3, 5]])
-    lp = torch.tensor([[math.log(0.5), math.log(0.1)]], dtype=torch.float64)
-    out = kd.sparse_kd_loss(s, ids, lp, tail="bucket", impl="torch")
-    lq = torch.log_softmax(s, -1)
-    lq_tail = torch.cat([lq[0, :3], lq[0, 4:5], lq[0, 6:]]).logsumexp(0)
-    want = (lp.exp() * (lp - lq[:, [3, 5]])).sum() + 0.4 * (math.log(0.4) - lq_tail)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=0.0)
+    s[1, [3, 5]] += 20.0 * temperature
+    s[3, [3, 5]] += 7000.0
+    ids = torch.tensor([[3, 5, -1], [3, 5, -1], [10, 20, 30], [3, 5, -1]])
+    lp = torch.log(torch.tensor([[0.5, 0.1, 1.0], [0.5, 0.1, 1.0], [0.3, 0.2, 0.1],
+                                 [0.5, 0.1, 1.0]], dtype=torch.float64))
+    labels = torch.tensor([1, 1, 1, -100])
+    x = s.to(dtype).requires_grad_()
+    out = kd.sparse_kd_loss(x, ids, lp.to(dtype), labels, tail="bucket", impl=impl,
+                            temperature=temperature, reduction="none")
+    out.sum().backward()
+    s64 = x.detach().double().requires_grad_()
+    want = torch.stack([_bucket_forward_kl64(s64[i:i + 1], ids[i:i + 1, :k], lp[i:i + 1, :k],
+                                             temperature)[0]
+                        for i, k in enumerate((2, 2, 3))] + [s64.sum() * 0.0])
+    want.sum().backward()
+    # row 1 in float64 takes 1 - sum_S q: its error, a few eps64 / q_tail ~ 1e-9 relative
+    # to the tail, reaches the loss times p_tail
+    rtol = 1e-8 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), want.detach(), rtol=rtol, atol=rtol)
+    # gradients: float32 to the rounding of log-probabilities of |log q| up to 7000 / T;
+    # float64's row 1 carries that 1e-9 relative error of q_tail into d log q_tail / ds
+    atol = 1e-9 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=10 * rtol, atol=atol)
+    assert (x.grad[3] == 0).all()
+    # the tail's own columns carry its gradient: -p_tail T (qt - q), qt uniform on row 0
+    assert x.grad[0, 0] < -0.4 * temperature / (V - 2) * 0.99
 
 
 def test_module_reads_the_function_options():
@@ -522,6 +556,10 @@ def _sharded_worker(rank, world, init_file, out_dir):
         for k in (7, V):
             ids, lp = teacher(LEAD, V, k)
             full = student(LEAD, V)
+            # row 1's student sure of the teacher's ids (q_tail ~ e^-100): the bucket
+            # tail's own log-sum, merged over the ranks
+            row = ids.reshape(-1, k)[1]
+            full.reshape(-1, V)[1, row[row >= 0]] += 200.0
             for kw in cases:
                 lpa = lp.clone().requires_grad_()
                 a = full[..., lo:lo + WIDTHS[rank]].clone().requires_grad_()
@@ -561,7 +599,8 @@ def _sharded_worker(rank, world, init_file, out_dir):
 def test_process_group_two_ranks():
     """Each rank holds a column shard of the student; teacher ids, log-probabilities and
     labels are global. Loss, the rank's student gradient and the teacher gradient equal the
-    unsharded loss's (float64, to 1e-10), for every tail mode, K < V and K = V."""
+    unsharded loss's (float64, to 1e-10), for every tail mode, K < V and K = V, with a row
+    whose bucket tail is below the statistics' resolution."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():
