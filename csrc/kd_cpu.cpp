@@ -21,7 +21,9 @@
 //
 // Passes over memory (N x V each):
 //   forward  forward/reverse KL: 1 read of s and t.  mixture: 2 (pass 2 needs lse_s, lse_t;
-//            a row is 1 MB in float32, so the second pass mostly hits L2).
+//            a row is 1 MB in float32, so the second pass mostly hits L2). A whole row's pass
+//            1 keeps its exps in a per-thread row buffer (Kept), so pass 2 forms p and q
+//            with a multiply each instead of an exp.
 //   backward 1 read of s and t, 1 write of grad_s (and grad_t when asked), in the input
 //            dtype, already multiplied by the row's upstream gradient.
 //   fused    (kd_fused_, inplace_backward) forward then backward of each row while it is in
@@ -52,6 +54,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // the vector overloads of kd_math.h's primitives, then kd_math.h, then the tile I/O
 #include "kd_cpu_simd.h"
@@ -94,11 +97,33 @@ void with_mix_mode(const MixCoef<S>& c, const F& f) {
 
 // ---- forward of one row -------------------------------------------------------------------
 
+// Pass 1's exps of a whole row, kept for pass 2 of the mixture (forward_row): es, et hold
+// exp((x - ref) inv_t) of every element against the side's running reference of its tile,
+// refs[2k], refs[2k + 1] those references (raw running maxima) for tile k. Pass 2 then forms
+// q = es exp((ref - ms) / Ts - ls) and p alike with one multiply each instead of an exp
+// (the element is bound by its transcendental functions; see the top). es, et have room for
+// round_up(v, TILE) elements, refs for 2 per tile.
+template <class A>
+struct Kept {
+  A* es;
+  A* et;
+  A* refs;
+};
+
+// The factor of pass 1's kept exps against reference `ref` that gives the log-probability's
+// exp, exp((x - m) inv_t - l): exp((ref - m) inv_t - l), references made safe as pass 1 and
+// 2 make them; 0 for a tile whose reference is -inf (its kept exps are all 0).
+template <class A>
+A kept_factor(A ref, A m, A inv_t, A l) {
+  return ref == kd_neg_inf<A>() ? A(0) : kd_exp((ref - safe_ref(m)) * inv_t - l);
+}
+
 // Pass 1 of every kind: fills st[0:NSTAT] with the statistics of the row's range (layout of
 // kd_layout.h: MS..L1, LABEL, ACC; DIV, B, UQ, UP = 0). Returns sum exp(zs - ms) and
 // sum exp(zt - mt) (the log-sums before their log, for kl_value).
+// keep (MIXTURE, whole rows): where pass 1's exps are kept for pass 2, or nullptr.
 template <class A, int K>
-std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st) {
+std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st, Kept<A>* keep = nullptr) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   constexpr bool REV = K == REVERSE_KL;
@@ -127,7 +152,21 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st) {
     ms = nms;
     mt = nmt;
     const V vms(safe_ref(ms)), vmt(safe_ref(mt));
-    if (K == MIXTURE) {
+    if (K == MIXTURE && keep) {
+      A* es = keep->es + off;
+      A* et = keep->et + off;
+      for (int64_t i = 0; i < np; i += W) {
+        // lse_add's terms, stored
+        const V e_s = kd_exp((V::loadu(xs + i) - vms) * vits);
+        const V e_t = kd_exp((V::loadu(xt + i) - vmt) * vitt);
+        ss = ss + e_s;
+        stt = stt + e_t;
+        e_s.store(es + i);
+        e_t.store(et + i);
+      }
+      keep->refs[2 * (off / TILE)] = ms;
+      keep->refs[2 * (off / TILE) + 1] = mt;
+    } else if (K == MIXTURE) {
       for (int64_t i = 0; i < np; i += W) {
         lse_add(V::loadu(xs + i), vms, vits, ss);
         lse_add(V::loadu(xt + i), vmt, vitt, stt);
@@ -156,8 +195,10 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st) {
 // out[0:4] = (A, B, Uq, Up) sums over the range (kd_layout.h's DIV, B, UQ, UP). For jsd
 // (unit_u, u = 1) Uq and Up are the range's sums of q and p (so the ranges of a row add up
 // to 1, the whole row's value) when unit_sums, else left 0 (the caller knows they are 1).
+// keep: pass 1's exps of the whole row (forward_row), or nullptr.
 template <class A>
-void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums) {
+void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
+             const Kept<A>* keep = nullptr) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   alignas(64) A zs[TILE];
@@ -176,8 +217,19 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums)
       load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
       load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
       V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
-      for (int64_t i = 0; i < np; i += W)
-        mix_add<F, U, SD>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
+      if (keep) {
+        const A* es = keep->es + off;
+        const A* et = keep->et + off;
+        const A* ref = keep->refs + 2 * (off / TILE);
+        const V fs(kept_factor(ref[0], g[ST_MS], its, ls));
+        const V ft(kept_factor(ref[1], g[ST_MT], itt, lt));
+        for (int64_t i = 0; i < np; i += W)
+          mix_add<F, U, SD, true>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up,
+                                  V::loadu(es + i) * fs, V::loadu(et + i) * ft);
+      } else {
+        for (int64_t i = 0; i < np; i += W)
+          mix_add<F, U, SD>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
+      }
       if (c.unit_u && unit_sums) {
         // u = 1: sum q u = sum q (padding is exp(-inf) = 0)
         for (int64_t i = 0; i < np; i += W) {
@@ -197,12 +249,12 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums)
 // The whole row (offset 0): fills st[0:NSTAT] (DIV = D for the KL kinds; A, B, Uq, Up for
 // the mixture) and returns the row loss (row must not be ignored).
 template <class A, int K>
-A forward_row(const Row& r, const Params& pr, A* st) {
+A forward_row(const Row& r, const Params& pr, A* st, Kept<A>* keep = nullptr) {
   constexpr bool REV = K == REVERSE_KL;
-  const auto [ss, stt] = stats_row<A, K>(r, pr, st);
+  const auto [ss, stt] = stats_row<A, K>(r, pr, st, keep);
   A d;
   if (K == MIXTURE) {
-    mix_row<A>(r, pr, st, st + ST_DIV, false);
+    mix_row<A>(r, pr, st, st + ST_DIV, false, keep);
     const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
     if (c.unit_u) st[ST_UQ] = st[ST_UP] = A(1);  // jsd: u = 1, so sum q u = sum q = 1
     d = (c.cp != A(0) ? c.cp * st[ST_DIV] : A(0)) + (c.cq != A(0) ? c.cq * st[ST_B] : A(0));
@@ -497,6 +549,15 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
   const bool fwd = op == Op::FORWARD || op == Op::FUSED;
   const bool bwd = op == Op::BACKWARD || op == Op::FUSED;
   at::parallel_for(0, n, grain(v), [&](int64_t b, int64_t e) {
+    // the mixture's whole-row forward keeps pass 1's exps for pass 2 (Kept): a row's worth
+    // per thread
+    std::vector<A> kept_buf;
+    Kept<A> kept{nullptr, nullptr, nullptr};
+    if (K == MIXTURE && fwd) {
+      const int64_t vp = (v + TILE - 1) / TILE * TILE;
+      kept_buf.resize(2 * vp + 2 * (vp / TILE));
+      kept = {kept_buf.data(), kept_buf.data() + vp, kept_buf.data() + 2 * vp};
+    }
     for (int64_t i = b; i < e; ++i) {
       Row r;
       r.s = sp + i * s_stride * es;
@@ -528,7 +589,7 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
         continue;
       }
       if constexpr (K <= MIXTURE) {
-        if (fwd) job.loss[i] = forward_row<A, K>(r, pr, st);
+        if (fwd) job.loss[i] = forward_row<A, K>(r, pr, st, kept.es ? &kept : nullptr);
         if (op == Op::PARTIAL) stats_row<A, K>(r, pr, st);
         if (op == Op::MIX) mix_row<A>(r, pr, st, job.sums + i * 4, true);
       } else {

@@ -405,9 +405,10 @@ struct MixElem {
 //  false skips the log-ratios (lp_lm, lq_lm, sp_*) altogether.
 // sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, e^-|d| / (1 + e^-|d|) on the
 // other: one reciprocal (kd_rcp) for both.
+//  GIVEN = true: q and p are the caller's (gq, gp: pass 1's exps, kept), no exp forms them.
 template <bool NEED_P = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
-          bool NEED_LOG = true, class W, class S>
-KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
+          bool NEED_LOG = true, bool GIVEN = false, class W, class S>
+KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W(0)) {
   MixElem<W> e;
   W d = lp - lq + W(c.logit);
   W ex;
@@ -419,7 +420,10 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
     ex = kd_exp(kd_nabs(d));  // exp(-|d|) in (0, 1]: no overflow
   }
   W pos = d >= W(0);
-  if (FAST && NEED_P) {
+  if (GIVEN) {
+    e.q = gq;
+    e.p = gp;
+  } else if (FAST && NEED_P) {
     W big = kd_exp(kd_where(pos, lp, lq));
     W small = big * (ex * kd_where(pos, W(c.r_pq), W(c.r_qp)));
     e.p = kd_where(pos, big, small);
@@ -461,9 +465,12 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c) {
 // skipped (their log-ratio may be inf at a = 0 or 1 and they are never used). FAST: every
 // log-ratio is finite (see mix_elem), nothing is masked; a side SIDES leaves out keeps its
 // sum at 0 (its coefficient is 0).
-template <bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH, class W, class S>
-KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup) {
-  MixElem<W> e = mix_elem<true, FAST, UNIT, SIDES>(lq, lp, c);
+// GIVEN: q and p given (gq, gp), see mix_elem.
+template <bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH, bool GIVEN = false,
+          class W, class S>
+KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup,
+                   W gq = W(0), W gp = W(0)) {
+  MixElem<W> e = mix_elem<true, FAST, UNIT, SIDES, true, GIVEN>(lq, lp, c, gq, gp);
   if (FAST) {
     if (SIDES != MIX_Q) sa = sa + e.p * e.lp_lm;
     if (SIDES != MIX_P) sb = sb + e.q * e.lq_lm;
