@@ -89,10 +89,11 @@ inline Vectorized<float> kd_log1p_unit(const Vectorized<float>& x) {
 inline Vectorized<double> kd_log1p_unit(const Vectorized<double>& x) {
   return (x + Vectorized<double>(1.0)).log();  // x in [0, 1]: absolute error 1 ulp of 1
 }
-// 1 / x for the mixture's sigmoid, x in [1, 2]. float32: the hardware's reciprocal estimate
-// (relative error 2^-14 on AVX-512, 1.5 * 2^-12 on AVX2) and one Newton step r + r (1 - x r),
-// which squares the error (2^-28, 2^-23: within 2 ulps); a division was the slowest
-// instruction of the element (its latency sat on the chain). float64: the division.
+// 1 / x for the mixture's sigmoid (x in [1, 2]) and its exp(-|d|) from given p and q (x a
+// normal number <= 1). float32: the hardware's reciprocal estimate (relative error 2^-14 on
+// AVX-512, 1.5 * 2^-12 on AVX2, for normal x) and one Newton step r + r (1 - x r), which
+// squares the error (2^-28, 2^-23: within 2 ulps); a division was the slowest instruction of
+// the element (its latency sat on the chain). float64: the division.
 inline Vectorized<float> kd_rcp(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 r = _mm512_rcp14_ps(x);

@@ -165,6 +165,12 @@ KD_HD W log1p_unit_poly(W x) {
 KD_HD float kd_log1p_unit(float x) { return log1p_unit_poly(x); }
 KD_HD double kd_log1p_unit(double x) { return log1p(x); }  // float64: full precision
 
+// the smallest normal number of S
+template <class S>
+KD_HD S kd_tiny() {
+  return sizeof(S) == sizeof(float) ? S(1.17549435e-38f) : S(2.2250738585072014e-308);
+}
+
 template <class S>
 KD_HD S kd_neg_inf() {
   return S(-INFINITY);
@@ -412,7 +418,9 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
   MixElem<W> e;
   W d = lp - lq + W(c.logit);
   W ex;
-  if (FAST) {
+  if (FAST && GIVEN) {
+    d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());  // ex from p and q below
+  } else if (FAST) {
     // the exp's argument clamped on its own (one step on the chain; NaN -> -C), d beside it
     ex = kd_exp(kd_max(kd_nabs(d), W(S(0) - mix_clamp<S>())));
     d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());
@@ -423,6 +431,14 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
   if (GIVEN) {
     e.q = gq;
     e.p = gp;
+    if (FAST) {
+      // exp(-|d|) is the smaller of a p and (1-a) q over the larger (exp(d) is their
+      // ratio): a reciprocal instead of an exp. The larger is kept >= the smallest normal,
+      // so two zeros (padding, underflow) give 0 and the reciprocal stays finite; where the
+      // two are within rounding of each other the result may exceed 1 by a few ulps.
+      const W ap = W(c.a) * gp, bq = W(S(1) - c.a) * gq;
+      ex = kd_where(pos, bq, ap) * kd_rcp(kd_max(kd_where(pos, ap, bq), W(kd_tiny<S>())));
+    }
   } else if (FAST && NEED_P) {
     W big = kd_exp(kd_where(pos, lp, lq));
     W small = big * (ex * kd_where(pos, W(c.r_pq), W(c.r_qp)));
