@@ -106,6 +106,13 @@ def _gather_local(s, ids, offset: int, dt):
 TAIL_RESOLUTION = 2.0**10
 
 
+def _top_mass(ms, ls, g, valid, inv_ts):
+    """sum_S q_i in float64, q_i = exp((s_i - MS) / Ts - LS) from the gathered logits and
+    the row's (max, log-sum) pair."""
+    lq = (g.double() - ms.double()[:, None]) * inv_ts - ls.double()[:, None]
+    return torch.where(valid, torch.where(valid, lq, -math.inf).exp(), 0.0).sum(-1)
+
+
 def _tail_rows(s, ids, rows, offset: int):
     """Copies of s's rows `rows` with -inf at the columns of their teacher ids (those in
     the range [offset, offset + Vr)): the student's tail, the columns outside S.
@@ -132,10 +139,7 @@ def _exact_tails(s, labels, ids, spec: LossSpec, backend, group, offset: int, st
     if torch.compiler.is_compiling():
         return None
     eps = torch.finfo(stats.dtype).eps
-    valid = ids >= 0
-    lq = (g.double() - stats[:, Col.MS, None].double()) * spec.inv_ts - \
-        stats[:, Col.LS, None].double()
-    q_sum = torch.where(valid, torch.where(valid, lq, -math.inf).exp(), 0.0).sum(-1)
+    q_sum = _top_mass(stats[:, Col.MS], stats[:, Col.LS], g, ids >= 0, spec.inv_ts)
     need = (1.0 - q_sum < TAIL_RESOLUTION * eps) & stats[:, Col.MS].isfinite()
     if labels is not None:
         need &= labels != spec.ignore_index
@@ -298,9 +302,7 @@ def _bucket_tail(ms, ls, g, valid, inv_ts, eps):
     eps_acc take the tail's own log-sum instead (`_exact_tails`); here a value that rounds
     to <= 0 is clamped to eps_acc, so log q_tail stays finite (its gradient through the
     clamped tail is 0)."""
-    lq = (g.double() - ms.double()[:, None]) * inv_ts - ls.double()[:, None]
-    q_sum = torch.where(valid, torch.where(valid, lq, -math.inf).exp(), 0.0).sum(-1)
-    return torch.log((1.0 - q_sum).clamp(min=eps))
+    return torch.log((1.0 - _top_mass(ms, ls, g, valid, inv_ts)).clamp(min=eps))
 
 
 def _row_losses(ms, ls, ce, g, lt, exact, ids, lp, labels, *, tail, divergence, beta, inv_ts,
