@@ -48,7 +48,8 @@ once for every backend (`_row_losses`).
 
 Non-finite logits follow the statistics (_stats.py): a row whose student maximum is NaN or
 +inf gets a NaN loss wherever the N x V pass runs; renormalize without cross-entropy reads
-only the K gathered logits, so only those can make its loss NaN.
+only the K gathered logits, so only those can make its loss NaN. renormalize gives NaN, too,
+where one side has no finite value on S (no distribution to renormalize).
 
 Vocab-parallel (process_group): each rank holds a contiguous vocabulary shard of the student
 logits; teacher ids, log-probabilities and labels are the same on every rank (GLOBAL ids).
@@ -328,6 +329,11 @@ def _row_losses(ms, ls, ce, g, lt, exact, ids, lp, labels, *, tail, divergence, 
         lq_s = _masked_log_softmax(g * inv_ts, valid)
         lp_s = _masked_log_softmax(lp * inv_tt, valid)
         d = _divergence(lp_s, lq_s, valid, divergence, beta)
+        # a side with no finite value on S has no distribution there: NaN, as kd_loss's
+        # all -inf side (not the 0 or inf the masked sums would give)
+        no_p = torch.where(valid, lp, -math.inf).amax(-1) == -math.inf
+        no_q = torch.where(valid, g, -math.inf).amax(-1) == -math.inf
+        d = torch.where(valid.any(-1) & (no_p | no_q), math.nan, d)
     else:
         # the student over the full vocabulary: log q_i = (s_i - MS) / Ts - LS
         lq = (g - ms[:, None]) * inv_ts - ls[:, None]

@@ -339,6 +339,25 @@ def test_nan_reaches_the_row_loss(impl, tail, divergence):
     assert out[2:].isfinite().all(), out
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_renormalize_side_without_mass_is_nan(impl, divergence):
+    """renormalize: a row whose valid teacher log-probabilities are all -inf, or whose
+    student logits at the ids are all -inf, has no distribution over S on that side: its
+    loss is NaN, as kd_loss's for an all -inf side; the other rows are unaffected. bucket
+    stays defined there (p_tail = 1): finite, except reverse KL, +inf (q > 0 where p = 0)."""
+    dtype = dtype_for(impl)
+    ids, lp = teacher((3,), V, 7, pad=False)
+    s = student((3,), V, dtype)
+    lp[0] = -math.inf
+    s[1, ids[1]] = -math.inf
+    out = kd.sparse_kd_loss(s, ids, lp, tail="renormalize", divergence=divergence,
+                            impl=impl, reduction="none")
+    assert out[:2].isnan().all() and out[2].isfinite(), out
+    out = kd.sparse_kd_loss(s[:1], ids[:1], lp[:1], tail="bucket", divergence=divergence,
+                            impl=impl, reduction="none")
+    assert out == math.inf if divergence == "reverse_kl" else out.isfinite(), out
+
+
 @pytest.mark.parametrize("tail,divergence", MODES, ids=MODE_IDS)
 def test_ignored_row_with_nan_has_zero_gradients(impl, tail, divergence):
     """An ignored row contributes 0 and gets exactly 0 gradients, whatever it holds (as in
