@@ -139,15 +139,15 @@ class DistillationTrainer(Trainer):
 
     def _linear_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
         """The same loss from the last hidden states and the lm_head weights
-        (kd.linear_kd_loss): neither model's (tokens x V) logits are ever built. The teacher's
-        padded rows are left out by taking the first vocab_size rows of its lm_head."""
+        (kd.linear_kd_loss): neither model's (tokens x V) logits are ever built. vocab_size
+        leaves the teacher's padded lm_head rows out (a view, no copy)."""
         outputs = model.model(**inputs)  # the decoder without its lm_head
         with torch.no_grad():
             teacher_hidden = self.teacher.model(**inputs).last_hidden_state
         total = kd.linear_kd_loss(
             outputs.last_hidden_state[:, :-1], model.lm_head.weight,
-            teacher_hidden[:, :-1], self.teacher.lm_head.weight[: self.vocab_size],
-            labels[:, 1:], temperature=self.temperature, kd_weight=self.kd_weight,
+            teacher_hidden[:, :-1], self.teacher.lm_head.weight, labels[:, 1:],
+            vocab_size=self.vocab_size, temperature=self.temperature, kd_weight=self.kd_weight,
             ce_weight=self.ce_weight, reduction="sum", impl=self.impl)
         return self._average(model, total, labels[:, 1:], outputs, return_outputs,
                              num_items_in_batch)
