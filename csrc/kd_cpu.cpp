@@ -118,6 +118,21 @@ A kept_factor(A ref, A m, A inv_t, A l) {
   return ref == kd_neg_inf<A>() ? A(0) : kd_exp((ref - safe_ref(m)) * inv_t - l);
 }
 
+// Pass 1's side columns of a row's statistics (kd_layout.h): the (raw maximum, log-sum)
+// pairs of both sides from their running maxima and sums, the T = 1 pair for CE (the
+// student's pair unless ce_sep, then the T = 1 sum s1 against the same maximum) and
+// s[label]. The divergence columns are the caller's.
+template <class A>
+void put_pairs(const Row& r, A* st, A ms, A ss, A mt, A stt, A s1, bool ce_sep) {
+  st[ST_MS] = ms;
+  st[ST_LS] = kd_log(ss);
+  st[ST_MT] = mt;
+  st[ST_LT] = kd_log(stt);
+  st[ST_M1] = ms;
+  st[ST_L1] = ce_sep ? kd_log(s1) : st[ST_LS];
+  st[ST_LABEL] = r.label >= 0 ? load_one<A>(r.s, r.ss, r.label) : A(0);
+}
+
 // Pass 1 of every kind: fills st[0:NSTAT] with the statistics of the row's range (layout of
 // kd_layout.h: MS..L1, LABEL, ACC; DIV, B, UQ, UP = 0). Returns sum exp(zs - ms) and
 // sum exp(zt - mt) (the log-sums before their log, for kl_value).
@@ -179,13 +194,7 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st, Kept<A>* keep =
       for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
   }
   const A ss_ = hsum(ss), st_ = hsum(stt);
-  st[ST_MS] = ms;
-  st[ST_LS] = kd_log(ss_);
-  st[ST_MT] = mt;
-  st[ST_LT] = kd_log(st_);
-  st[ST_M1] = ms;
-  st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
-  st[ST_LABEL] = r.label >= 0 ? load_one<A>(r.s, r.ss, r.label) : A(0);
+  put_pairs<A>(r, st, ms, ss_, mt, st_, ce_sep ? hsum(s1) : A(0), ce_sep);
   st[ST_DIV] = st[ST_B] = st[ST_UQ] = st[ST_UP] = A(0);
   st[ST_ACC] = K == MIXTURE ? A(0) : hsum(acc);
   return {ss_, st_};
@@ -306,13 +315,7 @@ std::pair<A, A> kl2_stats_row(const Row& r, const Params& pr, A* st) {
       for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
   }
   const A ss_ = hsum(ss), st_ = hsum(stt);
-  st[ST_MS] = ms;
-  st[ST_LS] = kd_log(ss_);
-  st[ST_MT] = mt;
-  st[ST_LT] = kd_log(st_);
-  st[ST_M1] = ms;
-  st[ST_L1] = ce_sep ? kd_log(hsum(s1)) : st[ST_LS];
-  st[ST_LABEL] = r.label >= 0 ? load_one<A>(r.s, r.ss, r.label) : A(0);
+  put_pairs<A>(r, st, ms, ss_, mt, st_, ce_sep ? hsum(s1) : A(0), ce_sep);
   st[ST_DIV] = st[ST_UQ] = st[ST_UP] = A(0);
   st[ST_B] = K == FR_KL ? hsum(accb) : A(0);
   st[ST_ACC] = hsum(acc);
