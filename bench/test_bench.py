@@ -386,6 +386,29 @@ def test_targets_are_ratios_of_the_rows_with_verdicts():
     assert "kd-ext jsd / forward_kl" in text  # the formula is shown next to the name
 
 
+def test_cuda_run_judges_only_the_triton_targets(monkeypatch):
+    """A CUDA run shows the CPU-stated targets' ratios without a verdict (their shape is CPU
+    float32 N=2048) and judges the Triton targets, which are stated for CUDA."""
+    cfg = providers.Config(8192, 128256, torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(report, "peak_bandwidth", lambda device: 4.8e12)
+    nv = 8192 * 128256 * 4
+    moved = 5 * 8192 * 128256 * 2  # read s, t twice, write ds: bfloat16
+    rows = [measure.Row("eager", "forward_kl", "full", [16.7e-3], 5 * nv // 2),
+            measure.Row("kd-ext", "forward_kl", "full", [3.8e-3], nv // 2),
+            measure.Row("kd-triton", "forward_kl", "full", [3.9e-3], nv // 2,
+                        bytes_moved=moved),
+            measure.Row("kd-ext", "jsd", "full", [7.5e-3], nv // 2)]
+    text = report.targets(rows, cfg)
+
+    def said(label):
+        return next(x for x in text if label in x)
+
+    for label in ("extension vs eager", "extension memory", "extension jsd vs its forward KL"):
+        assert said(label).endswith("(not the target shape)"), said(label)
+    assert said("Triton memory bandwidth").endswith("MISSED")  # 0.56 of 4.8 TB/s
+    assert said("Triton vs eager").endswith("met")  # 4.3x
+
+
 # --------------------------------------------------------------------------------------
 # python -m bench distributed: the plumbing at a tiny shape, and the targets
 # --------------------------------------------------------------------------------------
