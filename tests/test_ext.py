@@ -307,6 +307,7 @@ def test_partial_carries_non_finite_rows(divergence, case):
 # is far larger: the factor e^(m - M) underflows and the range must contribute 0 (its
 # probabilities underflow to 0 in the unsplit sum), never 0 * inf = NaN, in any order.
 NONFINITE_V = 4096  # four 1024-column tiles of the ext CPU kernel
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
@@ -326,7 +327,10 @@ def test_inf_accumulator_merged_under_a_larger_maximum(kind, impl, order, monkey
 
         monkeypatch.setattr(tkd, "FORCE_BLOCK_V", 1024)
         monkeypatch.setattr(tkd, "FORCE_SPLIT", 2)
-    out = kd.kd_loss(s, t, divergence=kind, impl=impl)
+        # Triton runs CUDA tensors, or CPU ones under the interpreter
+        s, t = s.to(DEVICE), t.to(DEVICE)
+    out = kd.kd_loss(s, t, divergence=kind, impl=impl).cpu()
+    s, t = s.cpu(), t.cpu()
     # float32: p at the -inf column is e^-200 / ... = 0, so the term is 0 and the loss is
     # that of the finite columns: log(V - 1) + ... as the float64 truth says
     s64, t64 = s.double(), t.double()
