@@ -21,6 +21,7 @@ from _formulas import assert_error_model, max_err, skip_unsupported, upstream_gr
 from _formulas import sparse_kd_loss as formula
 
 import kdkernels as kd
+from conftest import DEVICE
 from kdkernels import _dispatch, reference
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -37,39 +38,43 @@ MODE_IDS = [f"{t}-{d}" for t, d in MODES]
 
 
 def dtype_for(impl):
-    """float64 where the backend takes it (the sharpest check), else float32."""
-    supported = _dispatch._BACKENDS[impl].SUPPORTED_DTYPES
+    """float64 where the backend takes it on the test device (the sharpest check), else
+    float32 (the extension's CUDA kernels take no float64)."""
+    backend = _dispatch._BACKENDS[impl]
+    supported = getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(DEVICE)
     return torch.float64 if torch.float64 in supported else torch.float32
 
 
-def teacher(lead, v, k, seed=0, pad=True, scale=2.0):
+def teacher(lead, v, k, seed=0, pad=True, scale=2.0, device=DEVICE):
     """(ids, logprobs) of a random teacher: k distinct random ids per row with their
     log-softmax values. pad: row 1 loses its last two slots (when k > 2), the last row has
-    no id at all; empty slots hold -1 and a log-probability of 7 (garbage to ignore)."""
+    no id at all; empty slots hold -1 and a log-probability of 7 (garbage to ignore).
+    Drawn on the CPU (the same values on every machine), returned on `device`."""
     g = torch.Generator().manual_seed(seed)
     n = math.prod(lead)
-    t = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    t = torch.randn(n, v, generator=g, dtype=torch.float64, device="cpu") * scale
     lp_full = torch.log_softmax(t, -1)
-    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    ids = torch.stack([torch.randperm(v, generator=g, device="cpu")[:k] for _ in range(n)])
     lp = lp_full.gather(1, ids)
     if pad and n > 2:
         if k > 2:
             ids[1, -2:] = -1
         ids[-1] = -1
         lp = torch.where(ids >= 0, lp, 7.0)
-    return ids.reshape(*lead, k), lp.reshape(*lead, k)
+    return ids.reshape(*lead, k).to(device), lp.reshape(*lead, k).to(device)
 
 
-def student(lead, v, dtype=torch.float64, seed=1, scale=2.0):
+def student(lead, v, dtype=torch.float64, seed=1, scale=2.0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*lead, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    s = torch.randn(*lead, v, generator=g, dtype=torch.float64, device="cpu") * scale
+    return s.to(device, dtype)
 
 
-def make_labels(lead, v, seed=2):
+def make_labels(lead, v, seed=2, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, v, lead, generator=g)
+    labels = torch.randint(0, v, lead, generator=g, device="cpu")
     labels.view(-1)[::3] = -100
-    return labels
+    return labels.to(device)
 
 
 def check(impl, s, ids, lp, labels=None, *, teacher_grad=True, extra=0.0, **kwargs):
@@ -184,7 +189,8 @@ def test_whole_vocabulary_teacher_is_the_dense_loss(impl, tail, divergence):
     p sums to 1), value and student gradient."""
     dt = dtype_for(impl)
     t = student(LEAD, V, dt, seed=7)
-    ids = torch.argsort(torch.rand(*LEAD, V, generator=torch.Generator().manual_seed(8)), -1)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.argsort(torch.rand(*LEAD, V, generator=g, device="cpu"), -1).to(DEVICE)
     s = student(LEAD, V, dt).requires_grad_()
     labels = make_labels(LEAD, V)
     kw = dict(divergence=divergence, beta=0.3, temperature=2.0, ce_weight=0.4)
@@ -266,10 +272,12 @@ def test_vocab_size(impl, tail, monkeypatch):
     torch.testing.assert_close(a.grad[..., :V], b.grad, rtol=1e-6, atol=1e-7)
     assert torch.count_nonzero(a.grad[..., V:]) == 0
     check(impl, wide, ids, lp, labels, vocab_size=V, tail=tail, temperature=2.0)
-    bad = ids.clone()
+    # the ids' range is checked on the host for CPU tensors (on CUDA it is a device-side
+    # assert, kdkernels/sparse.py _host_checks): the error is raised before any kernel runs
+    bad = ids.cpu().clone()
     bad[0, 0, 0] = V + 2
     with pytest.raises(ValueError, match=rf"teacher_ids.*< {V}.*vocab_size={V}.*{V + 6}"):
-        kd.sparse_kd_loss(wide, bad, lp, labels, vocab_size=V, **kw)
+        kd.sparse_kd_loss(wide.cpu(), bad, lp.cpu(), labels.cpu(), vocab_size=V, **kw)
 
 
 def test_renormalize_reads_only_the_gathered_logits(monkeypatch):
@@ -432,7 +440,7 @@ def test_bucket_student_tail_below_resolution_is_exact(impl, temperature):
     with the tail summed over its own columns."""
     dtype = dtype_for(impl)
     g = torch.Generator().manual_seed(4)
-    s = torch.randn(4, V, generator=g, dtype=torch.float64)
+    s = torch.randn(4, V, generator=g, dtype=torch.float64, device="cpu").to(DEVICE)
     s[0] = 0.0
     s[0, 3] = 7000.0
     s[1, [3, 5]] += 20.0 * temperature
@@ -501,9 +509,9 @@ def test_topk_logprobs(temperature):
 # --------------------------------------------------------------------------------------
 
 
-def _args():
-    ids, lp = teacher(LEAD, V, 7)
-    return student(LEAD, V), ids, lp
+def _args(device=DEVICE):
+    ids, lp = teacher(LEAD, V, 7, device=device)
+    return student(LEAD, V, device=device), ids, lp
 
 
 @pytest.mark.parametrize("mutate,kwargs,exc,pattern", [
@@ -537,11 +545,14 @@ def _args():
         "none-jsd", "unknown-tail", "unknown-divergence", "ce-no-labels", "temperature",
         "beta", "reduction", "vocab-size", "impl"])
 def test_bad_input(mutate, kwargs, exc, pattern):
-    s, ids, lp = _args()
-    if mutate is not None:
-        s, ids, lp = mutate(s, ids, lp)
-    with pytest.raises(exc, match=pattern):
-        kd.sparse_kd_loss(s, ids, lp, **{"impl": "torch", **kwargs})
+    # CPU tensors: the value checks (ids, log-probabilities) raise on the host only there
+    # (on CUDA they are device-side asserts, kdkernels/sparse.py _host_checks)
+    with torch.device("cpu"):
+        s, ids, lp = _args("cpu")
+        if mutate is not None:
+            s, ids, lp = mutate(s, ids, lp)
+        with pytest.raises(exc, match=pattern):
+            kd.sparse_kd_loss(s, ids, lp, **{"impl": "torch", **kwargs})
 
 
 def test_logprob_rounding_above_zero_is_accepted():
@@ -567,14 +578,15 @@ def _sharded_worker(rank, world, init_file, out_dir):
     fails = []
     try:
         lo = sum(WIDTHS[:rank])
-        labels = make_labels(LEAD, V)
+        # the ranks run on the CPU (gloo)
+        labels = make_labels(LEAD, V, device="cpu")
         cases = [dict(tail=t, divergence=d, ce_weight=c, temperature=2.0, reduction=r)
                  for (t, d), c, r in ((MODES[0], 0.0, "none"), (MODES[2], 0.5, "sum"),
                                       (MODES[3], 0.5, "token_mean"), (MODES[5], 0.0, "mean"),
                                       (MODES[6], 0.3, "batchmean"))]
         for k in (7, V):
-            ids, lp = teacher(LEAD, V, k)
-            full = student(LEAD, V)
+            ids, lp = teacher(LEAD, V, k, device="cpu")
+            full = student(LEAD, V, device="cpu")
             # row 1's student sure of the teacher's ids (q_tail ~ e^-100): the bucket
             # tail's own log-sum, merged over the ranks
             row = ids.reshape(-1, k)[1]
@@ -598,10 +610,10 @@ def _sharded_worker(rank, world, init_file, out_dir):
                     if not torch.allclose(x, y, rtol=1e-10, atol=1e-12):
                         fails.append(f"K={k} {kw} {what}: {(x - y).abs().max():.3g}")
         # a bad id makes every rank raise the same error (ids are the same on every rank)
-        ids, lp = teacher(LEAD, V, 7)
+        ids, lp = teacher(LEAD, V, 7, device="cpu")
         ids[0, 0, 0] = V
         try:
-            kd.sparse_kd_loss(student(LEAD, WIDTHS[rank]), ids, lp,
+            kd.sparse_kd_loss(student(LEAD, WIDTHS[rank], device="cpu"), ids, lp,
                               process_group=dist.group.WORLD)
             fails.append("an id >= V passed")
         except ValueError as e:
@@ -655,10 +667,11 @@ def test_backend_kernels_over_column_ranges(impl, inv_ts):
 
     backend = _dispatch._BACKENDS[impl]
     n, v, split = 6, 50, 21
+    # drawn on the CPU (the same values on every machine), moved to the test device
     g = torch.Generator().manual_seed(3)
-    wide = torch.randn(n, v + 5, generator=g, dtype=torch.float64) * 3
-    s = wide.to(dtype_for(impl))[:, :v]  # row stride v + 5
-    labels = torch.randint(0, v, (n,), generator=g)
+    wide = torch.randn(n, v + 5, generator=g, dtype=torch.float64, device="cpu") * 3
+    s = wide.to(DEVICE, dtype_for(impl))[:, :v]  # row stride v + 5
+    labels = torch.randint(0, v, (n,), generator=g, device="cpu").to(DEVICE)
     labels[2] = -100
     spec = LossSpec(Divergence("forward_kl"), inv_ts=inv_ts, inv_tt=1.0, kd_scale=1.0,
                     ce_weight=0.5)
@@ -670,11 +683,12 @@ def test_backend_kernels_over_column_ranges(impl, inv_ts):
     keep = labels != -100  # an ignored row's statistics are not read
     torch.testing.assert_close(merged[keep][:, cols], whole[keep][:, cols])
 
-    ids = torch.stack([torch.randperm(v, generator=g)[:7] for _ in range(n)])
+    ids = torch.stack([torch.randperm(v, generator=g, device="cpu")[:7] for _ in range(n)])
+    ids = ids.to(DEVICE)
     ids[1, 3:] = -1
     dt = whole.dtype
-    coef = torch.randn(n, 2, generator=g, dtype=torch.float64).to(dt)
-    w = torch.randn(n, 7, generator=g, dtype=torch.float64).to(dt)
+    coef = torch.randn(n, 2, generator=g, dtype=torch.float64, device="cpu").to(DEVICE, dt)
+    w = torch.randn(n, 7, generator=g, dtype=torch.float64, device="cpu").to(DEVICE, dt)
     coef[~keep] = 0.0
     w[~keep] = 0.0
     gs = backend.sparse_grads(s, labels, spec, whole, coef, ids, w, 0)

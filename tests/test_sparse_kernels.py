@@ -3,7 +3,12 @@ against its float64 formula (tests/_sparse_formulas.py): column ranges with tail
 offsets, labels and slot ids inside and outside the range, empty (-1) slots, K in
 {1, 7, V}, the CE term on and off, Ts = 1 and != 1, a row-strided view of wider logits,
 float32 / bfloat16 (and float64 where a backend has it), the non-finite policy, and the
-merge of two ranges equal to the whole row. Backends are taken by module name."""
+merge of two ranges equal to the whole row. Backends are taken by module name.
+
+Triton runs on the test device (its compiled kernels on CUDA, the interpreter on the CPU);
+torch and the extension run on the CPU, where the extension has every dtype (float64
+included); its CUDA kernels are tested in tests/test_gpu_sparse.py. Inputs are drawn on the
+CPU (the same values on every machine) and moved to the backend's device."""
 
 import importlib
 import math
@@ -20,6 +25,7 @@ from _sparse_formulas import (
     partial64,
 )
 
+from conftest import DEVICE
 from kdkernels import _stats
 from kdkernels._spec import Divergence, LossSpec
 from kdkernels._stats import Col
@@ -35,7 +41,7 @@ IGNORE = -100
 def be(request, monkeypatch):
     """The backend module; Triton with 16-wide tiles, rows split over 2 programs and blocks
     of 16 slots, so the tile loop, its tail, the split-row merge and the slot loop run at
-    these widths."""
+    these widths. `device`: where its inputs live (DEVICE for Triton, else the CPU)."""
     mod = backend(request.param)
     if request.param == "ext":
         ok, why = mod.is_available(torch.device("cpu"))
@@ -45,6 +51,7 @@ def be(request, monkeypatch):
         monkeypatch.setattr(tkd, "FORCE_SPLIT", 2)
         monkeypatch.setattr(importlib.import_module("kdkernels.triton.sparse"), "BLOCK_K", 16)
     mod.impl_name = request.param
+    mod.device = DEVICE if request.param == "triton" else torch.device("cpu")
     return mod
 
 
@@ -58,11 +65,11 @@ def _spec(ce: bool, inv_ts: float) -> LossSpec:
                     ce_weight=0.7 if ce else 0.0, ignore_index=IGNORE)
 
 
-def _logits(dtype, strided: bool, seed=0):
+def _logits(dtype, strided: bool, device, seed=0):
     """(N, V) logits and the range's (N, VR) view of them: a column slice of a wider tensor
     (row stride > VR) when strided, else a contiguous copy."""
     g = torch.Generator().manual_seed(seed)
-    full = (torch.randn(N, V + 5, generator=g) * 3).to(dtype)
+    full = (torch.randn(N, V + 5, generator=g) * 3).to(device, dtype)
     s = full[:, :V]
     rng = s[:, OFFSET:OFFSET + VR]
     if not strided:
@@ -72,12 +79,12 @@ def _logits(dtype, strided: bool, seed=0):
     return s, rng
 
 
-def _labels():
+def _labels(device):
     # inside the range, outside on both sides, ignored, at the range's edges
-    return torch.tensor([OFFSET + 3, 2, IGNORE, V - 1, OFFSET, OFFSET + VR - 1])
+    return torch.tensor([OFFSET + 3, 2, IGNORE, V - 1, OFFSET, OFFSET + VR - 1], device=device)
 
 
-def _ids(k, seed=0):
+def _ids(k, device, seed=0):
     """(N, k) duplicate-free GLOBAL ids over the whole vocabulary (inside and outside the
     range), with -1 slots, k <= V."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -85,7 +92,7 @@ def _ids(k, seed=0):
     if k > 1:
         ids[::2, -1] = -1
         ids[1, 0] = -1
-    return ids
+    return ids.to(device)
 
 
 def _check_partial(be, s, labels, spec, offset, got):
@@ -94,7 +101,7 @@ def _check_partial(be, s, labels, spec, offset, got):
     assert got.shape == (N, _stats.NCOL)
     assert got.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
     want = partial64(s, labels, spec, offset)
-    rows = torch.ones(N, dtype=torch.bool) if labels is None else labels != IGNORE
+    rows = torch.ones(N, dtype=torch.bool, device=s.device) if labels is None else labels != IGNORE
     cols = [0, 1]  # MS, LS
     if spec.ce_weight and labels is not None:
         cols += [2, 3, 4]  # M1, L1, LABEL
@@ -122,16 +129,16 @@ def _check_partial(be, s, labels, spec, offset, got):
 def test_sparse_partial(be, ce, inv_ts, strided):
     spec = _spec(ce, inv_ts)
     for dtype in _dtypes(be):
-        _, s = _logits(dtype, strided)
-        for labels in (_labels(), None) if not ce else (_labels(),):
+        _, s = _logits(dtype, strided, be.device)
+        for labels in (_labels(be.device), None) if not ce else (_labels(be.device),):
             got = be.sparse_partial(s, labels, spec, OFFSET)
             _check_partial(be, s, labels, spec, OFFSET, got)
 
 
 def test_merge_of_two_ranges_is_the_whole_row(be):
     spec = _spec(True, 0.5)
-    s, _ = _logits(torch.float32, False)
-    labels = _labels()
+    s, _ = _logits(torch.float32, False, be.device)
+    labels = _labels(be.device)
     a = be.sparse_partial(s[:, :20], labels, spec, 0)
     b = be.sparse_partial(s[:, 20:], labels, spec, 20)
     whole = be.sparse_partial(s, labels, spec, 0)
@@ -156,14 +163,14 @@ def _global_stats(s_full, labels, spec):
 @pytest.mark.parametrize("k", [1, 7, V], ids=["K1", "K7", "KV"])
 def test_sparse_grads(be, k, ce, inv_ts, strided):
     spec = _spec(ce, inv_ts)
-    labels = _labels()
-    ids = _ids(k)
+    labels = _labels(be.device)
+    ids = _ids(k, be.device)
     for dtype in _dtypes(be):
-        s_full, s = _logits(dtype, strided)
+        s_full, s = _logits(dtype, strided, be.device)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         g = torch.Generator().manual_seed(3)
-        coef = torch.randn(N, 2, generator=g, dtype=acc)
-        w = torch.randn(N, k, generator=g, dtype=acc)
+        coef = torch.randn(N, 2, generator=g, dtype=acc).to(be.device)
+        w = torch.randn(N, k, generator=g, dtype=acc).to(be.device)
         if not ce:
             coef[:, 1] = 0
         # the caller zeroes the row scalars of ignored rows
@@ -185,13 +192,13 @@ def test_sparse_grads_can_fail(be):
     """The comparison above sees a slot's weight dropped or added twice (w's scale is the
     smallest term it must resolve)."""
     spec = _spec(True, 0.5)
-    labels = _labels()
-    ids = _ids(7)
-    _, s = _logits(torch.bfloat16, False)
-    s_full, _ = _logits(torch.bfloat16, False)
+    labels = _labels(be.device)
+    ids = _ids(7, be.device)
+    _, s = _logits(torch.bfloat16, False, be.device)
+    s_full, _ = _logits(torch.bfloat16, False, be.device)
     stats = _global_stats(s_full, labels, spec)
-    coef = torch.ones(N, 2)
-    w = torch.full((N, 7), 0.25)
+    coef = torch.ones(N, 2, device=be.device)
+    w = torch.full((N, 7), 0.25, device=be.device)
     gs = be.sparse_grads(s, labels, spec, stats, coef, ids, w, OFFSET)
     for wrong in (torch.zeros_like(w), 2 * w):
         want, terms = grads64(s, labels, spec, stats, coef, ids, wrong, OFFSET)
@@ -204,28 +211,29 @@ def test_non_finite_rows(be):
     of a row with finite ones are padding, exact in both functions; an ignored row's
     gradient is 0 whatever its logits."""
     spec = _spec(True, 0.5)
-    _, s = _logits(torch.float32, False)
+    _, s = _logits(torch.float32, False, be.device)
     s = s.clone()
     s[0, 5] = math.nan
     s[1, 2] = math.inf
     s[2, :] = -math.inf
     s[3, ::3] = -math.inf  # padding
     s[4, 7] = math.nan  # and row 4 is ignored below
-    labels = torch.tensor([OFFSET + 1, OFFSET + 2, OFFSET + 3, OFFSET + 1, IGNORE, OFFSET + 4])
+    labels = torch.tensor([OFFSET + 1, OFFSET + 2, OFFSET + 3, OFFSET + 1, IGNORE, OFFSET + 4],
+                          device=be.device)
     got = be.sparse_partial(s, labels, spec, OFFSET)
     assert got[0, Col.MS].isnan() and got[1, Col.MS] == math.inf
     assert got[2, Col.MS] == -math.inf and got[2, Col.LS] == -math.inf
-    finite = torch.tensor([3, 5])
+    finite = torch.tensor([3, 5], device=be.device)
     want = partial64(s, labels, spec, OFFSET)
     torch.testing.assert_close(got[finite][:, STUDENT_COLS].double(), want[finite])
     # a NaN row merged with a finite range stays NaN
-    clean = be.sparse_partial(torch.zeros(N, 4), labels, spec, OFFSET + VR)
+    clean = be.sparse_partial(torch.zeros(N, 4, device=be.device), labels, spec, OFFSET + VR)
     assert _stats.merge(got, clean, spec)[0, Col.MS].isnan()
 
-    coef = torch.randn(N, 2)
+    coef = torch.randn(N, 2).to(be.device)
     coef[4] = 0
-    ids = _ids(7)
-    w = torch.randn(N, 7)
+    ids = _ids(7, be.device)
+    w = torch.randn(N, 7).to(be.device)
     w[4] = 0
     gs = be.sparse_grads(s, labels, spec, got, coef, ids, w, OFFSET)
     want, terms = grads64(s, labels, spec, got, coef, ids, w, OFFSET)
@@ -239,13 +247,17 @@ def test_non_finite_rows(be):
 
 def test_empty_inputs(be):
     spec = _spec(True, 0.5)
-    s = torch.zeros(0, 5)
-    assert be.sparse_partial(s, torch.zeros(0, dtype=torch.int64), spec, 0).shape == (0, 12)
-    st = be.sparse_partial(torch.zeros(3, 0), torch.tensor([0, 1, IGNORE]), spec, 0)
+    dev = be.device
+    s = torch.zeros(0, 5, device=dev)
+    assert be.sparse_partial(s, torch.zeros(0, dtype=torch.int64, device=dev), spec,
+                             0).shape == (0, 12)
+    st = be.sparse_partial(torch.zeros(3, 0, device=dev),
+                           torch.tensor([0, 1, IGNORE], device=dev), spec, 0)
     assert (st[:2][:, [Col.MS, Col.LS, Col.MT, Col.LT]] == -math.inf).all()
-    gs = be.sparse_grads(torch.zeros(3, 0), None, _spec(False, 1.0), _stats.empty(3, "cpu",
-                         torch.float32), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.int64),
-                         torch.zeros(3, 2), 0)
+    gs = be.sparse_grads(torch.zeros(3, 0, device=dev), None, _spec(False, 1.0),
+                         _stats.empty(3, dev, torch.float32), torch.zeros(3, 2, device=dev),
+                         torch.zeros(3, 2, dtype=torch.int64, device=dev),
+                         torch.zeros(3, 2, device=dev), 0)
     assert gs.shape == (3, 0)
 
 
@@ -286,12 +298,13 @@ def test_ext_ops_opcheck(strided):
     ok, why = ext.is_available(torch.device("cpu"))
     assert ok, why
     spec = _spec(True, 0.5)
-    s_full, s = _logits(torch.bfloat16, strided)
-    labels = _labels()
+    cpu = torch.device("cpu")
+    s_full, s = _logits(torch.bfloat16, strided, cpu)
+    labels = _labels(cpu)
     args = spec.as_args()
     torch.library.opcheck(torch.ops.kdkernels.kd_sparse_partial, (s, labels, *args, OFFSET))
     stats = _global_stats(s_full, labels, spec)
-    ids = _ids(7)
+    ids = _ids(7, cpu)
     coef, w = torch.randn(N, 2), torch.randn(N, 7)
     torch.library.opcheck(torch.ops.kdkernels.kd_sparse_grads,
                           (s, labels, stats, coef, ids, w, *args, OFFSET))
@@ -305,14 +318,14 @@ def test_triton_ops_opcheck(strided):
     from kdkernels.triton import sparse as tsp
 
     spec = _spec(True, 0.5)
-    s_full, s = _logits(torch.float32, strided)
-    labels = _labels()
+    s_full, s = _logits(torch.float32, strided, DEVICE)
+    labels = _labels(DEVICE)
     student = (float(spec.inv_ts), float(spec.ce_weight), int(spec.ignore_index))
     torch.library.opcheck(tsp.sparse_partial_op, (s, labels, *student, OFFSET))
     torch.library.opcheck(tsp.sparse_partial_op, (s, None, *student, OFFSET))
     stats = _global_stats(s_full, labels, spec)
-    ids = _ids(7)
-    coef, w = torch.randn(N, 2), torch.randn(N, 7)
+    ids = _ids(7, DEVICE)
+    coef, w = torch.randn(N, 2).to(DEVICE), torch.randn(N, 7).to(DEVICE)
     torch.library.opcheck(tsp.sparse_grads_op,
                           (s, labels, *student, stats, coef, ids, w, OFFSET))
 
@@ -321,13 +334,15 @@ def test_bad_input_names_the_argument(be):
         pytest.skip("the kernels' own checks")
     errors = (RuntimeError, ValueError, TypeError)
     spec = _spec(False, 1.0)
-    s = torch.randn(N, VR)
+    dev = be.device
+    s = torch.randn(N, VR).to(dev)
     with pytest.raises(errors, match="unit column stride"):
         be.sparse_partial(s.t().contiguous().t(), None, spec, 0)
-    stats = _stats.empty(N, "cpu", torch.float32)
+    stats = _stats.empty(N, dev, torch.float32)
     with pytest.raises(errors, match="w must be"):
-        be.sparse_grads(s, None, spec, stats, torch.zeros(N, 2),
-                        torch.zeros(N, 3, dtype=torch.int64), torch.zeros(N, 2), 0)
+        be.sparse_grads(s, None, spec, stats, torch.zeros(N, 2, device=dev),
+                        torch.zeros(N, 3, dtype=torch.int64, device=dev),
+                        torch.zeros(N, 2, device=dev), 0)
     with pytest.raises(errors, match="ids must be"):
-        be.sparse_grads(s, None, spec, stats, torch.zeros(N, 2), torch.zeros(N, 3),
-                        torch.zeros(N, 3), 0)
+        be.sparse_grads(s, None, spec, stats, torch.zeros(N, 2, device=dev),
+                        torch.zeros(N, 3, device=dev), torch.zeros(N, 3, device=dev), 0)
