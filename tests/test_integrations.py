@@ -14,7 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICE
+from kdkernels import _dispatch
 from kdkernels.integrations.trl import generalized_jsd_loss
+
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 # --------------------------------------------------------------------------------------
 # the definition (arXiv:2306.13649, Eq. 1, in TRL's conventions), float64
@@ -52,10 +56,11 @@ def gkd_formula(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batchme
     return total / (row.numel() * s.shape[-1])
 
 
-def _inputs(dtype=torch.float64, batch=3, seq=7, vocab=311, masked=True):
-    s = torch.randn(batch, seq, vocab, dtype=torch.float64).mul(2).to(dtype)
-    t = torch.randn(batch, seq, vocab, dtype=torch.float64).mul(2).to(dtype)
-    labels = torch.randint(0, vocab, (batch, seq))
+def _inputs(dtype=torch.float64, batch=3, seq=7, vocab=311, masked=True, device=DEVICE):
+    """Drawn on the CPU (the same values on every machine), then moved to `device`."""
+    s = torch.randn(batch, seq, vocab, dtype=torch.float64, device="cpu").mul(2).to(device, dtype)
+    t = torch.randn(batch, seq, vocab, dtype=torch.float64, device="cpu").mul(2).to(device, dtype)
+    labels = torch.randint(0, vocab, (batch, seq), device="cpu").to(device)
     if masked:  # a prompt (masked) and right padding (masked), as GKD's collator makes them
         labels[:, :2] = -100
         labels[0, -3:] = -100
@@ -63,11 +68,13 @@ def _inputs(dtype=torch.float64, batch=3, seq=7, vocab=311, masked=True):
 
 
 def _dtype_tol(impl):
-    """float64 where the implementation has it (then only rounding separates it from the
-    formula), else float32 inputs compared with the float64 formula at float32 precision."""
-    from kdkernels import _dispatch
-
-    if torch.float64 in _dispatch._BACKENDS[impl].SUPPORTED_DTYPES:
+    """float64 where the implementation has it on the test device (then only rounding
+    separates it from the formula), else float32 inputs compared with the float64 formula at
+    float32 precision."""
+    backend = _dispatch._BACKENDS[impl]
+    # a backend whose dtypes depend on the device (ext: float64 on the CPU only) says so
+    supported = getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(DEVICE)
+    if torch.float64 in supported:
         return torch.float64, dict(rtol=1e-9, atol=1e-12)
     return torch.float32, dict(rtol=2e-5, atol=2e-6)
 
@@ -76,7 +83,7 @@ def _value_and_grads(fn, s, t, labels, **kw):
     s = s.detach().clone().requires_grad_()
     t = t.detach().clone().requires_grad_()
     out = fn(s, t, labels, **kw)
-    out.backward(torch.tensor(0.7, dtype=out.dtype))  # a non-unit upstream gradient
+    out.backward(torch.tensor(0.7, dtype=out.dtype, device=out.device))  # a non-unit one
     return out.detach(), s.grad, t.grad
 
 
@@ -164,7 +171,9 @@ def gkd_trainer():
 def test_against_trl(gkd_trainer, impl, dtype, kw):
     if impl == "triton" and dtype == torch.float64:
         pytest.skip("impl='triton' has no float64")
-    s, t, labels = _inputs(dtype)
+    # impl="ext" has float64 on the CPU only (its CUDA kernels: float16/bfloat16/float32)
+    device = torch.device("cpu") if impl == "ext" and dtype == torch.float64 else DEVICE
+    s, t, labels = _inputs(dtype, device=device)
     got = _value_and_grads(generalized_jsd_loss, s, t, labels, impl=impl, **kw)
     want = _value_and_grads(gkd_trainer.generalized_jsd_loss, s, t, labels, **kw)
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)

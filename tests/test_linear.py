@@ -12,6 +12,7 @@ from _formulas import assert_error_model, skip_unsupported, upstream_grad
 from test_memory import AllocationRecorder
 
 import kdkernels as kd
+from conftest import DEVICE
 from kdkernels import linear
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -19,24 +20,36 @@ pytestmark = pytest.mark.usefixtures("tensors_on_device")
 H, HT, V = 8, 6, 37  # student hidden, teacher hidden, vocabulary (odd: masking is exercised)
 
 
-def make_inputs(lead, dtype, *, bias=True, teacher_bias=False, scale=3.0, seed=0):
+def make_inputs(lead, dtype, *, bias=True, teacher_bias=False, scale=3.0, seed=0, device=None):
     """Hidden states and heads whose logits have a spread of about `scale` (a softcap of a
-    few units then bends them visibly); labels with every third row ignored."""
+    few units then bends them visibly); labels with every third row ignored. Drawn on the
+    CPU (the same values on every machine), then moved to `device` (default: the default
+    device, the test device under tensors_on_device)."""
     g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cpu")
+
     x = {
-        "student_hidden": torch.randn(*lead, H, generator=g),
-        "student_weight": torch.randn(V, H, generator=g) * (scale / math.sqrt(H)),
-        "teacher_hidden": torch.randn(*lead, HT, generator=g),
-        "teacher_weight": torch.randn(V, HT, generator=g) * (scale / math.sqrt(HT)),
+        "student_hidden": randn(*lead, H),
+        "student_weight": randn(V, H) * (scale / math.sqrt(H)),
+        "teacher_hidden": randn(*lead, HT),
+        "teacher_weight": randn(V, HT) * (scale / math.sqrt(HT)),
     }
     if bias:
-        x["student_bias"] = torch.randn(V, generator=g)
+        x["student_bias"] = randn(V)
     if teacher_bias:
-        x["teacher_bias"] = torch.randn(V, generator=g)
-    labels = torch.randint(0, V, lead, generator=g)
+        x["teacher_bias"] = randn(V)
+    labels = torch.randint(0, V, lead, generator=g, device="cpu")
     labels.view(-1)[::3] = -100
-    device = torch.get_default_device()
+    device = torch.get_default_device() if device is None else device
     return {k: v.to(device, dtype) for k, v in x.items()}, labels.to(device)
+
+
+def float64_device(impl):
+    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
+    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
+    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 def cap(z, c):
@@ -154,11 +167,13 @@ def test_gradcheck(impl, reduction):
     """Finite differences of every input, softcaps on both sides: the recomputed backward
     (reduction="none") and the gradients stored by the forward (scalar reductions)."""
     skip_unsupported(impl, torch.float64)
+    device = float64_device(impl)
     g = torch.Generator().manual_seed(1)
     n, h, ht, v = 4, 3, 2, 5
-    tensors = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    tensors = [torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu")
+               .to(device).requires_grad_()
                for shape in ((n, h), (v, h), (v,), (n, ht), (v, ht), (v,))]
-    labels = torch.tensor([1, -100, 4, 0])
+    labels = torch.tensor([1, -100, 4, 0], device=device)
 
     def f(sh, sw, sb, th, tw, tb):
         return kd.linear_kd_loss(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb,
@@ -175,7 +190,7 @@ def test_chunk_size_invariance(impl, divergence, monkeypatch):
     monkeypatch.setattr(linear, "MIN_CHUNK_BYTES", 1)
     assert linear.chunk_rows(11, H, V, torch.float64) == 3
     dtype = torch.float32 if impl == "triton" else torch.float64
-    x, labels = make_inputs((11,), dtype)
+    x, labels = make_inputs((11,), dtype, device=float64_device(impl))
     kw = dict(divergence=divergence, student_softcap=4.0, temperature=2.0, ce_weight=0.2,
               impl=impl)
     names = STUDENT + TEACHER
@@ -380,14 +395,18 @@ def test_no_full_logits_allocation(impl, teacher_grad, reduction):
     bound = LINEAR_LIVE_CHUNKS * chunk_bytes + LINEAR_LIVE_ROW_VECTORS * n * 8
     assert bound <= nv32 // 2  # the measurement can tell the bound from one N x V tensor
     g = torch.Generator().manual_seed(0)
-    x = {"student_hidden": torch.randn(n, H, generator=g),
-         "student_weight": torch.randn(v, H, generator=g),
-         "student_bias": torch.randn(v, generator=g),
-         "teacher_hidden": torch.randn(n, HT, generator=g),
-         "teacher_weight": torch.randn(v, HT, generator=g)}
+
+    def randn(*shape):  # drawn on the CPU, the same values on every machine
+        return torch.randn(*shape, generator=g, device="cpu").to(DEVICE)
+
+    x = {"student_hidden": randn(n, H),
+         "student_weight": randn(v, H),
+         "student_bias": randn(v),
+         "teacher_hidden": randn(n, HT),
+         "teacher_weight": randn(v, HT)}
     names = STUDENT + (TEACHER if teacher_grad else ())
     x = {k: t.requires_grad_(k in names) for k, t in x.items()}
-    labels = torch.randint(0, v, (n,), generator=g)
+    labels = torch.randint(0, v, (n,), generator=g, device="cpu").to(DEVICE)
     labels[::3] = -100
     rec = AllocationRecorder(keep_above=chunk_bytes)
     with rec:
@@ -421,6 +440,12 @@ def _err_inputs():
     return x, labels
 
 
+def _on_device(change):
+    """The parametrized tensors (made on the CPU at collection) on the test device, so that
+    each case meets the check it is about, not a device mismatch."""
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()}
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [
@@ -450,7 +475,7 @@ def _err_inputs():
 )
 def test_errors(change, error, match):
     x, labels = _err_inputs()
-    kw = {"labels": labels, **x, **change}
+    kw = {"labels": labels, **x, **_on_device(change)}
     with pytest.raises(error, match=match):
         kd.linear_kd_loss(**kw)
 
@@ -471,7 +496,7 @@ def test_errors_teacher_logits(change, match):
     x, labels = _err_inputs()
     del x["teacher_hidden"], x["teacher_weight"]
     with pytest.raises(ValueError, match=match):
-        kd.linear_kd_loss(**x, labels=labels, **change)
+        kd.linear_kd_loss(**x, labels=labels, **_on_device(change))
 
 
 # --------------------------------------------------------------------------------------
@@ -483,8 +508,9 @@ def test_bench_linear_runs(capsys):
     pytest.importorskip("bench.linear")
     from bench import linear as bench_linear
 
-    rc = bench_linear.main(["--n", "16", "--h", "8", "--v", "64", "--reps", "1",
-                            "--divergence", "forward_kl", "jsd"])
+    with torch.device("cpu"):  # as from its command line: the benchmark picks its device
+        rc = bench_linear.main(["--n", "16", "--h", "8", "--v", "64", "--reps", "1",
+                                "--divergence", "forward_kl", "jsd"])
     out = capsys.readouterr().out
     assert rc == 0
     table = [line.split() for line in out.splitlines()]
@@ -525,8 +551,9 @@ def test_bench_linear_liger_provider(capsys, monkeypatch):
     fake.LigerFusedLinearJSDLoss = FakeLigerJSD
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", fake)
-    rc = bench_linear.main(["--n", "16", "--h", "8", "--v", "64", "--reps", "1",
-                            "--divergence", "jsd", "--providers", "kd", "liger"])
+    with torch.device("cpu"):  # as from its command line: the benchmark picks its device
+        rc = bench_linear.main(["--n", "16", "--h", "8", "--v", "64", "--reps", "1",
+                                "--divergence", "jsd", "--providers", "kd", "liger"])
     out = capsys.readouterr().out
     assert rc == 0
     liger_rows = [line.split() for line in out.splitlines() if line.startswith("liger ")]
