@@ -22,6 +22,7 @@ import torch
 from _formulas import TOLERANCES, kd_loss, max_err
 
 import kdkernels as kd
+from conftest import DEVICE
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
@@ -114,8 +115,9 @@ def test_large_logits_any_temperature(impl, divergence, temperature):
     against float64 is within 2x impl="torch"'s (+ 2 float32 ulps of the value's scale)."""
     g = torch.Generator().manual_seed(5)
     shape = (4, 67)
-    s = 1e4 + torch.randn(shape, generator=g) * 3 * temperature
-    t = 1e4 + torch.randn(shape, generator=g) * 3 * temperature
+    # drawn on the CPU (the same values on every machine), then moved to the test device
+    s = (1e4 + torch.randn(shape, generator=g, device="cpu") * 3 * temperature).to(DEVICE)
+    t = (1e4 + torch.randn(shape, generator=g, device="cpu") * 3 * temperature).to(DEVICE)
     s[1] -= 2e4
     t[2] -= 2e4
     labels = torch.tensor([0, 3, -100, 66])
@@ -124,7 +126,8 @@ def test_large_logits_any_temperature(impl, divergence, temperature):
     for name, dtype, which in (("truth", torch.float64, "torch"), ("torch", torch.float32,
                                                                   "torch"),
                                ("impl", torch.float32, impl)):
-        a, b = s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
+        # copies: s.to(float32) would be s itself, one leaf whose .grad every run adds into
+        a, b = s.to(dtype, copy=True).requires_grad_(), t.to(dtype, copy=True).requires_grad_()
         out = kd.kd_loss(a, b, labels, impl=which, **kw)
         out.backward(torch.linspace(0.5, 1.5, 4, dtype=dtype))
         results[name] = (out.detach(), a.grad, b.grad)
