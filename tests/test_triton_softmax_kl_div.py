@@ -119,6 +119,7 @@ def test_softmax_extreme_logits(monkeypatch, tiles, log):
 def test_softmax_all_inf_row_is_nan_like_torch():
     x = torch.full((2, 50), -float("inf"))
     x[1] = torch.randn(50)
+    x = x.to(DEVICE)
     for log in (False, True):
         fn = kd.log_softmax if log else kd.softmax
         y = fn(x, impl="triton")
@@ -181,7 +182,7 @@ def test_softmax_empty_batch():
 
 def test_softmax_backward_expanded_gradient():
     """The upstream gradient of y.sum() is an expanded (stride-0) tensor."""
-    x = torch.randn(3, 11, requires_grad=True)
+    x = torch.randn(3, 11).to(DEVICE).requires_grad_()
     y = kd.log_softmax(x, 2.0, impl="triton")
     y.sum().backward()
     refs = []
@@ -198,7 +199,7 @@ def test_softmax_shift_invariance(monkeypatch, tiles):
     z - max the kernel forms: the outputs must be identical, not merely close."""
     if tiles == "several_tiles":
         monkeypatch.setattr(sm, "MAX_BLOCK", 64)
-    x = torch.round(torch.randn(3, 257) * 4096) / 4096
+    x = (torch.round(torch.randn(3, 257) * 4096) / 4096).to(DEVICE)
     for log in (False, True):
         fn = kd.log_softmax if log else kd.softmax
         a = fn(x, impl="triton")
@@ -235,7 +236,7 @@ def check_kl_div(x, y, log_target, reduce_sum, need_x=True, need_y=True):
     (ref, x64, y64), (base, xb, yb) = res["truth"], res["base"]
     assert out.dtype == (torch.float32 if reduce_sum else torch.result_type(x, y))
     assert_error_model(out, ref, base.float() if reduce_sum else base, x.dtype, "kl_div")
-    g = torch.tensor(0.7) if reduce_sum else torch.randn(out.shape)
+    g = (torch.tensor(0.7) if reduce_sum else torch.randn(out.shape)).to(DEVICE)
     out.backward(g.to(out))
     ref.backward(g.double())
     base.backward(g.to(base))
@@ -263,7 +264,8 @@ def test_kl_div_against_torch(n, dtype, log_target, reduce_sum):
 @pytest.mark.parametrize("log_target", [False, True], ids=["prob", "logprob"])
 def test_kl_div_longer_than_the_grid(log_target, reduce_sum):
     """More tiles than programs: every program loops over several tiles (grid stride)."""
-    n = kl.BLOCK * kl.CPU_PROGRAMS * 2 + 77
+    # the persistent grid: CPU_PROGRAMS under the interpreter, PROGRAMS_PER_SM per SM on CUDA
+    n = kl.BLOCK * kl._programs(2**62, DEVICE) * 2 + 77
     check_kl_div(*_pair(n, log_target, torch.float32), log_target, reduce_sum)
 
 
@@ -323,8 +325,8 @@ def test_kl_div_empty():
 
 
 def test_kl_div_public_api_scalar_reductions():
-    x = torch.randn(4, 50).log_softmax(-1)
-    y = torch.randn(4, 50).softmax(-1)
+    x = torch.randn(4, 50).log_softmax(-1).to(DEVICE)
+    y = torch.randn(4, 50).softmax(-1).to(DEVICE)
     for red in ("sum", "mean", "batchmean"):
         a = kd.kl_div(x, y, reduction=red, impl="triton")
         with warnings.catch_warnings():
@@ -352,7 +354,7 @@ def test_opcheck_kl_div(log_target, reduce_sum):
     x, y = _pair(70, log_target, torch.float32)
     torch.library.opcheck(kl.kl_div_fwd, (x.requires_grad_(), y.requires_grad_(), log_target,
                                           reduce_sum))
-    g = torch.tensor(0.5) if reduce_sum else torch.randn(70)
+    g = (torch.tensor(0.5) if reduce_sum else torch.randn(70)).to(DEVICE)
     for need_x, need_y in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(kl.kl_div_bwd, (x.detach(), y.detach(), g, log_target, need_x,
                                               need_y))
@@ -371,7 +373,7 @@ def _softmax_step(call):
     def step(x):
         return (call(x) * 3).sum()
 
-    x = torch.randn(3, 40, requires_grad=True)
+    x = torch.randn(3, 40).to(DEVICE).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss = _compiled(step)(x)
@@ -388,8 +390,8 @@ def _softmax_step(call):
 
 
 def _kl_div_step(call):
-    x = torch.randn(4, 30).log_softmax(-1).requires_grad_()
-    y = torch.randn(4, 30).log_softmax(-1).requires_grad_()
+    x = torch.randn(4, 30).log_softmax(-1).to(DEVICE).requires_grad_()
+    y = torch.randn(4, 30).log_softmax(-1).to(DEVICE).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss = _compiled(call)(x, y)
