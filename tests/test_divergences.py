@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from _formulas import check_kd_loss, skip_unsupported
 
 import kdkernels as kd
+from conftest import DEVICE
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
@@ -50,11 +51,18 @@ def test_alpha_beta_parameters(impl, ab):
                   teacher_temperature=1.5, ce_weight=0.5, reduction="none")
 
 
+def float64_device(impl):
+    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
+    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
+    return torch.device("cpu") if impl == "ext" else DEVICE
+
+
 def test_alpha_beta_special_cases(impl):
     """(1/2, 1/2) is 2 sum (sqrt p - sqrt q)^2; (1, b -> 0) tends to forward KL and
     (a -> 0, 1) to reverse KL (the error is first order in the small exponent)."""
     skip_unsupported(impl, torch.float64)
-    s, t = logits((4, 50), torch.float64), logits((4, 50), torch.float64)
+    device = float64_device(impl)
+    s, t = logits((4, 50), torch.float64).to(device), logits((4, 50), torch.float64).to(device)
     q, p = torch.softmax(s, -1), torch.softmax(t, -1)
     hel = kd.kd_loss(s, t, divergence="alpha_beta", ab_alpha=0.5, ab_beta=0.5, impl=impl,
                      reduction="none")

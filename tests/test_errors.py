@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kdkernels as kd
+from conftest import DEVICE
 from kdkernels import _dispatch
 
 
@@ -119,8 +120,10 @@ def test_bad_environment_impl(no_work, monkeypatch):
 def test_impl_without_the_dtype():
     backend = _dispatch._BACKENDS["triton"]
     assert torch.float64 not in backend.SUPPORTED_DTYPES
+    # on the test device: CPU tensors on a CUDA machine would fail first, for want of
+    # TRITON_INTERPRET (the next test)
     with pytest.raises(RuntimeError, match=r"impl='triton'.*float64"):
-        kd.kd_loss(S.double(), T.double(), impl="triton")
+        kd.kd_loss(S.double().to(DEVICE), T.double().to(DEVICE), impl="triton")
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch):

@@ -17,6 +17,7 @@ from _formulas import (
 )
 
 import kdkernels as kd
+from conftest import DEVICE
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -194,13 +195,21 @@ def test_non_contiguous_inputs(impl):
     check_kd_loss(impl, s, t, divergence="jsd", temperature=2.0, reduction="none")
 
 
+def float64_device(impl):
+    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
+    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
+    return torch.device("cpu") if impl == "ext" else DEVICE
+
+
 def test_float64(impl):
     skip_unsupported(impl, torch.float64)
+    device = float64_device(impl)
     shape = (4, 67)
-    labels = make_labels(shape[:-1], shape[-1])
+    labels = make_labels(shape[:-1], shape[-1]).to(device)
     for divergence in DIVERGENCES:
         check_kd_loss(
-            impl, logits(shape, torch.float64), logits(shape, torch.float64), labels,
+            impl, logits(shape, torch.float64).to(device),
+            logits(shape, torch.float64).to(device), labels,
             divergence=divergence, temperature=2.0, teacher_temperature=1.5, ce_weight=0.5,
             reduction="sum",
         )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from _formulas import assert_error_model, skip_unsupported, upstream_grad
 
 import kdkernels as kd
+from conftest import DEVICE
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -29,6 +30,12 @@ def make_pair(shape, log_target, dtype=torch.float32, target_dtype=None):
     if log_target:
         y = y.log()
     return x.to(dtype), y.to(target_dtype or dtype)
+
+
+def float64_device(impl):
+    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
+    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
+    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 def check_kl_div(impl, x, y, *, grad_target=True, **kwargs):
@@ -132,6 +139,8 @@ def test_mixed_dtypes(impl, x_dtype, y_dtype, reduction):
     """The result dtype is torch.result_type(input, target), as in F.kl_div."""
     skip_unsupported(impl, x_dtype, y_dtype)
     x, y = make_pair((3, 11), False, x_dtype, y_dtype)
+    if torch.float64 in (x_dtype, y_dtype):
+        x, y = x.to(float64_device(impl)), y.to(float64_device(impl))
     check_kl_div(impl, x, y, reduction=reduction)
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kdkernels as kd
+from conftest import DEVICE
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -55,12 +56,19 @@ def dyadic(shape, scale=4.0, bits=10):
 # --------------------------------------------------------------------------------------
 
 
+def float64_device(impl):
+    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
+    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
+    return torch.device("cpu") if impl == "ext" else DEVICE
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck(impl, divergence):
     skip_unsupported(impl, torch.float64)
-    s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([2, -100, 6])
+    device = float64_device(impl)
+    s = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([2, -100, 6], device=device)
 
     def fn(s, t):
         return kd.kd_loss(s, t, labels, divergence=divergence, beta=0.3, skew=0.4,
@@ -73,8 +81,9 @@ def test_gradcheck(impl, divergence):
 @pytest.mark.parametrize("log_target", [False, True])
 def test_gradcheck_kl_div(impl, log_target):
     skip_unsupported(impl, torch.float64)
-    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    y = (torch.rand(3, 5, dtype=torch.float64) + 0.1).requires_grad_()
+    device = float64_device(impl)
+    x = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    y = (torch.rand(3, 5, dtype=torch.float64, device=device) + 0.1).requires_grad_()
     if log_target:
         y = y.detach().log().requires_grad_()
     for reduction in ("none", "sum"):
@@ -88,7 +97,7 @@ def test_gradcheck_kl_div(impl, log_target):
 @pytest.mark.parametrize("log", [False, True])
 def test_gradcheck_softmax(impl, log):
     skip_unsupported(impl, torch.float64)
-    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 6, dtype=torch.float64, device=float64_device(impl), requires_grad=True)
     fn = kd.log_softmax if log else kd.softmax
     assert torch.autograd.gradcheck(lambda x: fn(x, 1.7, impl=impl), (x,))
 
