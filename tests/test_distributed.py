@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 import traceback
@@ -801,7 +802,22 @@ SAME_MESSAGE = {"bad_width_on_one_rank", "bad_total_vocab", "bad_label_too_large
 # --------------------------------------------------------------------------------------
 
 
+# the Triton backend's kernel modules, imported on first use (kdkernels/triton/__init__.py)
+TRITON_KERNEL_MODULES = tuple(f"kdkernels.triton.{m}" for m in ("kd", "kl_div", "softmax",
+                                                                  "sparse"))
+
+
 def _worker(rank, world, init, outdir, names):
+    # The ranks compute on CPU tensors over gloo (W processes on one machine: NCCL would need
+    # a GPU per rank), where impl="triton" runs under the Triton interpreter, as in CPU-only
+    # CI. On a CUDA machine tests/conftest.py leaves TRITON_INTERPRET unset, so the workers
+    # set it. Triton reads it when a kernel is decorated, at the first import of a kernel
+    # module, which neither the forkserver's preloads nor a spawned worker's start make; a
+    # kernel module imported before, without it, would fail on CPU tensors: an error here.
+    early = [m for m in TRITON_KERNEL_MODULES if m in sys.modules]
+    if early and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{early} imported before TRITON_INTERPRET=1 was set")
+    os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
