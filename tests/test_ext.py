@@ -588,6 +588,40 @@ print("OK")
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
+def test_failed_check_raises_in_a_fresh_process():
+    # The ops' own checks (TORCH_CHECK in csrc/kd_checks.h) raise RuntimeError naming the
+    # argument, after other kernels ran and with both libraries loaded. In a child process so
+    # that a crash in the error path (seen once on a GPU machine: SIGSEGV where a check threw,
+    # on CPU tensors too) is this test's failure, with the child's stack, not a lost worker.
+    code = """
+import faulthandler, torch, kdkernels as kd
+from kdkernels import ext
+from kdkernels._spec import Divergence, LossSpec
+faulthandler.enable()
+devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+args = LossSpec(Divergence("forward_kl"), 0.5, 0.5, 4.0).as_args()
+for dev in devices:
+    assert ext.is_available(torch.device(dev))[0], dev
+    s, t = torch.randn(3, 8, device=dev), torch.randn(3, 8, device=dev)
+    kd.kd_loss(s, t, impl="ext")  # a kernel runs first
+    for call, words in (
+        (lambda: torch.ops.kdkernels.kd_forward(s, t[:, :7], None, *args), "t must have"),
+        (lambda: torch.ops.kdkernels.kd_forward(
+            s, t, torch.tensor([1, 8, -100], device=dev), *args), "labels[1] = 8"),
+    ):
+        try:
+            call()
+            raise SystemExit(f"{dev}: no error ({words})")
+        except RuntimeError as e:
+            assert words in str(e), (dev, str(e))
+print("OK", devices)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, (
+        f"exit status {r.returncode} (-11: segmentation fault)\n{r.stdout}{r.stderr}")
+
+
 # --------------------------------------------------------------------------------------
 # the CUDA kernels against the CPU kernel (marked gpu: the root conftest skips them without a
 # CUDA device)
