@@ -23,6 +23,12 @@ IMPLS = ("torch", "triton", "ext")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def float64_device(impl):
+    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
+    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
+    return torch.device("cpu") if impl == "ext" else DEVICE
+
+
 @pytest.fixture(params=IMPLS)
 def impl(request):
     return request.param

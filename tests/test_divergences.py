@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from _formulas import check_kd_loss, skip_unsupported
 
 import kdkernels as kd
-from conftest import DEVICE
+from conftest import float64_device
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
@@ -49,12 +49,6 @@ def test_alpha_beta_parameters(impl, ab):
     check_kd_loss(impl, logits(shape), logits(shape), labels_for(5, 67),
                   divergence="alpha_beta", ab_alpha=ab[0], ab_beta=ab[1], temperature=2.0,
                   teacher_temperature=1.5, ce_weight=0.5, reduction="none")
-
-
-def float64_device(impl):
-    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
-    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
-    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 def test_alpha_beta_special_cases(impl):

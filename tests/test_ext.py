@@ -20,6 +20,7 @@ from _formulas import check_kd_loss
 from _ranges import over_ranges
 
 import kdkernels as kd
+from conftest import DEVICE
 from kdkernels import _stats as stats_mod
 from kdkernels import ext
 from kdkernels._spec import Divergence, LossSpec
@@ -307,7 +308,6 @@ def test_partial_carries_non_finite_rows(divergence, case):
 # is far larger: the factor e^(m - M) underflows and the range must contribute 0 (its
 # probabilities underflow to 0 in the unsplit sum), never 0 * inf = NaN, in any order.
 NONFINITE_V = 4096  # four 1024-column tiles of the ext CPU kernel
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])

@@ -17,7 +17,7 @@ from _formulas import (
 )
 
 import kdkernels as kd
-from conftest import DEVICE
+from conftest import float64_device
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -193,12 +193,6 @@ def test_non_contiguous_inputs(impl):
     s, t = base_s.t()[:, :90], base_t.t()[:, :90]  # (8, 90), strided
     assert not s.is_contiguous()
     check_kd_loss(impl, s, t, divergence="jsd", temperature=2.0, reduction="none")
-
-
-def float64_device(impl):
-    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
-    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
-    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 def test_float64(impl):

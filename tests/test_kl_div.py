@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from _formulas import assert_error_model, skip_unsupported, upstream_grad
 
 import kdkernels as kd
-from conftest import DEVICE
+from conftest import float64_device
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -30,12 +30,6 @@ def make_pair(shape, log_target, dtype=torch.float32, target_dtype=None):
     if log_target:
         y = y.log()
     return x.to(dtype), y.to(target_dtype or dtype)
-
-
-def float64_device(impl):
-    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
-    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
-    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 def check_kl_div(impl, x, y, *, grad_target=True, **kwargs):

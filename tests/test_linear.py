@@ -12,7 +12,7 @@ from _formulas import assert_error_model, skip_unsupported, upstream_grad
 from test_memory import AllocationRecorder
 
 import kdkernels as kd
-from conftest import DEVICE
+from conftest import DEVICE, float64_device
 from kdkernels import linear
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -44,12 +44,6 @@ def make_inputs(lead, dtype, *, bias=True, teacher_bias=False, scale=3.0, seed=0
     labels.view(-1)[::3] = -100
     device = torch.get_default_device() if device is None else device
     return {k: v.to(device, dtype) for k, v in x.items()}, labels.to(device)
-
-
-def float64_device(impl):
-    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
-    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
-    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 def cap(z, c):

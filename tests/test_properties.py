@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kdkernels as kd
-from conftest import DEVICE
+from conftest import float64_device
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
@@ -54,12 +54,6 @@ def dyadic(shape, scale=4.0, bits=10):
 # --------------------------------------------------------------------------------------
 # gradcheck in float64
 # --------------------------------------------------------------------------------------
-
-
-def float64_device(impl):
-    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
-    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
-    return torch.device("cpu") if impl == "ext" else DEVICE
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -26,11 +26,11 @@ from _formulas import kd_loss as formula_kd_loss
 from _ranges import over_ranges
 
 import kdkernels as kd
+from conftest import DEVICE
 from kdkernels import _stats
 from kdkernels._spec import TWO_PASS_KINDS, Divergence, LossSpec
 from kdkernels.triton import kd as tkd
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
                "soft_cross_entropy", "tvd", "forward_reverse_kl", "alpha_beta")
 # (temperature, teacher_temperature): T = 1, T = 2, a teacher at its own temperature

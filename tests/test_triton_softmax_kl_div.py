@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from _formulas import assert_error_model, max_err
 
 import kdkernels as kd
+from conftest import DEVICE
 
 # the kernel modules (kdkernels.triton.softmax / .kl_div as attributes are the entry points)
 sm = importlib.import_module("kdkernels.triton.softmax")
 kl = importlib.import_module("kdkernels.triton.kl_div")
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
