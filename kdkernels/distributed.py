@@ -33,7 +33,7 @@ is the resolved backend's own kernels (`impl=`: the reference, Triton or the ext
            rank's offset: exactly this rank's slice of the unsharded gradient (DESIGN.md §1:
            d/dzs = q - p etc. are elementwise given the row scalars). No collective.
 
-Collectives (W = world size, N = rows, H = 20 header fields in float64, NCOL = 12 statistics
+Collectives (W = world size, N = rows, H = 22 header fields in float64, NCOL = 12 statistics
 columns in the accumulation dtype: float32, or float64 for float64 logits):
 
     kd_rows  forward_kl / reverse_kl (+ CE)  forward: 2 all_gathers (H,) and (N, NCOL) backward: 0
@@ -151,9 +151,10 @@ _KINDS = KINDS  # the header carries a divergence as its index here
 # then the widths, which must add up to the same V for student and teacher.
 _HEADER = ("rows", "student dtype", "teacher dtype", "divergence", "mix", "coef_p", "coef_q",
            "1/temperature", "1/teacher_temperature", "kd_scale", "ce_weight", "ignore_index",
-           "labels given", "log", "lowest label", "its row", "highest label", "its row",
-           "student width", "teacher width")
-_AGREED = _HEADER.index("log") + 1  # the fields before the labels' range and the widths
+           "labels given", "log", "teacher ids per row", "teacher ids", "lowest label",
+           "its row", "highest label", "its row", "student width", "teacher width")
+# the fields before the labels' range and the widths
+_AGREED = _HEADER.index("teacher ids") + 1
 _LO, _HI, _WS, _WT = _HEADER.index("lowest label"), _HEADER.index("highest label"), -2, -1
 
 
@@ -166,14 +167,29 @@ def _check_group(group) -> None:
         raise ValueError("process_group: this process is not a member of the group")
 
 
-def _exchange_header(s, t, spec: LossSpec | None, labels, group, log=False) -> list[list]:
-    """All-gather a small fixed-size description of this call (rows, dtypes, the loss, the
-    widths) and check it: ranks that disagree (a different row count, an empty batch on one
-    rank, labels or ce_weight on one rank only, another divergence or dtype) all raise the
-    same ValueError here, before any collective whose size depends on the call, so none
-    aborts inside the backend or waits for the others; labels outside [0, V) on any rank
-    make every rank raise the same ValueError too. Returns the (W, fields) header.
-    One small host read per call."""
+def _ids_fingerprint(ids: torch.Tensor) -> torch.Tensor:
+    """A number that ranks holding the same ids agree on exactly and that changes when any
+    one entry does: with x = ids + 1 (ids in [-1, 2^32 - 1)) split in 16-bit halves lo, hi
+    and weights w_i = i mod 65521 + 1 < 2^16, the sums S = sum_i w_i lo_i and
+    H = sum_i w_i hi_i are exact in int64 (terms below 2^32, up to 2^31 of them), and
+    (S + 3 H) mod 2^52 is exact in the header's float64."""
+    x = ids.reshape(-1) + 1
+    w = torch.remainder(torch.arange(x.numel(), device=ids.device), 65521) + 1
+    lo = (torch.bitwise_and(x, 0xFFFF) * w).sum()
+    hi = (torch.bitwise_and(torch.bitwise_right_shift(x, 16), 0xFFFF) * w).sum()
+    return torch.remainder(torch.remainder(lo, 2**52) + 3 * torch.remainder(hi, 2**52),
+                           2**52).double()
+
+
+def _exchange_header(s, t, spec: LossSpec | None, labels, group, log=False,
+                     teacher_ids=None) -> list[list]:
+    """All-gather a small fixed-size description of this call (rows, dtypes, the loss, a
+    sparse teacher's ids, the widths) and check it: ranks that disagree (a different row
+    count, an empty batch on one rank, labels or ce_weight on one rank only, another
+    divergence or dtype, other teacher ids) all raise the same ValueError here, before any
+    collective whose size depends on the call, so none aborts inside the backend or waits for
+    the others; labels outside [0, V) on any rank make every rank raise the same ValueError
+    too. Returns the (W, fields) header. One small host read per call."""
     d = spec.div if spec is not None else None
     fields = [s.shape[0], _DTYPES.index(s.dtype), _DTYPES.index(t.dtype)]
     if spec is None:  # softmax: no loss; t is s
@@ -181,9 +197,12 @@ def _exchange_header(s, t, spec: LossSpec | None, labels, group, log=False) -> l
     else:
         fields += [_KINDS.index(d.kind), d.mix, d.coef_p, d.coef_q, spec.inv_ts, spec.inv_tt,
                    spec.kd_scale, spec.ce_weight, spec.ignore_index]
-    fields += [labels is not None, log, s.shape[1], t.shape[1]]
+    k = teacher_ids.shape[-1] if teacher_ids is not None else 0
+    fields += [labels is not None, log, k, 0, s.shape[1], t.shape[1]]
     mine = torch.tensor([float(x) for x in fields], dtype=torch.float64, device=s.device)
     assert mine.numel() + 4 == len(_HEADER)
+    if teacher_ids is not None and teacher_ids.numel():
+        mine[_HEADER.index("teacher ids")] = _ids_fingerprint(teacher_ids)
     # the labels' range, on the device (one host read below serves every check)
     span = torch.zeros(4, dtype=torch.float64, device=s.device)
     if labels is not None and labels.numel():
@@ -202,8 +221,13 @@ def _exchange_header(s, t, spec: LossSpec | None, labels, group, log=False) -> l
                 values = [str(_DTYPES[int(v)]) for v in values]
             elif name == "divergence":
                 values = [_KINDS[int(v)] for v in values]
-            elif name in ("rows", "ignore_index", "labels given"):
+            elif name in ("rows", "ignore_index", "labels given", "teacher ids per row"):
                 values = [int(v) for v in values]
+            elif name == "teacher ids":  # fingerprints, meaningless to the reader
+                raise ValueError(
+                    "every rank of the process_group must make the same call: teacher_ids "
+                    "differ across ranks (they are global ids, the same on every rank)"
+                )
             raise ValueError(
                 f"every rank of the process_group must make the same call: {name} differs "
                 f"across ranks (per rank: {values})"

@@ -576,9 +576,11 @@ def sparse_kd_loss(
         from . import distributed as kdd
 
         kdd._check_group(process_group)
-        # every rank checks the same header (rows, loss, labels' range, widths) and learns
-        # its column offset; ids are the same on every rank, so all raise alike below
-        header = kdd._exchange_header(s, s, spec, flat_labels, process_group)
+        # every rank checks the same header (rows, loss, teacher ids, labels' range, widths)
+        # and learns its column offset; ids are then the same on every rank, so all raise
+        # alike below
+        header = kdd._exchange_header(s, s, spec, flat_labels, process_group,
+                                      teacher_ids=ids)
         widths = [int(row[kdd._WS]) for row in header]
         offset = sum(widths[: torch.distributed.get_rank(process_group)])
         global_v = sum(widths)

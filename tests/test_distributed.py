@@ -790,11 +790,36 @@ def disagree_softmax_rows(rank, world):
         s[: 3 if _last(rank, world) else 5], process_group=g), r"rows differs")
 
 
+def _sparse_call(rank, world, k, bump):
+    """sparse_kd_loss on this rank's shard with global teacher ids (4 or 5 per row, spaced 7
+    apart: unique in a row); bump: the last rank moves one id to a column no other id of its
+    row holds."""
+    ids = (torch.arange(k) * 7 + torch.arange(5)[:, None] * 3) % VOCAB
+    if bump and _last(rank, world):
+        ids[2, 1] = (ids[2, -1] + 1) % VOCAB
+    lp = torch.log_softmax(torch.linspace(0.0, 1.0, k, dtype=torch.float64), -1)
+    return lambda s, t, lab, g: kd.sparse_kd_loss(s, ids, lp.expand(5, k).float(), lab,
+                                                  process_group=g)
+
+
+@case
+def disagree_teacher_ids_per_row(rank, world):
+    return _disagreeing(rank, world, _sparse_call(rank, world, 5 if _last(rank, world) else 4,
+                                                  False), r"teacher ids per row differs")
+
+
+@case
+def disagree_teacher_ids(rank, world):
+    return _disagreeing(rank, world, _sparse_call(rank, world, 4, True),
+                        r"teacher_ids differ across ranks")
+
+
 # message identical on every rank (the last-rank-only case names the value only where seen)
 SAME_MESSAGE = {"bad_width_on_one_rank", "bad_total_vocab", "bad_label_too_large",
                 "bad_label_negative", "bad_label_on_last_rank_only", "disagree_rows",
                 "disagree_empty_batch_on_one_rank", "disagree_ce_weight", "disagree_labels_given",
-                "disagree_divergence", "disagree_dtype", "disagree_softmax_rows"}
+                "disagree_divergence", "disagree_dtype", "disagree_softmax_rows",
+                "disagree_teacher_ids_per_row", "disagree_teacher_ids"}
 
 
 # --------------------------------------------------------------------------------------
