@@ -22,7 +22,8 @@ from _formulas import sparse_kd_loss as formula
 
 import kdkernels as kd
 from conftest import DEVICE
-from kdkernels import _dispatch, reference
+from kdkernels import _dispatch, reference, sparse
+from kdkernels._common import acc_dtype
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
@@ -469,6 +470,42 @@ def test_bucket_student_tail_below_resolution_is_exact(impl, temperature):
     assert (x.grad[3] == 0).all()
     # the tail's own columns carry its gradient: -p_tail T (qt - q), qt uniform on row 0
     assert x.grad[0, 0] < -0.4 * temperature / (V - 2) * 0.99
+
+
+def test_bucket_student_without_tail_logits_keeps_the_floor(impl):
+    """A student that is -inf on every column outside S has no tail to sum: the row keeps
+    1 - sum_S q, clamped at eps of the statistics' dtype, so its loss lies between the
+    formula's with q_tail = TAIL_RESOLUTION eps and with q_tail = eps (the teacher's tail mass
+    is 0.4), finite, with finite gradients and none outside S. Next to it a confident row
+    that does take its tail's own log-sum."""
+    dtype = dtype_for(impl)
+    temperature = 2.0
+    s = torch.full((2, V), -math.inf, dtype=torch.float64, device=DEVICE)
+    s[:, [3, 5]] = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    s[1, 0] = -1000.0  # row 1: one tail logit, 1000 nats below S
+    ids = torch.tensor([[3, 5], [3, 5]])
+    lp = torch.log(torch.tensor([[0.5, 0.1], [0.5, 0.1]], dtype=torch.float64))
+    x = s.to(dtype, copy=True).requires_grad_()
+    out = kd.sparse_kd_loss(x, ids, lp.to(dtype), tail="bucket", impl=impl,
+                            temperature=temperature, reduction="none")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all(), (out, x.grad)
+    assert (x.grad[0, 6:] == 0).all() and x.grad[0, 0] == 0
+
+    lq_s = torch.log_softmax(s[0, [3, 5]] / temperature, -1)
+    p_tail = 0.4
+
+    def row0(lq_tail):
+        d = (lp[0].exp() * (lp[0] - lq_s)).sum() + p_tail * (math.log(p_tail) - lq_tail)
+        return float(d) * temperature**2
+
+    eps = torch.finfo(acc_dtype(dtype)).eps
+    lo, hi = row0(math.log(sparse.TAIL_RESOLUTION * eps)), row0(math.log(eps))
+    got = float(out[0].detach())
+    assert lo * (1 - 1e-5) <= got <= hi * (1 + 1e-5), (lo, got, hi)
+    s64 = s[1:].clone()
+    want = _bucket_forward_kl64(s64, ids[1:], lp[1:], temperature)[0]
+    torch.testing.assert_close(out[1].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_module_reads_the_function_options():
