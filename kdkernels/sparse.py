@@ -126,15 +126,15 @@ def _tail_rows(s, ids, rows, offset: int):
 
 
 def _exact_tails(s, labels, ids, spec: LossSpec, backend, group, offset: int, stats, g):
-    """The rows whose q_tail = 1 - sum_S q_i the statistics do not resolve, and the merged
-    statistics of their tails (the student's columns outside S), or None when no row needs
-    it. Such a row's tail is below TAIL_RESOLUTION eps (a student sure of the teacher's ids):
-    the difference would lose it (to 0 below eps: the loss of a confident student
-    understated, no gradient through its tail). Selecting the rows reads the device (one
-    host sync on CUDA); every rank selects the same rows (merged statistics, reduced G).
-    Rows with no finite tail logit keep the difference (their q_tail rounds to its floor).
-    Under torch.compile the selection (a data-dependent shape) is skipped: every row keeps
-    the difference."""
+    """The rows whose q_tail = 1 - sum_S q_i the statistics do not resolve, the merged
+    statistics of their tails (the student's columns outside S) and which of them have a
+    finite tail logit (has_tail), or None when no row needs it. Such a row's tail is below
+    TAIL_RESOLUTION eps (a student sure of the teacher's ids): the difference would lose it
+    (to 0 below eps: the loss of a confident student understated, no gradient through its
+    tail). Selecting the rows reads the device (one host sync on CUDA); every rank selects
+    the same rows (merged statistics, reduced G). Rows with no finite tail logit (has_tail
+    false) keep the difference (their q_tail rounds to its floor). Under torch.compile the
+    selection (a data-dependent shape) is skipped: every row keeps the difference."""
     from . import distributed as kdd
 
     if torch.compiler.is_compiling():
@@ -151,12 +151,7 @@ def _exact_tails(s, labels, ids, spec: LossSpec, backend, group, offset: int, st
     tail = backend.sparse_partial(_tail_rows(s, ids, rows, offset), None, tail_spec, offset)
     if group is not None:
         tail = _stats.merge_all(kdd._all_gather(tail, group), tail_spec)
-    keep = tail[:, Col.MS].isfinite()
-    if not bool(keep.all()):
-        rows, tail = rows[keep], tail[keep]
-        if rows.numel() == 0:
-            return None
-    return rows, tail
+    return rows, tail, tail[:, Col.MS].isfinite()
 
 
 class SparseStudent(torch.autograd.Function):
@@ -189,20 +184,21 @@ class SparseStudent(torch.autograd.Function):
         lt, exact = zeros.clone(), torch.zeros(n, device=s.device, dtype=torch.bool)
         tails = _exact_tails(s, labels, ids, spec, backend, group, offset, stats, g) \
             if exact_tail and n else None
-        rows, tail = tails if tails is not None else (None, None)
+        rows, tail, has_tail = tails if tails is not None else (None, None, None)
         if tails is not None:
             # log sum_{j not in S} exp((s_j - MS) / Ts), from the tail's own (max, log-sum)
-            lt[rows] = (tail[:, Col.MS] - stats[rows, Col.MS]) * spec.inv_ts + tail[:, Col.LS]
-            exact[rows] = True
+            lt[rows] = torch.where(has_tail, (tail[:, Col.MS] - stats[rows, Col.MS]) * spec.inv_ts
+                                   + tail[:, Col.LS], 0.0)
+            exact[rows] = has_tail
         ctx.mark_non_differentiable(ms, exact)
         ctx.spec, ctx.backend, ctx.offset, ctx.need_stats = spec, backend, offset, need_stats
-        ctx.save_for_backward(s, labels, ids, stats, rows, tail)
+        ctx.save_for_backward(s, labels, ids, stats, rows, tail, has_tail)
         return ms, ls, ce, g, lt, exact
 
     @staticmethod
     @first_order_only
     def backward(ctx, _dms, dls, dce, dg, dlt, _dexact):
-        s, labels, ids, stats, rows, tail = ctx.saved_tensors
+        s, labels, ids, stats, rows, tail, has_tail = ctx.saved_tensors
         spec, offset = ctx.spec, ctx.offset
         dt = acc_dtype(s.dtype)
         w = torch.where(ids >= 0, dg.to(dt), 0.0)
@@ -230,7 +226,9 @@ class SparseStudent(torch.autograd.Function):
                 _tail_rows(s, ids, rows, offset), None, dataclasses.replace(spec, ce_weight=0.0),
                 tail, torch.stack([c_t, torch.zeros_like(c_t)], 1), no_ids,
                 torch.zeros(no_ids.shape, device=s.device, dtype=dt), offset)
-            gs.index_add_(0, rows, gt)
+            # rows without a tail logit (has_tail false) are not exact: their dLT is 0, and their
+            # all -inf copies may give NaN in a backend; they add nothing
+            gs.index_add_(0, rows, torch.where(has_tail[:, None], gt, 0.0))
         return gs, None, None, None, None, None, None, None, None
 
 
