@@ -55,13 +55,18 @@ IMPLS = ("auto", "torch", "triton", "ext")
 _BACKENDS: dict[str, ModuleType] = {"torch": reference, "triton": triton_backend, "ext": ext}
 
 
-def _usable(name: str, device: torch.device, dtypes) -> tuple[bool, str]:
+def supported_dtypes(name: str, device: torch.device) -> tuple:
+    """The dtypes backend `name` takes on `device`: its SUPPORTED_DTYPES, or what its
+    supported_dtypes(device) says where they depend on the device."""
     backend = _BACKENDS[name]
-    ok, why = backend.is_available(device)
+    return getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(device)
+
+
+def _usable(name: str, device: torch.device, dtypes) -> tuple[bool, str]:
+    ok, why = _BACKENDS[name].is_available(device)
     if not ok:
         return False, why
-    # a backend whose dtypes depend on the device defines supported_dtypes(device)
-    supported = getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(device)
+    supported = supported_dtypes(name, device)
     bad = [d for d in dtypes if d not in supported]
     if bad:
         return False, f"impl={name!r} supports dtypes {supported} on {device}, got {bad[0]}"

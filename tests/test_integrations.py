@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE
+from conftest import DEVICE, float64_device
 from kdkernels import _dispatch
 from kdkernels.integrations.trl import generalized_jsd_loss
 
@@ -71,10 +71,8 @@ def _dtype_tol(impl):
     """float64 where the implementation has it on the test device (then only rounding
     separates it from the formula), else float32 inputs compared with the float64 formula at
     float32 precision."""
-    backend = _dispatch._BACKENDS[impl]
-    # a backend whose dtypes depend on the device (ext: float64 on the CPU only) says so
-    supported = getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(DEVICE)
-    if torch.float64 in supported:
+    # ext: float64 on the CPU only
+    if torch.float64 in _dispatch.supported_dtypes(impl, DEVICE):
         return torch.float64, dict(rtol=1e-9, atol=1e-12)
     return torch.float32, dict(rtol=2e-5, atol=2e-6)
 
@@ -171,8 +169,7 @@ def gkd_trainer():
 def test_against_trl(gkd_trainer, impl, dtype, kw):
     if impl == "triton" and dtype == torch.float64:
         pytest.skip("impl='triton' has no float64")
-    # impl="ext" has float64 on the CPU only (its CUDA kernels: float16/bfloat16/float32)
-    device = torch.device("cpu") if impl == "ext" and dtype == torch.float64 else DEVICE
+    device = float64_device(impl) if dtype == torch.float64 else DEVICE
     s, t, labels = _inputs(dtype, device=device)
     got = _value_and_grads(generalized_jsd_loss, s, t, labels, impl=impl, **kw)
     want = _value_and_grads(gkd_trainer.generalized_jsd_loss, s, t, labels, **kw)

@@ -41,9 +41,8 @@ MODE_IDS = [f"{t}-{d}" for t, d in MODES]
 def dtype_for(impl):
     """float64 where the backend takes it on the test device (the sharpest check), else
     float32 (the extension's CUDA kernels take no float64)."""
-    backend = _dispatch._BACKENDS[impl]
-    supported = getattr(backend, "supported_dtypes", lambda _: backend.SUPPORTED_DTYPES)(DEVICE)
-    return torch.float64 if torch.float64 in supported else torch.float32
+    return torch.float64 if torch.float64 in _dispatch.supported_dtypes(impl, DEVICE) \
+        else torch.float32
 
 
 def teacher(lead, v, k, seed=0, pad=True, scale=2.0, device=DEVICE):
