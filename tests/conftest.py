@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 import torch
+from _device import DEVICE
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,15 +20,6 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdkern
 # Every implementation is tested through the public API. None is skipped on CPU: an impl
 # that cannot run here (e.g. the extension failed to build) fails its tests.
 IMPLS = ("torch", "triton", "ext")
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def float64_device(impl):
-    """Where `impl` runs float64: the test device, but the CPU for impl="ext" (its CUDA
-    kernels take float16/bfloat16/float32 only, its CPU kernel also float64)."""
-    return torch.device("cpu") if impl == "ext" else DEVICE
-
 
 @pytest.fixture(params=IMPLS)
 def impl(request):

@@ -16,10 +16,10 @@ their source, against kd_loss.
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import float64_device
 from _formulas import check_kd_loss, skip_unsupported
 
 import kdkernels as kd
-from conftest import float64_device
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 

@@ -8,9 +8,9 @@ import types
 
 import pytest
 import torch
+from _device import DEVICE
 
 import kdkernels as kd
-from conftest import DEVICE
 from kdkernels import _dispatch
 
 

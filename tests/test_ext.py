@@ -16,11 +16,11 @@ import sys
 
 import pytest
 import torch
+from _device import DEVICE
 from _formulas import check_kd_loss
 from _ranges import over_ranges
 
 import kdkernels as kd
-from conftest import DEVICE
 from kdkernels import _stats as stats_mod
 from kdkernels import ext
 from kdkernels._spec import Divergence, LossSpec

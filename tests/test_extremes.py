@@ -19,10 +19,10 @@ import math
 
 import pytest
 import torch
+from _device import DEVICE
 from _formulas import TOLERANCES, kd_loss, max_err
 
 import kdkernels as kd
-from conftest import DEVICE
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",

@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
+from _device import DEVICE, float64_device
 from torch import nn
 
-from conftest import DEVICE, float64_device
 from kdkernels import _dispatch
 from kdkernels.integrations.trl import generalized_jsd_loss
 

@@ -8,6 +8,7 @@ the inputs' dtype, i.e. what plain PyTorch gives.
 
 import pytest
 import torch
+from _device import float64_device
 from _formulas import (
     TOLERANCES,
     assert_error_model,
@@ -17,7 +18,6 @@ from _formulas import (
 )
 
 import kdkernels as kd
-from conftest import float64_device
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")

@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import float64_device
 from _formulas import assert_error_model, skip_unsupported, upstream_grad
 
 import kdkernels as kd
-from conftest import float64_device
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")

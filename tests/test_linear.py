@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from _device import DEVICE, float64_device
 from _formulas import assert_error_model, skip_unsupported, upstream_grad
 from test_memory import AllocationRecorder
 
 import kdkernels as kd
-from conftest import DEVICE, float64_device
 from kdkernels import linear
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _device import float64_device
 from _formulas import (
     TOLERANCES,
     assert_error_model,
@@ -23,7 +24,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kdkernels as kd
-from conftest import float64_device
 
 # tensors the tests create land on the device of the `device` fixture
 pytestmark = pytest.mark.usefixtures("tensors_on_device")

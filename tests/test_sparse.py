@@ -17,11 +17,11 @@ import traceback
 
 import pytest
 import torch
+from _device import DEVICE
 from _formulas import assert_error_model, max_err, skip_unsupported, upstream_grad
 from _formulas import sparse_kd_loss as formula
 
 import kdkernels as kd
-from conftest import DEVICE
 from kdkernels import _dispatch, reference, sparse
 from kdkernels._common import acc_dtype
 

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from _device import DEVICE
 from _sparse_formulas import (
     EPS,
     STUDENT_COLS,
@@ -25,7 +26,6 @@ from _sparse_formulas import (
     partial64,
 )
 
-from conftest import DEVICE
 from kdkernels import _stats
 from kdkernels._spec import Divergence, LossSpec
 from kdkernels._stats import Col

@@ -21,12 +21,12 @@ import warnings
 
 import pytest
 import torch
+from _device import DEVICE
 from _formulas import assert_error_model
 from _formulas import kd_loss as formula_kd_loss
 from _ranges import over_ranges
 
 import kdkernels as kd
-from conftest import DEVICE
 from kdkernels import _stats
 from kdkernels._spec import TWO_PASS_KINDS, Divergence, LossSpec
 from kdkernels.triton import kd as tkd

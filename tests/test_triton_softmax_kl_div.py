@@ -13,10 +13,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import DEVICE
 from _formulas import assert_error_model, max_err
 
 import kdkernels as kd
-from conftest import DEVICE
 
 # the kernel modules (kdkernels.triton.softmax / .kl_div as attributes are the entry points)
 sm = importlib.import_module("kdkernels.triton.softmax")

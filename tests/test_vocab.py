@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _device import DEVICE
 from _formulas import assert_error_model, upstream_grad
 from _formulas import kd_loss as formula_kd_loss
 
 import kdkernels as kd
-from conftest import DEVICE
 from kdkernels import _dispatch
 
 pytestmark = pytest.mark.usefixtures("tensors_on_device")
