@@ -11,7 +11,8 @@
 // fixed references, each shifted logit formed as (x - m) * inv_t (kd_math.h). The vocabulary
 // tail is padded with -inf in both logits, which by the padding rule contributes exactly 0
 // (no scalar tail loop). Second passes (mixture pass 2, backward) load the tiles already
-// shifted to log-probabilities lq, lp (load_logp).
+// shifted to log-probabilities lq, lp (load_logp). Every loop over a tile asks for the next
+// tile's lines as it goes (NextTile, kd_cpu_simd.h), so memory and arithmetic overlap.
 //
 // Speed of the mixture's element loops: an element is one long dependency chain (exp(-|d|),
 // log1p, softplus, the sum or the gradient) and the out-of-order window holds only a few
@@ -20,10 +21,11 @@
 // one-instruction -|d| and clamp, and row constants folded before the loop.
 //
 // Passes over memory (N x V each):
-//   forward  forward/reverse KL: 1 read of s and t.  mixture: 2 (pass 2 needs lse_s, lse_t;
-//            a row is 1 MB in float32, so the second pass mostly hits L2). A whole row's pass
-//            1 keeps its exps in a per-thread row buffer (Kept), so pass 2 forms p and q
-//            with a multiply each instead of an exp.
+//   forward  forward/reverse KL: 1 read of s and t.  mixture: 1 for whole rows: pass 1
+//            keeps its exps and the difference of the shifted logits in a per-thread row
+//            buffer (Kept), from which pass 2 forms p, q and the log-ratio with a multiply or
+//            an add each (no exp, no second read of s and t). A column range (kd_mix_partial)
+//            reads s and t again in its pass 2.
 //   backward 1 read of s and t, 1 write of grad_s (and grad_t when asked), in the input
 //            dtype, already multiplied by the row's upstream gradient.
 //   fused    (kd_fused_, inplace_backward) forward then backward of each row while it is in
@@ -97,16 +99,19 @@ void with_mix_mode(const MixCoef<S>& c, const F& f) {
 
 // ---- forward of one row -------------------------------------------------------------------
 
-// Pass 1's exps of a whole row, kept for pass 2 of the mixture (forward_row): es, et hold
-// exp((x - ref) inv_t) of every element against the side's running reference of its tile,
-// refs[2k], refs[2k + 1] those references (raw running maxima) for tile k. Pass 2 then forms
+// Pass 1's work on a whole row, kept for pass 2 of the mixture (forward_row): es, et hold
+// exp(zs), exp(zt) of every element, zs = (s - ref) inv_ts and zt alike against the side's
+// running reference of its tile, dz holds zt - zs, and refs[2k], refs[2k + 1] are those
+// references (raw running maxima, safe_ref'd where used) for tile k. Pass 2 then forms
 // q = es exp((ref - ms) / Ts - ls) and p alike with one multiply each instead of an exp
-// (the element is bound by its transcendental functions; see the top). es, et have room for
-// round_up(v, TILE) elements, refs for 2 per tile.
+// (the element is bound by its transcendental functions; see the top), and the log-ratio
+// d = lp - lq + logit as dz plus a constant of the tile, without reading s and t again.
+// es, et, dz have room for round_up(v, TILE) elements, refs for 2 per tile.
 template <class A>
 struct Kept {
   A* es;
   A* et;
+  A* dz;
   A* refs;
 };
 
@@ -156,6 +161,7 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st, Kept<A>* keep =
     const int64_t np = round_up<A>(n);
     const A ts = load_tile<A>(r.s, r.ss, off, n, xs);
     const A tt = load_tile<A>(r.t, r.tt, off, n, xt);
+    const NextTile ns(r.s, r.ss, off + TILE, r.v), nt(r.t, r.tt, off + TILE, r.v);
     const A nms = kd_max_nan(ms, ts), nmt = kd_max_nan(mt, tt);
     if (K == MIXTURE) {
       lse_rebase(ss, ref_move(ms, nms, its));
@@ -170,25 +176,36 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st, Kept<A>* keep =
     if (K == MIXTURE && keep) {
       A* es = keep->es + off;
       A* et = keep->et + off;
+      A* dz = keep->dz + off;
       for (int64_t i = 0; i < np; i += W) {
-        // lse_add's terms, stored
-        const V e_s = kd_exp((V::loadu(xs + i) - vms) * vits);
-        const V e_t = kd_exp((V::loadu(xt + i) - vmt) * vitt);
+        ns.touch(i);
+        nt.touch(i);
+        // lse_add's terms and the difference of their arguments, stored
+        const V zs = (V::loadu(xs + i) - vms) * vits;
+        const V zt = (V::loadu(xt + i) - vmt) * vitt;
+        const V e_s = kd_exp(zs);
+        const V e_t = kd_exp(zt);
         ss = ss + e_s;
         stt = stt + e_t;
         e_s.store(es + i);
         e_t.store(et + i);
+        (zt - zs).store(dz + i);
       }
       keep->refs[2 * (off / TILE)] = ms;
       keep->refs[2 * (off / TILE) + 1] = mt;
     } else if (K == MIXTURE) {
       for (int64_t i = 0; i < np; i += W) {
+        ns.touch(i);
+        nt.touch(i);
         lse_add(V::loadu(xs + i), vms, vits, ss);
         lse_add(V::loadu(xt + i), vmt, vitt, stt);
       }
     } else {
-      for (int64_t i = 0; i < np; i += W)
+      for (int64_t i = 0; i < np; i += W) {
+        ns.touch(i);
+        nt.touch(i);
         kl_add<REV>(V::loadu(xs + i), V::loadu(xt + i), vms, vmt, vits, vitt, ss, stt, acc);
+      }
     }
     if (ce_sep)
       for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
@@ -204,7 +221,7 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st, Kept<A>* keep =
 // out[0:4] = (A, B, Uq, Up) sums over the range (kd_layout.h's DIV, B, UQ, UP). For jsd
 // (unit_u, u = 1) Uq and Up are the range's sums of q and p (so the ranges of a row add up
 // to 1, the whole row's value) when unit_sums, else left 0 (the caller knows they are 1).
-// keep: pass 1's exps of the whole row (forward_row), or nullptr.
+// keep: pass 1's kept work on the whole row (forward_row, unit_sums false), or nullptr.
 template <class A>
 void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
              const Kept<A>* keep = nullptr) {
@@ -223,21 +240,29 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
-      load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
-      load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
       V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
       if (keep) {
         const A* es = keep->es + off;
         const A* et = keep->et + off;
+        const A* dz = keep->dz + off;
         const A* ref = keep->refs + 2 * (off / TILE);
         const V fs(kept_factor(ref[0], g[ST_MS], its, ls));
         const V ft(kept_factor(ref[1], g[ST_MT], itt, lt));
+        // lq = zs + (ref_s - ms) / Ts - ls and lp alike, so d = lp - lq + logit = dz + cd
+        const V cd(((safe_ref(ref[1]) - mt) * itt - lt) - ((safe_ref(ref[0]) - ms) * its - ls) +
+                   c.logit);
         for (int64_t i = 0; i < np; i += W)
-          mix_add<F, U, SD, true>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up,
+          mix_add<F, U, SD, true>(V(0), V::loadu(dz + i) + cd, c, a, b, uq, up,
                                   V::loadu(es + i) * fs, V::loadu(et + i) * ft);
       } else {
-        for (int64_t i = 0; i < np; i += W)
+        load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
+        load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
+        const NextTile ns(r.s, r.ss, off + TILE, r.v), nt(r.t, r.tt, off + TILE, r.v);
+        for (int64_t i = 0; i < np; i += W) {
+          ns.touch(i);
+          nt.touch(i);
           mix_add<F, U, SD>(V::loadu(zs + i), V::loadu(zt + i), c, a, b, uq, up);
+        }
       }
       if (c.unit_u && unit_sums) {
         // u = 1: sum q u = sum q (padding is exp(-inf) = 0)
@@ -301,6 +326,7 @@ std::pair<A, A> kl2_stats_row(const Row& r, const Params& pr, A* st) {
     const int64_t np = round_up<A>(n);
     const A ts = load_tile<A>(r.s, r.ss, off, n, xs);
     const A tt = load_tile<A>(r.t, r.tt, off, n, xt);
+    const NextTile ns(r.s, r.ss, off + TILE, r.v), nt(r.t, r.tt, off + TILE, r.v);
     const A nms = kd_max_nan(ms, ts), nmt = kd_max_nan(mt, tt);
     kl2_rebase<K>(ss, stt, acc, accb, ref_move(ms, nms, its), ref_move(mt, nmt, itt));
     if (ce_sep) lse_rebase(s1, ref_move(ms, nms, A(1)));
@@ -308,8 +334,11 @@ std::pair<A, A> kl2_stats_row(const Row& r, const Params& pr, A* st) {
     mt = nmt;
     const V vms(safe_ref(ms)), vmt(safe_ref(mt));
     V a(acc), b(accb), ls(ss), lt(stt);  // local: no spills of the captured sums
-    for (int64_t i = 0; i < np; i += W)
+    for (int64_t i = 0; i < np; i += W) {
+      ns.touch(i);
+      nt.touch(i);
       kl2_add<K>(V::loadu(xs + i), V::loadu(xt + i), vms, vmt, vits, vitt, ls, lt, a, b);
+    }
     acc = a, accb = b, ss = ls, stt = lt;
     if (ce_sep)
       for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
@@ -339,8 +368,13 @@ void pw_row(const Row& r, const Params& pr, const A* g, A* out) {
     const int64_t np = round_up<A>(n);
     load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
     load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
+    const NextTile ns(r.s, r.ss, off + TILE, r.v), nt(r.t, r.tt, off + TILE, r.v);
     V d(sd), uq(suq), up(sup);
-    for (int64_t i = 0; i < np; i += W) pw_add<K>(V::loadu(zs + i), V::loadu(zt + i), c, d, uq, up);
+    for (int64_t i = 0; i < np; i += W) {
+      ns.touch(i);
+      nt.touch(i);
+      pw_add<K>(V::loadu(zs + i), V::loadu(zt + i), c, d, uq, up);
+    }
     sd = d, suq = uq, sup = up;
   }
   out[0] = hsum(sd);
@@ -410,9 +444,9 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   // are the student's and softmax(s) = exp(lq), so z1 = lq, m1 = l1 = 0
   const A m1 = ce_sep ? safe_ref(st[ST_M1]) : A(0), l1 = ce_sep ? st[ST_L1] : A(0);
   // element gradient (lane type X): the same code for the vector body and the label fix-up;
-  // NT: whether the teacher's gradient is formed at all
+  // NT: whether the teacher's gradient is formed at all; its constants captured by value
   // (fast, unit, sides: the mixture's element path, see with_mix_mode)
-  auto elem = [&](auto nt, auto fast, auto unit, auto sides, auto lq, auto lp, auto z1v,
+  auto elem = [=](auto nt, auto fast, auto unit, auto sides, auto lq, auto lp, auto z1v,
                   auto onehot, auto& gsv, auto& gtv) {
     using X = std::decay_t<decltype(lq)>;
     constexpr bool NT = decltype(nt)::value;
@@ -440,20 +474,26 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   }
   auto tiles = [&](auto nt, auto fast, auto unit, auto sides) {
     constexpr bool NT = decltype(nt)::value;
+    // a copy of the element's constants local to this loop: the vector stores may alias any
+    // memory, so constants read through references would be reloaded for every vector
+    const auto el = elem;
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
       load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
       load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
+      const NextTile ns(r.s, r.ss, off + TILE, r.v), nxt(r.t, r.tt, off + TILE, r.v);
       const A* z1p = zs;
       if (ce_sep) {
         load_tile<A>(r.s, r.ss, off, n, z1, false);
         z1p = z1;
       }
       for (int64_t i = 0; i < np; i += W) {
+        ns.touch(i);
+        nxt.touch(i);
         V gsv, gtv;
-        elem(nt, fast, unit, sides, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0),
-             gsv, gtv);
+        el(nt, fast, unit, sides, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0),
+           gsv, gtv);
         const bool full = i + W <= n;
         // the tile buffers receive the gradient where it is not stored directly (read already)
         if (gs_direct && full) {
@@ -555,11 +595,12 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
     // the mixture's whole-row forward keeps pass 1's exps for pass 2 (Kept): a row's worth
     // per thread
     std::vector<A> kept_buf;
-    Kept<A> kept{nullptr, nullptr, nullptr};
+    Kept<A> kept{nullptr, nullptr, nullptr, nullptr};
     if (K == MIXTURE && fwd) {
       const int64_t vp = (v + TILE - 1) / TILE * TILE;
-      kept_buf.resize(2 * vp + 2 * (vp / TILE));
-      kept = {kept_buf.data(), kept_buf.data() + vp, kept_buf.data() + 2 * vp};
+      kept_buf.resize(3 * vp + 2 * (vp / TILE));
+      A* kb = kept_buf.data();
+      kept = {kb, kb + vp, kb + 2 * vp, kb + 3 * vp};
     }
     for (int64_t i = b; i < e; ++i) {
       Row r;
@@ -907,12 +948,15 @@ at::Tensor softmax_cpu(const at::Tensor& x, double inv_t, bool log) {
         for (int64_t off = 0; off < v; off += TILE) {
           const int64_t nn = std::min(TILE, v - off);
           const A tm = load_tile<A>(xr, xs, off, nn, z);
+          const NextTile nx(xr, xs, off + TILE, v);
           const A nm = kd_max_nan(m, tm);
           lse_rebase(sum, ref_move(m, nm, it));
           m = nm;
           const V vm(safe_ref(m));
-          for (int64_t j = 0; j < round_up<A>(nn); j += W)
+          for (int64_t j = 0; j < round_up<A>(nn); j += W) {
+            nx.touch(j);
             lse_add(V::loadu(z + j), vm, vit, sum);
+          }
         }
         // a row with a NaN, a +inf or nothing finite (m not finite) has no softmax: NaN
         // throughout (stored as is: the vector exp need not keep a NaN)
@@ -927,7 +971,9 @@ at::Tensor softmax_cpu(const at::Tensor& x, double inv_t, bool log) {
         for (int64_t off = 0; off < v; off += TILE) {
           const int64_t nn = std::min(TILE, v - off);
           load_tile<A>(xr, xs, off, nn, z, false);
+          const NextTile nx(xr, xs, off + TILE, v);
           for (int64_t j = 0; j < round_up<A>(nn); j += W) {
+            nx.touch(j);
             const V l = (V::loadu(z + j) - vm) * vit - vl;
             (log ? l : kd_exp(l)).store(z + j);
           }

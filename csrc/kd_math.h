@@ -165,6 +165,26 @@ KD_HD W log1p_unit_poly(W x) {
 KD_HD float kd_log1p_unit(float x) { return log1p_unit_poly(x); }
 KD_HD double kd_log1p_unit(double x) { return log1p(x); }  // float64: full precision
 
+// -log(1 - z) for z in [0, 1/2], the same way: z * P(z), P the degree-8 fit of -log(1-z) / z
+// with P(0) = 1 (max error 5.9e-9; evaluated in float32, 1.4e-7 absolute, as the one above).
+// The mixture's given-exps path (mix_elem) reaches log1p(exp(-|d|)) as -log(1 - z) with z =
+// min(a p, (1-a) q) / (a p + (1-a) q), whose reciprocal it shares with the sigmoid.
+template <class W>
+KD_HD W log1m_half_poly(W z) {
+  const W z2 = z * z;
+  const W z4 = z2 * z2;
+  const W p01 = W(4.999715388e-01f) * z + W(1.0f);
+  const W p23 = W(2.317543626e-01f) * z + W(3.344981670e-01f);
+  const W p45 = W(-5.004770160e-01f) * z + W(3.464949131e-01f);
+  const W p67 = W(-2.439033031e+00f) * z + W(1.904269814e+00f);
+  const W p03 = p23 * z2 + p01;
+  const W p47 = p67 * z2 + p45;
+  const W p07 = p47 * z4 + p03;
+  return (W(1.791859508e+00f) * (z4 * z4) + p07) * z;
+}
+KD_HD float kd_log1m_half(float z) { return log1m_half_poly(z); }
+KD_HD double kd_log1m_half(double z) { return -log1p(-z); }  // float64: full precision
+
 // the smallest normal number of S
 template <class S>
 KD_HD S kd_tiny() {
@@ -348,7 +368,7 @@ constexpr double MIX_FAST_LOGIT = 20.0;
 
 template <class S>
 struct MixCoef {
-  S a, cp, cq, kp, kq, log_a, log_1ma, logit, r_pq, r_qp;
+  S a, one_ma, cp, cq, kp, kq, log_a, log_1ma, logit, r_pq, r_qp;  // one_ma = 1 - a
   bool unit_u, one_exp;
 };
 
@@ -356,6 +376,7 @@ template <class S>
 KD_HD MixCoef<S> mix_coef(S a, S cp, S cq) {
   MixCoef<S> c;
   c.a = a;
+  c.one_ma = S(1) - a;
   c.cp = cp;
   c.cq = cq;
   c.kp = cp == S(0) ? S(0) : cp / a;
@@ -390,6 +411,13 @@ KD_HD bool mix_sides_match(const MixCoef<S>& c) {
   return SIDES == MIX_BOTH || (SIDES == MIX_P ? c.cq == S(0) : c.cp == S(0));
 }
 
+// u = 1 for every element (jsd): a compile-time fact on the FAST path, where with_mix_mode
+// (kd_cpu.cpp) passes c.unit_u as UNIT, so the element loop holds no branch on it.
+template <bool FAST, bool UNIT, class S>
+KD_HD bool mix_unit(const MixCoef<S>& c) {
+  return UNIT || (!FAST && c.unit_u);
+}
+
 // Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
 template <class W>
 struct MixElem {
@@ -406,20 +434,21 @@ struct MixElem {
 //    needed (0 * finite = 0). Where |d| > C the side the clamp changes has weight exactly 0:
 //    if d < -C, p = q exp(d - logit) <= exp(-C + |logit|) = 0, and the same for q if d > C.
 //    Padding (lp = lq = -inf, d = NaN) gives p = q = 0 and finite log-ratios.
-//  UNIT = true (needs c.unit_u): u = 1 is known at compile time.
+//  UNIT = true (needs c.unit_u): u = 1 is known at compile time; with FAST, UNIT must be
+//  c.unit_u (mix_unit).
 //  SIDES (FAST only, needs mix_sides_match): the sides whose pieces are formed; NEED_LOG =
 //  false skips the log-ratios (lp_lm, lq_lm, sp_*) altogether.
-// sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, e^-|d| / (1 + e^-|d|) on the
-// other: one reciprocal (kd_rcp) for both.
-//  GIVEN = true: q and p are the caller's (gq, gp: pass 1's exps, kept), no exp forms them.
+//  GIVEN = true: q and p are the caller's (gq, gp: pass 1's exps, kept), no exp forms them,
+//  and so is the log-ratio: lp holds d = lp - lq + logit itself, lq is unused. With FAST,
+//  one reciprocal gives the sigmoids and the log1p's argument (see below).
 template <bool NEED_P = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
           bool NEED_LOG = true, bool GIVEN = false, class W, class S>
 KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W(0)) {
   MixElem<W> e;
-  W d = lp - lq + W(c.logit);
-  W ex;
+  W d = GIVEN ? lp : lp - lq + W(c.logit);
+  W ex;  // exp(-|d|), except on the FAST GIVEN path, which does without it
   if (FAST && GIVEN) {
-    d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());  // ex from p and q below
+    d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());
   } else if (FAST) {
     // the exp's argument clamped on its own (one step on the chain; NaN -> -C), d beside it
     ex = kd_exp(kd_max(kd_nabs(d), W(S(0) - mix_clamp<S>())));
@@ -428,16 +457,20 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
     ex = kd_exp(kd_nabs(d));  // exp(-|d|) in (0, 1]: no overflow
   }
   W pos = d >= W(0);
+  W l1, sig_pos, sig_neg;  // log1p(exp(-|d|)), sigmoid(d), sigmoid(-d)
   if (GIVEN) {
     e.q = gq;
     e.p = gp;
     if (FAST) {
-      // exp(-|d|) is the smaller of a p and (1-a) q over the larger (exp(d) is their
-      // ratio): a reciprocal instead of an exp. The larger is kept >= the smallest normal,
-      // so two zeros (padding, underflow) give 0 and the reciprocal stays finite; where the
-      // two are within rounding of each other the result may exceed 1 by a few ulps.
-      const W ap = W(c.a) * gp, bq = W(S(1) - c.a) * gq;
-      ex = kd_where(pos, bq, ap) * kd_rcp(kd_max(kd_where(pos, ap, bq), W(kd_tiny<S>())));
+      // the sigmoids are a p / m and (1-a) q / m (m = a p + (1-a) q), and exp(-|d|) is the
+      // smaller of the two over the larger (exp(d) is their ratio), so log1p(exp(-|d|)) =
+      // -log(1 - z), z = the smaller over m in [0, 1/2]: one reciprocal, no exp. m is kept
+      // >= the smallest normal, so two zeros (padding, underflow) give 0 and 1/m is finite.
+      const W ap = W(c.a) * gp, bq = W(c.one_ma) * gq;
+      const W inv = kd_rcp(kd_max(ap + bq, W(kd_tiny<S>())));
+      l1 = kd_log1m_half(kd_where(pos, bq, ap) * inv);
+      sig_pos = ap * inv;
+      sig_neg = bq * inv;
     }
   } else if (FAST && NEED_P) {
     W big = kd_exp(kd_where(pos, lp, lq));
@@ -448,8 +481,8 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
     e.q = kd_exp(lq);
     if (NEED_P) e.p = kd_exp(lp);
   }
+  if (!(FAST && GIVEN) && (!FAST || NEED_LOG)) l1 = kd_log1p_unit(ex);
   if (!FAST || NEED_LOG) {
-    W l1 = kd_log1p_unit(ex);
     // softplus(-+d) = max(-+d, 0) + log1p(exp(-|d|))
     if (!FAST || SIDES != MIX_Q) {
       e.sp_neg = kd_max(W(0) - d, W(0)) + l1;
@@ -460,18 +493,28 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
       e.lq_lm = W(-c.log_1ma) - e.sp_pos;
     }
   }
-  if (UNIT || c.unit_u) {
+  // sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, e^-|d| / (1 + e^-|d|) on the
+  // other: one reciprocal for both (formed above on the FAST GIVEN path)
+  if (mix_unit<FAST, UNIT>(c)) {
     e.u = W(1);
   } else if (FAST && SIDES == MIX_P) {
-    W inv = kd_rcp(W(1) + ex);
-    e.u = W(c.kp) * kd_where(pos, inv, ex * inv);  // kp sigmoid(d)
+    if (!GIVEN) {
+      W inv = kd_rcp(W(1) + ex);
+      sig_pos = kd_where(pos, inv, ex * inv);
+    }
+    e.u = W(c.kp) * sig_pos;
   } else if (FAST && SIDES == MIX_Q) {
-    W inv = kd_rcp(W(1) + ex);
-    e.u = W(c.kq) * kd_where(pos, ex * inv, inv);  // kq sigmoid(-d)
+    if (!GIVEN) {
+      W inv = kd_rcp(W(1) + ex);
+      sig_neg = kd_where(pos, ex * inv, inv);
+    }
+    e.u = W(c.kq) * sig_neg;
   } else {
-    W inv = kd_rcp(W(1) + ex);
-    W sig_pos = kd_where(pos, inv, ex * inv);  // sigmoid(d)
-    W sig_neg = kd_where(pos, ex * inv, inv);  // sigmoid(-d)
+    if (!(FAST && GIVEN)) {
+      W inv = kd_rcp(W(1) + ex);
+      sig_pos = kd_where(pos, inv, ex * inv);
+      sig_neg = kd_where(pos, ex * inv, inv);
+    }
     e.u = W(c.kp) * sig_pos + W(c.kq) * sig_neg;
   }
   return e;
@@ -481,7 +524,7 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
 // skipped (their log-ratio may be inf at a = 0 or 1 and they are never used). FAST: every
 // log-ratio is finite (see mix_elem), nothing is masked; a side SIDES leaves out keeps its
 // sum at 0 (its coefficient is 0).
-// GIVEN: q and p given (gq, gp), see mix_elem.
+// GIVEN: q, p and d given (gq, gp, lp), see mix_elem.
 template <bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH, bool GIVEN = false,
           class W, class S>
 KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup,
@@ -490,7 +533,7 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
   if (FAST) {
     if (SIDES != MIX_Q) sa = sa + e.p * e.lp_lm;
     if (SIDES != MIX_P) sb = sb + e.q * e.lq_lm;
-    if (!(UNIT || c.unit_u)) {
+    if (!mix_unit<FAST, UNIT>(c)) {
       suq = suq + e.q * e.u;
       sup = sup + e.p * e.u;
     }
@@ -517,19 +560,31 @@ KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs
     // lq - lm - B = (-log(1-a) - B) - softplus(d) with the row constant formed once (one
     // step less on the element's chain); a side SIDES leaves out has coefficient 0
     gs = W(0);
-    if (SIDES != MIX_P) gs = (W(c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
-    if (!(U || c.unit_u)) gs = gs - W(S(1) - c.a) * e.q * (e.u - W(Uq));
     gt = W(0);
+    if (U) {
+      if (SIDES != MIX_P) gs = (W(c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
+      if (NEED_T && SIDES != MIX_Q) gt = (W(c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
+      return;
+    }
+    // with u: cq q (lq - lm - B) - (1-a) q (u - Uq) = q (kq - cq softplus(d) - (1-a) u),
+    // kq = cq (-log(1-a) - B) + (1-a) Uq a row constant: two multiply-adds and a multiply
+    // where the unfolded form takes seven steps (the teacher's alike with p, a, Up)
+    const S kq = (SIDES != MIX_P ? c.cq * (-c.log_1ma - B) : S(0)) + c.one_ma * Uq;
+    W hs = W(kq) - W(c.one_ma) * e.u;
+    if (SIDES != MIX_P) hs = hs - W(c.cq) * e.sp_pos;
+    gs = e.q * hs;
     if (NEED_T) {
-      if (SIDES != MIX_Q) gt = (W(c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
-      if (!(U || c.unit_u)) gt = gt - W(c.a) * e.p * (e.u - W(Up));
+      const S kp = (SIDES != MIX_Q ? c.cp * (-c.log_a - A) : S(0)) + c.a * Up;
+      W ht = W(kp) - W(c.a) * e.u;
+      if (SIDES != MIX_Q) ht = ht - W(c.cp) * e.sp_neg;
+      gt = e.p * ht;
     }
     return;
   }
   W qm = e.q > W(0);
   gs = W(0);
   gt = W(0);
-  if (!c.unit_u) gs = kd_where(qm, W(S(0) - (S(1) - c.a)) * e.q * (e.u - W(Uq)), W(0));
+  if (!c.unit_u) gs = kd_where(qm, W(S(0) - c.one_ma) * e.q * (e.u - W(Uq)), W(0));
   if (c.cq != S(0)) gs = gs + kd_where(qm, W(c.cq) * e.q * (e.lq_lm - W(B)), W(0));
   if (NEED_T) {
     W pm = e.p > W(0);

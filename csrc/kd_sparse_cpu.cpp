@@ -62,11 +62,15 @@ void sparse_stats_row(const void* s, at::ScalarType ss, int64_t v, int64_t label
     const int64_t n = std::min(TILE, v - off);
     const int64_t np = round_up<A>(n);
     const A nms = kd_max_nan(ms, load_tile<A>(s, ss, off, n, xs));
+    const NextTile nx(s, ss, off + TILE, v);
     lse_rebase(sum, ref_move(ms, nms, its));
     if (ce_sep) lse_rebase(s1, ref_move(ms, nms, A(1)));
     ms = nms;
     const V vms(safe_ref(ms));
-    for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, vits, sum);
+    for (int64_t i = 0; i < np; i += W) {
+      nx.touch(i);
+      lse_add(V::loadu(xs + i), vms, vits, sum);
+    }
     if (ce_sep)
       for (int64_t i = 0; i < np; i += W) lse_add(V::loadu(xs + i), vms, s1);
   }
@@ -104,6 +108,7 @@ void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, bool
       const V vms(ms), vits(its), vls(ls);
       for (int64_t i = 0; i < v; i += W) {
         const int64_t n = std::min(W, v - i);
+        if (i + TILE < v) __builtin_prefetch(x + i + TILE, 0, 3);  // see NextTile
         const V xs = n == W ? V::loadu(x + i) : V::loadu(x + i, n);
         V g = vq * kd_exp((xs - vms) * vits - vls);
         if (ce_sep) g = g + v1 * ce_grad(xs, vm1, vl1, V(0));
@@ -128,7 +133,9 @@ void sparse_grad_row(const void* s, void* gs, at::ScalarType ss, int64_t v, bool
     const int64_t np = round_up<A>(n);
     load_logp<A>(s, ss, off, n, g, ms, its, ls);
     if (ce_sep) load_tile<A>(s, ss, off, n, z1, false);
+    const NextTile nx(s, ss, off + TILE, v);
     for (int64_t i = 0; i < np; i += W) {
+      nx.touch(i);
       V x = vq * kd_exp(V::loadu(g + i));
       if (ce_sep) x = x + v1 * ce_grad(V::loadu(z1 + i), vm1, vl1, V(0));
       x.store(g + i);
