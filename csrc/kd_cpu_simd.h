@@ -1,9 +1,9 @@
 // kd_cpu_simd.h: the vector lanes and the tile I/O of the CPU kernels (kd_cpu.cpp).
 //
 // 1. at::vec::Vectorized<float|double> overloads of kd_math.h's primitives (kd_exp, kd_log,
-//    kd_log1p_unit, kd_rcp, kd_nabs, kd_max, kd_clamp, kd_where), declared before kd_math.h is
-//    included so its element templates find them. ATen builds Vectorized for the CPU
-//    capability ext_build.py compiles for (AVX512 / AVX2 / none).
+//    kd_log1p_unit, kd_log1m_half, kd_rcp, kd_nabs, kd_max, kd_clamp, kd_where), declared
+//    before kd_math.h is included so its element templates find them. ATen builds Vectorized
+//    for the CPU capability ext_build.py compiles for (AVX512 / AVX2 / none).
 // 2. Tiles: a row is read in tiles converted from any input dtype to the accumulation type A
 //    (float; double for float64 logits) as raw logits (load_tile) or as log-probabilities
 //    (x - m) / T - l (load_logp), padded with -inf to whole vectors, and written back in the

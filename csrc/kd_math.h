@@ -440,7 +440,8 @@ struct MixElem {
 //  false skips the log-ratios (lp_lm, lq_lm, sp_*) altogether.
 //  GIVEN = true: q and p are the caller's (gq, gp: pass 1's exps, kept), no exp forms them,
 //  and so is the log-ratio: lp holds d = lp - lq + logit itself, lq is unused. With FAST,
-//  one reciprocal gives the sigmoids and the log1p's argument (see below).
+//  gq and gp are (1-a) q and a p (the caller folds the factors into its own; e.q and e.p
+//  carry them), and one reciprocal gives the sigmoids and the log1p's argument (see below).
 template <bool NEED_P = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
           bool NEED_LOG = true, bool GIVEN = false, class W, class S>
 KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W(0)) {
@@ -466,7 +467,7 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
       // smaller of the two over the larger (exp(d) is their ratio), so log1p(exp(-|d|)) =
       // -log(1 - z), z = the smaller over m in [0, 1/2]: one reciprocal, no exp. m is kept
       // >= the smallest normal, so two zeros (padding, underflow) give 0 and 1/m is finite.
-      const W ap = W(c.a) * gp, bq = W(c.one_ma) * gq;
+      const W ap = gp, bq = gq;
       const W inv = kd_rcp(kd_max(ap + bq, W(kd_tiny<S>())));
       l1 = kd_log1m_half(kd_where(pos, bq, ap) * inv);
       sig_pos = ap * inv;
