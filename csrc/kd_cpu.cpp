@@ -230,7 +230,7 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
   alignas(64) A zs[TILE];
   alignas(64) A zt[TILE];
   const A its = A(pr.inv_ts), itt = A(pr.inv_tt);
-  const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+  const MixCoef<A> c = mix_coef_of<A>(pr.mix, pr.coef_p, pr.coef_q);
   V sa(0), sb(0), suq(0), sup(0);
   // lq = (s - ms) / Ts - log Ss (load_logp): never through a rounded lse
   const A ms = safe_ref(g[ST_MS]), ls = g[ST_LS], mt = safe_ref(g[ST_MT]), lt = g[ST_LT];
@@ -298,7 +298,7 @@ A forward_row(const Row& r, const Params& pr, A* st, Kept<A>* keep = nullptr) {
   A d;
   if (K == MIXTURE) {
     mix_row<A>(r, pr, st, st + ST_DIV, false, keep);
-    const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+    const MixCoef<A> c = mix_coef_of<A>(pr.mix, pr.coef_p, pr.coef_q);
     if (c.unit_u) st[ST_UQ] = st[ST_UP] = A(1);  // jsd: u = 1, so sum q u = sum q = 1
     d = (c.cp != A(0) ? c.cp * st[ST_DIV] : A(0)) + (c.cq != A(0) ? c.cq * st[ST_B] : A(0));
   } else {
@@ -444,7 +444,7 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
   const A ct = g * A(pr.kd_scale) * itt;
   const A cce = ce ? g * A(pr.ce_weight) : A(0);
   const A D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
-  const MixCoef<A> c = mix_coef(A(pr.mix), A(pr.coef_p), A(pr.coef_q));
+  const MixCoef<A> c = mix_coef_of<A>(pr.mix, pr.coef_p, pr.coef_q);
   const PwCoef<A> pwc = pw_coef(A(pr.coef_p), A(pr.coef_q));
   // lq = (s - ms) / Ts - log Ss (load_logp), never s / Ts - lse with lse rounded; safe_ref
   // keeps -inf rows NaN-free

@@ -375,15 +375,14 @@ __global__ void __launch_bounds__(THREADS) kd_mix_kernel(
     const int64_t* __restrict__ labels,   // (N,) or nullptr
     const float* __restrict__ stats,      // (N, NSTAT) the rows' global statistics
     float* __restrict__ part,             // (N, splits, 4) partial A, B, Uq, Up out
-    int64_t v, int64_t ss, int64_t ts, int64_t chunk, float its, float itt, int64_t ignore_index, float mix,
-    float coef_p, float coef_q, bool unit_sums) {
+    int64_t v, int64_t ss, int64_t ts, int64_t chunk, float its, float itt, int64_t ignore_index,
+    MixCoef<float> c, bool unit_sums) {
   const int64_t row = blockIdx.x;
   const int64_t b = int64_t(blockIdx.y) * chunk, e = min(v, b + chunk);
   if (labels && labels[row] == ignore_index) return;
   const float* st = stats + row * NSTAT;
   // lq = (s - ms) / Ts - log Ss: never through a rounded lse (cancellation at |s| ~ 1e4)
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
-  const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
   const TS* sr = s + row * ss;
   const TT* tr = t + row * ts;
   float sa = 0.f, sb = 0.f, suq = 0.f, sup = 0.f;
@@ -617,7 +616,7 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
     TT* __restrict__ gt,                  // (N, V) grad of t out, or nullptr
     int64_t v, int64_t ss, int64_t ts, int64_t gss, int64_t gts,  // row strides of s..gt
     int64_t offset, int64_t chunk, float its, float itt, bool ce,
-    int64_t ignore_index, float kd_scale, float ce_weight, float mix, float coef_p,
+    int64_t ignore_index, float kd_scale, float ce_weight, MixCoef<float> c, float coef_p,
     float coef_q) {
   constexpr bool REV = K == REVERSE_KL;
   const int64_t row = blockIdx.x;
@@ -647,7 +646,6 @@ __global__ void __launch_bounds__(THREADS) kd_grad_kernel(
   const float ms = safe_ref(st[ST_MS]), ls = st[ST_LS], mt = safe_ref(st[ST_MT]), lt = st[ST_LT];
   const float m1 = safe_ref(st[ST_M1]), l1 = st[ST_L1];
   const float D = st[ST_DIV], B = st[ST_B], Uq = st[ST_UQ], Up = st[ST_UP];
-  const MixCoef<float> c = mix_coef(mix, coef_p, coef_q);
   const PwCoef<float> pwc = pw_coef(coef_p, coef_q);
   for_elements(b, e, h, [&](int64_t i, int cnt) {
     float xs[PACK], xt[PACK], os[PACK], ot[PACK];
@@ -979,13 +977,13 @@ void run_forward(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, c
           auto part2 = at::empty({n, sp_.splits, 4}, s.options().dtype(at::kFloat));
           kd_mix_kernel<TS, TT><<<grid, THREADS, 0, stream>>>(
               sp_s, sp_t, lab, stats.data_ptr<float>(), part2.data_ptr<float>(), v, s.stride(0),
-              t.stride(0), sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index, float(pr.mix),
-              float(pr.coef_p), float(pr.coef_q), false);
+              t.stride(0), sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), pr.ignore_index,
+              mix_coef_of<float>(pr.mix, pr.coef_p, pr.coef_q), false);
           KD_CUDA_CHECK(cudaGetLastError());
           kd_mix_finalize_kernel<<<fin_blocks, 128, 0, stream>>>(
               lab, part2.data_ptr<float>(), stats.data_ptr<float>(), lossp, n, sp_.splits, ce,
               pr.ignore_index, float(pr.kd_scale), float(pr.ce_weight), float(pr.coef_p),
-              float(pr.coef_q), mix_coef(float(pr.mix), float(pr.coef_p), float(pr.coef_q)).unit_u);
+              float(pr.coef_q), mix_coef_of<float>(pr.mix, pr.coef_p, pr.coef_q).unit_u);
           KD_CUDA_CHECK(cudaGetLastError());
         }
       }
@@ -1036,7 +1034,7 @@ void run_mix_sums(const at::Tensor& s, const at::Tensor& t, const Params& pr,
         static_cast<const TS*>(s.data_ptr()), static_cast<const TT*>(t.data_ptr()), nullptr,
         stats.data_ptr<float>(), part.data_ptr<float>(), v, s.stride(0), t.stride(0), sp_.chunk,
         float(pr.inv_ts),
-        float(pr.inv_tt), pr.ignore_index, float(pr.mix), float(pr.coef_p), float(pr.coef_q),
+        float(pr.inv_tt), pr.ignore_index, mix_coef_of<float>(pr.mix, pr.coef_p, pr.coef_q),
         true);
     KD_CUDA_CHECK(cudaGetLastError());
     kd_mix_sums_kernel<<<int((n + 127) / 128), 128, 0, stream>>>(part.data_ptr<float>(),
@@ -1066,8 +1064,8 @@ void run_backward(const float* grad, const at::Tensor& s, const at::Tensor& t,
           lab, stats.data_ptr<float>(), static_cast<TS*>(gs), static_cast<TT*>(gt), v,
           s.stride(0), t.stride(0), gss, gts, offset,
           sp_.chunk, float(pr.inv_ts), float(pr.inv_tt), ce, pr.ignore_index,
-          float(pr.kd_scale), float(pr.ce_weight), float(pr.mix), float(pr.coef_p),
-          float(pr.coef_q));
+          float(pr.kd_scale), float(pr.ce_weight),
+          mix_coef_of<float>(pr.mix, pr.coef_p, pr.coef_q), float(pr.coef_p), float(pr.coef_q));
       KD_CUDA_CHECK(cudaGetLastError());
     });
   });

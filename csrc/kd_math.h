@@ -392,6 +392,30 @@ KD_HD MixCoef<S> mix_coef(S a, S cp, S cq) {
   return c;
 }
 
+// The row constants of a mixture from the op's float64 parameters, rounded to S field by
+// field. mix_coef(S(a), ...) would round a first: a float32 a within rounding of 1 (skew
+// reverse KL at skew 1e-8 has a = 1 - 1e-8) becomes 1, and its 1 - a, log(1 - a) and
+// 1 / (1 - a) become 0, -inf and inf (an infinite loss where the answer is finite).
+template <class S>
+KD_HD MixCoef<S> mix_coef_of(double a, double cp, double cq) {
+  const MixCoef<double> d = mix_coef(a, cp, cq);
+  MixCoef<S> c;
+  c.a = S(d.a);
+  c.one_ma = S(d.one_ma);
+  c.cp = S(d.cp);
+  c.cq = S(d.cq);
+  c.kp = S(d.kp);
+  c.kq = S(d.kq);
+  c.log_a = S(d.log_a);
+  c.log_1ma = S(d.log_1ma);
+  c.logit = S(d.logit);
+  c.r_pq = S(d.r_pq);
+  c.r_qp = S(d.r_qp);
+  c.unit_u = d.unit_u;
+  c.one_exp = d.one_exp;
+  return c;
+}
+
 // |d| beyond which the FAST path clamps d: exp(-mix_clamp() + MIX_FAST_LOGIT) is 0 in the
 // lane type even with subnormals (float: below 2^-149 = e^-103.3; double: below e^-744.4).
 template <class S>

@@ -176,3 +176,15 @@ def test_module_takes_the_new_keywords():
                dict(divergence="alpha_beta", ab_alpha=0.2, ab_beta=0.7)):
         got = kd.KDLoss(impl="torch", **kw)(s, t)
         torch.testing.assert_close(got, kd.kd_loss(s, t, impl="torch", **kw))
+
+
+@pytest.mark.parametrize("divergence, weight", [("skew_reverse_kl", {"skew": 1e-8}),
+                                                ("skew_forward_kl", {"skew": 1e-8}),
+                                                ("jsd", {"beta": 1e-8}),
+                                                ("jsd", {"beta": 1 - 1e-8})])
+def test_mixture_weight_within_float32_rounding_of_0_or_1(impl, divergence, weight):
+    """A mixture weight a whose 1 - a is below float32's resolution of 1 (skew reverse KL at
+    skew 1e-8 mixes 1 - 1e-8 of the teacher) keeps its exact 1 - a, log(1 - a) and 1 / (1 - a):
+    the loss and gradients are the float64 formula's, not inf."""
+    s, t = logits((4, 300)), logits((4, 300))
+    check_kd_loss(impl, s, t, divergence=divergence, **weight)
