@@ -282,6 +282,10 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
       suq = suq / V(kq);
       sup = sup / V(kp);
     }
+    if (F && !U) {  // one side: u's constant, left out of the element (mix_add)
+      suq = suq * V(mix_u_unit<SD>(c));
+      sup = sup * V(mix_u_unit<SD>(c));
+    }
   });
   out[0] = hsum(sa);
   out[1] = hsum(sb);
@@ -462,7 +466,8 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     constexpr bool F = decltype(fast)::value, U = decltype(unit)::value;
     constexpr int SD = decltype(sides)::value;
     if constexpr (K == MIXTURE) {
-      mix_grad<NT, F, U, SD>(lq, lp, c, D, B, Uq, Up, gsv, gtv);
+      // cs, ct folded into the mixture's row constants
+      mix_grad<NT, F, U, SD, true>(lq, lp, c, D, B, Uq, Up, gsv, gtv, cs, ct);
     } else if constexpr (K == SOFT_CE || K == FR_KL) {
       kl2_grad<K, NT>(lq, lp, D, B, A(pr.coef_p), A(pr.coef_q), gsv, gtv);
     } else if constexpr (K == TVD || K == ALPHA_BETA) {
@@ -470,8 +475,10 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     } else {
       kl_grad<REV, NT>(lq, lp, X(D), gsv, gtv);
     }
-    gsv = gsv * X(cs);
-    gtv = gtv * X(ct);
+    if constexpr (K != MIXTURE) {
+      gsv = gsv * X(cs);
+      gtv = gtv * X(ct);
+    }
     if (ce) gsv = gsv + X(cce) * ce_grad(z1v, X(m1), X(l1), onehot);
   };
   // float32 outputs are stored in place from the vector loop; others go through a buffer

@@ -442,10 +442,18 @@ KD_HD bool mix_unit(const MixCoef<S>& c) {
   return UNIT || (!FAST && c.unit_u);
 }
 
+// The constant of u on the FAST one-side paths (u = kp sigmoid(d) for MIX_P, kq sigmoid(-d)
+// for MIX_Q), which the sums and gradients there leave out of their element; 1 for MIX_BOTH.
+template <int SIDES, class S>
+KD_HD S mix_u_unit(const MixCoef<S>& c) {
+  return SIDES == MIX_P ? c.kp : (SIDES == MIX_Q ? c.kq : S(1));
+}
+
 // Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
 template <class W>
 struct MixElem {
   W q, p, lp_lm, lq_lm, u;
+  W sig;  // FAST with one side (MIX_P, MIX_Q): the sigmoid that u is kp or kq times
   W sp_neg, sp_pos;  // softplus(-d) = -log a - (lp - lm), softplus(d) = -log(1-a) - (lq - lm)
 };
 
@@ -527,12 +535,14 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
       W inv = kd_rcp(W(1) + ex);
       sig_pos = kd_where(pos, inv, ex * inv);
     }
+    e.sig = sig_pos;
     e.u = W(c.kp) * sig_pos;
   } else if (FAST && SIDES == MIX_Q) {
     if (!GIVEN) {
       W inv = kd_rcp(W(1) + ex);
       sig_neg = kd_where(pos, ex * inv, inv);
     }
+    e.sig = sig_neg;
     e.u = W(c.kq) * sig_neg;
   } else {
     if (!(FAST && GIVEN)) {
@@ -550,6 +560,8 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
 // log-ratio is finite (see mix_elem), nothing is masked; a side SIDES leaves out keeps its
 // sum at 0 (its coefficient is 0).
 // GIVEN: q, p and d given (gq, gp, lp), see mix_elem.
+// FAST with one side (MIX_P, MIX_Q): suq and sup are sums of q sig and p sig, u's constant
+// (kp, kq: mix_u_unit) left to the caller, one multiply per row instead of per element.
 template <bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH, bool GIVEN = false,
           class W, class S>
 KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup,
@@ -559,8 +571,9 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
     if (SIDES != MIX_Q) sa = sa + e.p * e.lp_lm;
     if (SIDES != MIX_P) sb = sb + e.q * e.lq_lm;
     if (!mix_unit<FAST, UNIT>(c)) {
-      suq = suq + e.q * e.u;
-      sup = sup + e.p * e.u;
+      const W us = SIDES == MIX_BOTH ? e.u : e.sig;
+      suq = suq + e.q * us;
+      sup = sup + e.p * us;
     }
     return;
   }
@@ -574,34 +587,41 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
   }
 }
 
+// SCALED: the gradients come out times ks and kt (the caller's chain-rule factors), which
+// the FAST path folds into its row constants (one multiply fewer per element).
 template <bool NEED_T = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
-          class W, class S>
-KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt) {
+          bool SCALED = false, class W, class S>
+KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt,
+                    S ks = S(1), S kt = S(1)) {
   // the log-ratios enter the student's gradient through cq and the teacher's through cp
   constexpr bool LOG = SIDES != MIX_P || (NEED_T && SIDES != MIX_Q);
   MixElem<W> e = mix_elem<NEED_T, FAST, UNIT, SIDES, LOG>(lq, lp, c);
   constexpr bool U = UNIT;
+  if (!SCALED) ks = kt = S(1);
   if (FAST) {
     // lq - lm - B = (-log(1-a) - B) - softplus(d) with the row constant formed once (one
     // step less on the element's chain); a side SIDES leaves out has coefficient 0
     gs = W(0);
     gt = W(0);
     if (U) {
-      if (SIDES != MIX_P) gs = (W(c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
-      if (NEED_T && SIDES != MIX_Q) gt = (W(c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
+      if (SIDES != MIX_P) gs = (W(ks * c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
+      if (NEED_T && SIDES != MIX_Q) gt = (W(kt * c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
       return;
     }
     // with u: cq q (lq - lm - B) - (1-a) q (u - Uq) = q (kq - cq softplus(d) - (1-a) u),
     // kq = cq (-log(1-a) - B) + (1-a) Uq a row constant: two multiply-adds and a multiply
     // where the unfolded form takes seven steps (the teacher's alike with p, a, Up)
+    // (one side: u = k sig with k = mix_u_unit folded in too)
+    const S ku = mix_u_unit<SIDES>(c);
+    const W us = SIDES == MIX_BOTH ? e.u : e.sig;
     const S kq = (SIDES != MIX_P ? c.cq * (-c.log_1ma - B) : S(0)) + c.one_ma * Uq;
-    W hs = W(kq) - W(c.one_ma) * e.u;
-    if (SIDES != MIX_P) hs = hs - W(c.cq) * e.sp_pos;
+    W hs = W(ks * kq) - W(ks * c.one_ma * ku) * us;
+    if (SIDES != MIX_P) hs = hs - W(ks * c.cq) * e.sp_pos;
     gs = e.q * hs;
     if (NEED_T) {
       const S kp = (SIDES != MIX_Q ? c.cp * (-c.log_a - A) : S(0)) + c.a * Up;
-      W ht = W(kp) - W(c.a) * e.u;
-      if (SIDES != MIX_Q) ht = ht - W(c.cp) * e.sp_neg;
+      W ht = W(kt * kp) - W(kt * c.a * ku) * us;
+      if (SIDES != MIX_Q) ht = ht - W(kt * c.cp) * e.sp_neg;
       gt = e.p * ht;
     }
     return;
@@ -615,6 +635,10 @@ KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs
     W pm = e.p > W(0);
     if (!c.unit_u) gt = kd_where(pm, W(S(0) - c.a) * e.p * (e.u - W(Up)), W(0));
     if (c.cp != S(0)) gt = gt + kd_where(pm, W(c.cp) * e.p * (e.lp_lm - W(A)), W(0));
+  }
+  if (SCALED) {
+    gs = gs * W(ks);
+    gt = gt * W(kt);
   }
 }
 
