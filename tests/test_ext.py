@@ -374,6 +374,22 @@ def test_odd_shapes(shape, divergence):
     check_kd_loss("ext", s, t, divergence=divergence, temperature=2.0, reduction="none")
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_mixture_forward_across_tiles(divergence, offset):
+    """The whole-row mixture forward keeps pass 1's exps and differences of shifted logits,
+    each against its 1024-column tile's running maximum, and corrects them per tile in pass
+    2: maxima that grow tile by tile, a side whose first tiles hold no finite logit, and
+    logits near +-1e4 give the float64 formula's loss and gradients."""
+    v = 5000
+    ramp = torch.linspace(0.0, 30.0, v)
+    s = ramp + torch.randn(4, v) + offset
+    t = 0.7 * ramp + torch.randn(4, v) - offset
+    t[1, :2000] = -math.inf
+    s[2, :1500] = -math.inf
+    check_kd_loss("ext", s, t, divergence=divergence, temperature=2.0, reduction="none")
+
+
 def test_student_and_teacher_dtypes_differ():
     s, t = logits((4, 100), torch.bfloat16), logits((4, 100), torch.float32)
     ref_s, ref_t = s.float().requires_grad_(), t.clone().requires_grad_()
