@@ -239,7 +239,7 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
     constexpr int SD = decltype(sides)::value;
     // the FAST kept path is given a p and (1-a) q (mix_elem), so its sums of p terms carry a
     // factor a and those of q terms 1 - a, divided out once at the end
-    const A kp = F && keep ? c.a : A(1), kq = F && keep ? c.one_ma : A(1);
+    const A wp = F && keep ? c.a : A(1), wq = F && keep ? c.one_ma : A(1);
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
@@ -249,8 +249,8 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
         const A* et = keep->et + off;
         const A* dz = keep->dz + off;
         const A* ref = keep->refs + 2 * (off / TILE);
-        const V fs(kept_factor(ref[0], g[ST_MS], its, ls) * kq);
-        const V ft(kept_factor(ref[1], g[ST_MT], itt, lt) * kp);
+        const V fs(kept_factor(ref[0], g[ST_MS], its, ls) * wq);
+        const V ft(kept_factor(ref[1], g[ST_MT], itt, lt) * wp);
         // lq = zs + (ref_s - ms) / Ts - ls and lp alike, so d = lp - lq + logit = dz + cd
         const V cd(((safe_ref(ref[1]) - mt) * itt - lt) - ((safe_ref(ref[0]) - ms) * its - ls) +
                    c.logit);
@@ -277,12 +277,12 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
       sa = a, sb = b, suq = uq, sup = up;
     }
     if (F && keep) {
-      sa = sa / V(kp);
-      sb = sb / V(kq);
-      suq = suq / V(kq);
-      sup = sup / V(kp);
+      sa = sa / V(wp);
+      sb = sb / V(wq);
+      suq = suq / V(wq);
+      sup = sup / V(wp);
     }
-    if (F && !U) {  // one side: u's constant, left out of the element (mix_add)
+    if constexpr (SD != MIX_BOTH) {  // one side: u's constant, left out of the element
       suq = suq * V(mix_u_unit<SD>(c));
       sup = sup * V(mix_u_unit<SD>(c));
     }

@@ -222,25 +222,20 @@ A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A* dst,
   constexpr int64_t W = V::size();
   const int64_t np = round_up<A>(n);
   int64_t i = 0;
+  // at::vec::maximum propagates NaN; so does kd_max_nan across the lanes. m covers dst[0:j0].
+  V m(kd_neg_inf<A>());
+  int64_t j0 = 0;
   if constexpr (std::is_same_v<A, float>) {
     if (st == at::kFloat && need_max) {
-      // copy and maximum in one pass over the tile
+      // copy and maximum in one pass over the tile's whole vectors
       const float* p = static_cast<const float*>(base) + off;
-      V m(kd_neg_inf<A>());
       for (; i + W <= n; i += W) {
         const V x = V::loadu(p + i);
         x.store(dst + i);
         m = at::vec::maximum(m, x);
       }
-      A r = kd_neg_inf<A>();
-      for (; i < n; ++i) r = kd_max_nan(r, dst[i] = p[i]);
-      for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
-      alignas(64) A buf[W];
-      m.store(buf);
-      for (int64_t j = 0; j < W; ++j) r = kd_max_nan(r, buf[j]);
-      return r;
-    }
-    if (st == at::kFloat) {
+      j0 = i;
+    } else if (st == at::kFloat) {
       std::memcpy(dst, static_cast<const float*>(base) + off, n * sizeof(float));
       i = n;
     } else if (st == at::kBFloat16) {
@@ -283,9 +278,7 @@ A load_tile(const void* base, at::ScalarType st, int64_t off, int64_t n, A* dst,
   }
   for (; i < np; ++i) dst[i] = kd_neg_inf<A>();
   if (!need_max) return kd_neg_inf<A>();
-  // at::vec::maximum propagates NaN; so does kd_max_nan across the lanes
-  V m(kd_neg_inf<A>());
-  for (int64_t j = 0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
+  for (int64_t j = j0; j < np; j += W) m = at::vec::maximum(m, V::loadu(dst + j));
   alignas(64) A buf[W];
   m.store(buf);
   A r = buf[0];

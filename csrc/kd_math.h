@@ -380,12 +380,12 @@ KD_HD MixCoef<S> mix_coef(S a, S cp, S cq) {
   c.cp = cp;
   c.cq = cq;
   c.kp = cp == S(0) ? S(0) : cp / a;
-  c.kq = cq == S(0) ? S(0) : cq / (S(1) - a);
+  c.kq = cq == S(0) ? S(0) : cq / c.one_ma;
   c.log_a = kd_log(a);
-  c.log_1ma = kd_log(S(1) - a);
+  c.log_1ma = kd_log(c.one_ma);
   S l = c.log_a - c.log_1ma;
   c.logit = l > S(1e30) ? S(1e30) : (l < S(-1e30) ? S(-1e30) : l);
-  c.unit_u = cp == a && cq == S(1) - a;
+  c.unit_u = cp == a && cq == c.one_ma;
   c.one_exp = kd_abs(c.logit) <= S(MIX_FAST_LOGIT);
   c.r_pq = c.one_exp ? kd_exp(c.logit) : S(0);
   c.r_qp = c.one_exp ? kd_exp(S(0) - c.logit) : S(0);
@@ -450,10 +450,11 @@ KD_HD S mix_u_unit(const MixCoef<S>& c) {
 }
 
 // Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
+// On the FAST one-side paths (MIX_P, MIX_Q) u is the sigmoid alone: its constant kp or kq
+// (mix_u_unit) is the callers', applied once per row or folded into their row constants.
 template <class W>
 struct MixElem {
   W q, p, lp_lm, lq_lm, u;
-  W sig;  // FAST with one side (MIX_P, MIX_Q): the sigmoid that u is kp or kq times
   W sp_neg, sp_pos;  // softplus(-d) = -log a - (lp - lm), softplus(d) = -log(1-a) - (lq - lm)
 };
 
@@ -526,30 +527,22 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
       e.lq_lm = W(-c.log_1ma) - e.sp_pos;
     }
   }
-  // sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, e^-|d| / (1 + e^-|d|) on the
-  // other: one reciprocal for both (formed above on the FAST GIVEN path)
   if (mix_unit<FAST, UNIT>(c)) {
     e.u = W(1);
-  } else if (FAST && SIDES == MIX_P) {
-    if (!GIVEN) {
-      W inv = kd_rcp(W(1) + ex);
-      sig_pos = kd_where(pos, inv, ex * inv);
-    }
-    e.sig = sig_pos;
-    e.u = W(c.kp) * sig_pos;
+    return e;
+  }
+  if (!(FAST && GIVEN)) {
+    // sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, e^-|d| / (1 + e^-|d|) on the
+    // other: one reciprocal for both (a one-side path's unused one is never formed)
+    const W inv = kd_rcp(W(1) + ex);
+    sig_pos = kd_where(pos, inv, ex * inv);
+    sig_neg = kd_where(pos, ex * inv, inv);
+  }
+  if (FAST && SIDES == MIX_P) {
+    e.u = sig_pos;  // u / kp
   } else if (FAST && SIDES == MIX_Q) {
-    if (!GIVEN) {
-      W inv = kd_rcp(W(1) + ex);
-      sig_neg = kd_where(pos, ex * inv, inv);
-    }
-    e.sig = sig_neg;
-    e.u = W(c.kq) * sig_neg;
+    e.u = sig_neg;  // u / kq
   } else {
-    if (!(FAST && GIVEN)) {
-      W inv = kd_rcp(W(1) + ex);
-      sig_pos = kd_where(pos, inv, ex * inv);
-      sig_neg = kd_where(pos, ex * inv, inv);
-    }
     e.u = W(c.kp) * sig_pos + W(c.kq) * sig_neg;
   }
   return e;
@@ -560,8 +553,8 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
 // log-ratio is finite (see mix_elem), nothing is masked; a side SIDES leaves out keeps its
 // sum at 0 (its coefficient is 0).
 // GIVEN: q, p and d given (gq, gp, lp), see mix_elem.
-// FAST with one side (MIX_P, MIX_Q): suq and sup are sums of q sig and p sig, u's constant
-// (kp, kq: mix_u_unit) left to the caller, one multiply per row instead of per element.
+// FAST with one side (MIX_P, MIX_Q): suq and sup are short of u's constant (mix_u_unit,
+// see MixElem), which the caller applies once per row.
 template <bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH, bool GIVEN = false,
           class W, class S>
 KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup,
@@ -571,9 +564,8 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
     if (SIDES != MIX_Q) sa = sa + e.p * e.lp_lm;
     if (SIDES != MIX_P) sb = sb + e.q * e.lq_lm;
     if (!mix_unit<FAST, UNIT>(c)) {
-      const W us = SIDES == MIX_BOTH ? e.u : e.sig;
-      suq = suq + e.q * us;
-      sup = sup + e.p * us;
+      suq = suq + e.q * e.u;
+      sup = sup + e.p * e.u;
     }
     return;
   }
@@ -588,7 +580,8 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
 }
 
 // SCALED: the gradients come out times ks and kt (the caller's chain-rule factors), which
-// the FAST path folds into its row constants (one multiply fewer per element).
+// the FAST path folds into its row constants (one multiply fewer per element); without it
+// ks and kt keep their defaults, 1.
 template <bool NEED_T = true, bool FAST = false, bool UNIT = false, int SIDES = MIX_BOTH,
           bool SCALED = false, class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt,
@@ -597,7 +590,6 @@ KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs
   constexpr bool LOG = SIDES != MIX_P || (NEED_T && SIDES != MIX_Q);
   MixElem<W> e = mix_elem<NEED_T, FAST, UNIT, SIDES, LOG>(lq, lp, c);
   constexpr bool U = UNIT;
-  if (!SCALED) ks = kt = S(1);
   if (FAST) {
     // lq - lm - B = (-log(1-a) - B) - softplus(d) with the row constant formed once (one
     // step less on the element's chain); a side SIDES leaves out has coefficient 0
@@ -608,19 +600,18 @@ KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs
       if (NEED_T && SIDES != MIX_Q) gt = (W(kt * c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
       return;
     }
-    // with u: cq q (lq - lm - B) - (1-a) q (u - Uq) = q (kq - cq softplus(d) - (1-a) u),
-    // kq = cq (-log(1-a) - B) + (1-a) Uq a row constant: two multiply-adds and a multiply
-    // where the unfolded form takes seven steps (the teacher's alike with p, a, Up)
-    // (one side: u = k sig with k = mix_u_unit folded in too)
+    // with u: cq q (lq - lm - B) - (1-a) q (u - Uq) = q (rq - cq softplus(d) - (1-a) u),
+    // rq = cq (-log(1-a) - B) + (1-a) Uq a row constant: two multiply-adds and a multiply
+    // where the unfolded form takes seven steps (the teacher's alike with p, a, Up); a
+    // one-side path's u constant (mix_u_unit) is folded in too
     const S ku = mix_u_unit<SIDES>(c);
-    const W us = SIDES == MIX_BOTH ? e.u : e.sig;
-    const S kq = (SIDES != MIX_P ? c.cq * (-c.log_1ma - B) : S(0)) + c.one_ma * Uq;
-    W hs = W(ks * kq) - W(ks * c.one_ma * ku) * us;
+    const S rq = (SIDES != MIX_P ? c.cq * (-c.log_1ma - B) : S(0)) + c.one_ma * Uq;
+    W hs = W(ks * rq) - W(ks * c.one_ma * ku) * e.u;
     if (SIDES != MIX_P) hs = hs - W(ks * c.cq) * e.sp_pos;
     gs = e.q * hs;
     if (NEED_T) {
-      const S kp = (SIDES != MIX_Q ? c.cp * (-c.log_a - A) : S(0)) + c.a * Up;
-      W ht = W(kt * kp) - W(kt * c.a * ku) * us;
+      const S rp = (SIDES != MIX_Q ? c.cp * (-c.log_a - A) : S(0)) + c.a * Up;
+      W ht = W(kt * rp) - W(kt * c.a * ku) * e.u;
       if (SIDES != MIX_Q) ht = ht - W(kt * c.cp) * e.sp_neg;
       gt = e.p * ht;
     }
