@@ -31,7 +31,9 @@
 //   backward 1 read of s and t, 1 write of grad_s (and grad_t when asked), in the input
 //            dtype, already multiplied by the row's upstream gradient.
 //   fused    (kd_fused_, inplace_backward) forward then backward of each row while it is in
-//            cache; the gradient (upstream gradient 1) overwrites s.
+//            cache; the gradient (upstream gradient 1) overwrites s. The mixture's backward
+//            there forms its element from the forward's kept work (Kept) as pass 2 does: no
+//            second read of s and t and none of their exps.
 // Memory: no N x V temporaries; outputs are written once, float32 ones with non-temporal
 // stores (store_vec), and fresh gradient buffers are advised to transparent huge pages
 // (first-touch page faults of a 1 GB gradient otherwise cost about as much as writing it).
@@ -435,8 +437,14 @@ A forward_row2(const Row& r, const Params& pr, A* st) {
 
 // Writes g * d loss / d s of the row's range into r.gs (and / d t into r.gt when not null),
 // given the row's GLOBAL finished statistics st (DIV = D, or A, B, Uq, Up).
+// keep (MIXTURE, the fused forward and backward of a whole row): pass 1's work on the row,
+// kept by its forward. The element is then formed from the kept exps and log-ratio as pass 2
+// forms it (mix_row), without reading s and t again and without their two exps; used on the
+// FAST path of rows with a softmax on both sides and no hard-label term (whose gradient needs
+// the student's T = 1 softmax), else the logits are read as below.
 template <class A, int K>
-void backward_row(const Row& r, const Params& pr, const A* st, A g) {
+void backward_row(const Row& r, const Params& pr, const A* st, A g,
+                  const Kept<A>* keep = nullptr) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   constexpr bool REV = K == REVERSE_KL;
@@ -490,8 +498,36 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
     if (r.ss == at::kFloat) gs_direct = static_cast<A*>(r.gs);
     if (r.gt && r.tt == at::kFloat) gt_direct = static_cast<A*>(r.gt);
   }
+  // One vector of the gradients at column off + i of a tile of n: float32 outputs stored
+  // directly, the others into the tile buffers (read already) for flush. Captured by value,
+  // as el below.
+  A* const zsb = zs;
+  A* const ztb = zt;
+  const auto put = [gs_direct, gt_direct, zsb, ztb](auto nt, const V& gsv, const V& gtv,
+                                                    int64_t off, int64_t i, int64_t n) {
+    const bool full = i + W <= n;
+    if (gs_direct && full) {
+      store_vec(gsv, gs_direct + off + i);
+    } else if (gs_direct) {
+      gsv.store(gs_direct + off + i, n - i);
+    } else {
+      gsv.store(zsb + i);
+    }
+    if (decltype(nt)::value) {
+      if (gt_direct && full) {
+        store_vec(gtv, gt_direct + off + i);
+      } else if (gt_direct) {
+        gtv.store(gt_direct + off + i, n - i);
+      } else {
+        gtv.store(ztb + i);
+      }
+    }
+  };
+  const auto flush = [&](auto nt, int64_t off, int64_t n) {
+    if (!gs_direct) store_tile<A>(r.gs, r.ss, off, n, zs);
+    if (decltype(nt)::value && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
+  };
   auto tiles = [&](auto nt, auto fast, auto unit, auto sides) {
-    constexpr bool NT = decltype(nt)::value;
     // a copy of the element's constants local to this loop: the vector stores may alias any
     // memory, so constants read through references would be reloaded for every vector
     const auto el = elem;
@@ -512,33 +548,52 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g) {
         V gsv, gtv;
         el(nt, fast, unit, sides, V::loadu(zs + i), V::loadu(zt + i), V::loadu(z1p + i), V(0),
            gsv, gtv);
-        const bool full = i + W <= n;
-        // the tile buffers receive the gradient where it is not stored directly (read already)
-        if (gs_direct && full) {
-          store_vec(gsv, gs_direct + off + i);
-        } else if (gs_direct) {
-          gsv.store(gs_direct + off + i, n - i);
-        } else {
-          gsv.store(zs + i);
-        }
-        if (NT) {
-          if (gt_direct && full) {
-            store_vec(gtv, gt_direct + off + i);
-          } else if (gt_direct) {
-            gtv.store(gt_direct + off + i, n - i);
-          } else {
-            gtv.store(zt + i);
-          }
-        }
+        put(nt, gsv, gtv, off, i, n);
       }
-      if (!gs_direct) store_tile<A>(r.gs, r.ss, off, n, zs);
-      if (NT && !gt_direct) store_tile<A>(r.gt, r.tt, off, n, zt);
+      flush(nt, off, n);
+    }
+  };
+  // the kept path (see above): pass 2's element (mix_elem's FAST GIVEN path: q and p come
+  // as (1-a) q and a p, whose factors ks / (1-a) and kt / a take out)
+  auto kept_tiles = [&](auto nt, auto unit, auto sides) {
+    constexpr bool NT = decltype(nt)::value, U = decltype(unit)::value;
+    constexpr int SD = decltype(sides)::value;
+    constexpr bool LOG = mix_grad_log<NT, SD>();
+    const A ks = cs / c.one_ma, kt = ct / c.a;
+    for (int64_t off = 0; off < r.v; off += TILE) {
+      const int64_t n = std::min(TILE, r.v - off);
+      const int64_t np = round_up<A>(n);
+      const A* es = keep->es + off;
+      const A* et = keep->et + off;
+      const A* dz = keep->dz + off;
+      const A* ref = keep->refs + 2 * (off / TILE);
+      const V fs(kept_factor(ref[0], st[ST_MS], its, ls) * c.one_ma);
+      const V ft(kept_factor(ref[1], st[ST_MT], itt, lt) * c.a);
+      const V cd(((safe_ref(ref[1]) - mt) * itt - lt) - ((safe_ref(ref[0]) - ms) * its - ls) +
+                 c.logit);
+      for (int64_t i = 0; i < np; i += W) {
+        const MixElem<V> e = mix_elem<NT, true, U, SD, LOG, true>(
+            V(0), V::loadu(dz + i) + cd, c, V::loadu(es + i) * fs, V::loadu(et + i) * ft);
+        V gsv, gtv;
+        mix_grad_fast<NT, U, SD>(e, c, D, B, Uq, Up, gsv, gtv, ks, kt);
+        put(nt, gsv, gtv, off, i, n);
+      }
+      flush(nt, off, n);
     }
   };
   auto run = [&](auto fast, auto unit, auto sides) {
-    if (r.gt) {
+    bool kept = false;
+    if constexpr (K == MIXTURE && decltype(fast)::value) {
+      kept = keep && !ce && row_has_softmax(st[ST_MS], st[ST_MT]);
+      if (kept && r.gt) {
+        kept_tiles(std::true_type{}, unit, sides);
+      } else if (kept) {
+        kept_tiles(std::false_type{}, unit, sides);
+      }
+    }
+    if (!kept && r.gt) {
       tiles(std::true_type{}, fast, unit, sides);
-    } else {
+    } else if (!kept) {
       tiles(std::false_type{}, fast, unit, sides);
     }
     store_fence();
@@ -659,7 +714,11 @@ void run_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* lab, cons
         if (op == Op::PARTIAL) stats_any<A, K>(r, pr, st);
         if (op == Op::MIX) pw_row<A, K>(r, pr, st, job.sums + i * 4);
       }
-      if (bwd) backward_row<A, K>(r, pr, st, job.grad ? job.grad[i] : A(1));
+      if (bwd) {
+        // fused: the row's forward has just kept pass 1's work (Kept)
+        const Kept<A>* fk = op == Op::FUSED && kept.es ? &kept : nullptr;
+        backward_row<A, K>(r, pr, st, job.grad ? job.grad[i] : A(1), fk);
+      }
     }
   });
 }

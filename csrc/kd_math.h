@@ -593,6 +593,44 @@ KD_HD void mix_add(W lq, W lp, const MixCoef<S>& c, W& sa, W& sb, W& suq, W& sup
   }
 }
 
+// The FAST path's gradients from an element's pieces e (mix_elem), times ks and kt (the
+// caller's chain-rule factors, folded into the row constants). Pieces from mix_elem's FAST
+// GIVEN path (e.q = (1-a) q, e.p = a p) take ks / (1-a) and kt / a.
+template <bool NEED_T, bool UNIT, int SIDES, class W, class S>
+KD_HD void mix_grad_fast(const MixElem<W>& e, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs,
+                         W& gt, S ks, S kt) {
+  // lq - lm - B = (-log(1-a) - B) - softplus(d) with the row constant formed once (one
+  // step less on the element's chain); a side SIDES leaves out has coefficient 0
+  gs = W(0);
+  gt = W(0);
+  if (UNIT) {
+    if (SIDES != MIX_P) gs = (W(ks * c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
+    if (NEED_T && SIDES != MIX_Q) gt = (W(kt * c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
+    return;
+  }
+  // with u: cq q (lq - lm - B) - (1-a) q (u - Uq) = q (rq - cq softplus(d) - (1-a) u),
+  // rq = cq (-log(1-a) - B) + (1-a) Uq a row constant: two multiply-adds and a multiply
+  // where the unfolded form takes seven steps (the teacher's alike with p, a, Up); a
+  // one-side path's u constant (mix_u_unit) is folded in too
+  const S ku = mix_u_unit<SIDES>(c);
+  const S rq = (SIDES != MIX_P ? c.cq * (-c.log_1ma - B) : S(0)) + c.one_ma * Uq;
+  W hs = W(ks * rq) - W(ks * c.one_ma * ku) * e.u;
+  if (SIDES != MIX_P) hs = hs - W(ks * c.cq) * e.sp_pos;
+  gs = e.q * hs;
+  if (NEED_T) {
+    const S rp = (SIDES != MIX_Q ? c.cp * (-c.log_a - A) : S(0)) + c.a * Up;
+    W ht = W(kt * rp) - W(kt * c.a * ku) * e.u;
+    if (SIDES != MIX_Q) ht = ht - W(kt * c.cp) * e.sp_neg;
+    gt = e.p * ht;
+  }
+}
+
+// The log-ratios a gradient needs: the student's through cq, the teacher's through cp.
+template <bool NEED_T, int SIDES>
+constexpr bool mix_grad_log() {
+  return SIDES != MIX_P || (NEED_T && SIDES != MIX_Q);
+}
+
 // SCALED: the gradients come out times ks and kt (the caller's chain-rule factors), which
 // the FAST path folds into its row constants (one multiply fewer per element); without it
 // ks and kt keep their defaults, 1.
@@ -600,35 +638,10 @@ template <bool NEED_T = true, bool FAST = false, bool UNIT = false, int SIDES = 
           bool SCALED = false, class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt,
                     S ks = S(1), S kt = S(1)) {
-  // the log-ratios enter the student's gradient through cq and the teacher's through cp
-  constexpr bool LOG = SIDES != MIX_P || (NEED_T && SIDES != MIX_Q);
+  constexpr bool LOG = mix_grad_log<NEED_T, SIDES>();
   MixElem<W> e = mix_elem<NEED_T, FAST, UNIT, SIDES, LOG>(lq, lp, c);
-  constexpr bool U = UNIT;
   if (FAST) {
-    // lq - lm - B = (-log(1-a) - B) - softplus(d) with the row constant formed once (one
-    // step less on the element's chain); a side SIDES leaves out has coefficient 0
-    gs = W(0);
-    gt = W(0);
-    if (U) {
-      if (SIDES != MIX_P) gs = (W(ks * c.cq) * e.q) * (W(-c.log_1ma - B) - e.sp_pos);
-      if (NEED_T && SIDES != MIX_Q) gt = (W(kt * c.cp) * e.p) * (W(-c.log_a - A) - e.sp_neg);
-      return;
-    }
-    // with u: cq q (lq - lm - B) - (1-a) q (u - Uq) = q (rq - cq softplus(d) - (1-a) u),
-    // rq = cq (-log(1-a) - B) + (1-a) Uq a row constant: two multiply-adds and a multiply
-    // where the unfolded form takes seven steps (the teacher's alike with p, a, Up); a
-    // one-side path's u constant (mix_u_unit) is folded in too
-    const S ku = mix_u_unit<SIDES>(c);
-    const S rq = (SIDES != MIX_P ? c.cq * (-c.log_1ma - B) : S(0)) + c.one_ma * Uq;
-    W hs = W(ks * rq) - W(ks * c.one_ma * ku) * e.u;
-    if (SIDES != MIX_P) hs = hs - W(ks * c.cq) * e.sp_pos;
-    gs = e.q * hs;
-    if (NEED_T) {
-      const S rp = (SIDES != MIX_Q ? c.cp * (-c.log_a - A) : S(0)) + c.a * Up;
-      W ht = W(kt * rp) - W(kt * c.a * ku) * e.u;
-      if (SIDES != MIX_Q) ht = ht - W(kt * c.cp) * e.sp_neg;
-      gt = e.p * ht;
-    }
+    mix_grad_fast<NEED_T, UNIT, SIDES>(e, c, A, B, Uq, Up, gs, gt, ks, kt);
     return;
   }
   W qm = e.q > W(0);

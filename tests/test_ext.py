@@ -493,6 +493,53 @@ def test_inplace_backward_matches(divergence):
     torch.testing.assert_close(t1.grad, t2.grad)
 
 
+# the mixture's element paths (with_mix_mode, kd_cpu.cpp): jsd (u = 1), skew forward and
+# reverse KL (one side), a general mixture (both sides and u), and one whose weight is beyond
+# the fast path's range (a = 1e-12)
+FUSED_MIXTURES = {
+    "jsd": (0.3, 0.3, 0.7),
+    "skew_forward_kl": (0.1, 1.0, 0.0),
+    "skew_reverse_kl": (0.9, 0.0, 1.0),
+    "general": (0.3, 0.6, 0.2),
+    "outside_fast_path": (1e-12, 0.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("ce", [0.0, 0.4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", list(FUSED_MIXTURES))
+def test_fused_mixture_matches_forward_and_backward(name, dtype, ce):
+    """kd_fused_ (inplace_backward) forms the mixture's gradient from the exps its forward
+    kept, without reading the logits again; it must give kd_forward + kd_backward's loss and
+    gradients: rows of three tiles, maxima that move from tile to tile, -inf logits on
+    either side and on both, a row with a whole -inf tile of the student, ignored rows."""
+    mix, cp, cq = FUSED_MIXTURES[name]
+    args = spec_args("mixture", mix, cp, cq, ts=2.0, tt=1.5, ce=ce)
+    n, v = 5, 2500
+    ramp = torch.linspace(0, 6, v, dtype=torch.float64)  # growing maxima across tiles
+    s = (logits((n, v), torch.float64) + ramp).to(dtype)
+    t = (logits((n, v), torch.float64) + ramp.flip(0)).to(dtype)
+    s[1, :1024] = float("-inf")
+    t[2, 1800:] = float("-inf")
+    s[3, 5] = t[3, 9] = float("-inf")
+    s[4, 77] = t[4, 77] = float("-inf")
+    lab = torch.tensor([3, -100, 1200, 2499, 77])
+    ops = torch.ops.kdkernels
+    loss, stats = ops.kd_forward(s, t, lab, *args)
+    g = torch.ones(n, dtype=loss.dtype)
+    want_s, want_t = ops.kd_backward(g, s, t, lab, stats, *args, 0, True)
+    fused = s.clone()
+    got_loss, got_t = ops.kd_fused_(fused, t, lab, *args, True)
+    torch.testing.assert_close(got_loss, loss)
+    # relative to the gradient's largest element: 16 ulps of the accumulation type; bfloat16
+    # outputs one ulp (the two paths' float32 values may round to adjacent bfloat16s)
+    ulps = {torch.float32: 16 * 2**-24, torch.float64: 16 * 2**-53, torch.bfloat16: 2**-7}
+    for got, want in ((fused, want_s), (got_t, want_t)):
+        scale = want.double().abs().max()
+        torch.testing.assert_close(got.double() / scale, want.double() / scale,
+                                   atol=ulps[dtype], rtol=0.0)
+
+
 # --------------------------------------------------------------------------------------
 # gradcheck in float64 through the CPU kernel
 # --------------------------------------------------------------------------------------
