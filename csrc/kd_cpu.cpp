@@ -127,6 +127,33 @@ A kept_factor(A ref, A m, A inv_t, A l) {
   return ref == kd_neg_inf<A>() ? A(0) : kd_exp((ref - safe_ref(m)) * inv_t - l);
 }
 
+// Tile off of a row's kept work against the row's GLOBAL statistics g, as pass 2 and the
+// fused backward read it: q(i) and p(i) are the kept exps times wq and wp (the caller's
+// weights) turned into q and p, d(i) the log-ratio d = lp - lq + logit (lq = zs + (ref_s -
+// ms) / Ts - ls and lp alike, so d = dz + a constant of the tile).
+template <class A>
+struct KeptTile {
+  using V = Vectorized<A>;
+  const A* es;
+  const A* et;
+  const A* dz;
+  V fq, fp, cd;
+  V q(int64_t i) const { return V::loadu(es + i) * fq; }
+  V p(int64_t i) const { return V::loadu(et + i) * fp; }
+  V d(int64_t i) const { return V::loadu(dz + i) + cd; }
+};
+
+template <class A>
+KeptTile<A> kept_tile(const Kept<A>& k, int64_t off, const A* g, A its, A itt, A logit, A wq,
+                      A wp) {
+  const A* ref = k.refs + 2 * (off / TILE);
+  const A ms = safe_ref(g[ST_MS]), ls = g[ST_LS], mt = safe_ref(g[ST_MT]), lt = g[ST_LT];
+  const A cd = ((safe_ref(ref[1]) - mt) * itt - lt) - ((safe_ref(ref[0]) - ms) * its - ls);
+  return {k.es + off, k.et + off, k.dz + off,
+          Vectorized<A>(kept_factor(ref[0], g[ST_MS], its, ls) * wq),
+          Vectorized<A>(kept_factor(ref[1], g[ST_MT], itt, lt) * wp), Vectorized<A>(cd + logit)};
+}
+
 // Pass 1's side columns of a row's statistics (kd_layout.h): the (raw maximum, log-sum)
 // pairs of both sides from their running maxima and sums, the T = 1 pair for CE (the
 // student's pair unless ce_sep, then the T = 1 sum s1 against the same maximum) and
@@ -249,18 +276,9 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
       const int64_t np = round_up<A>(n);
       V a(sa), b(sb), uq(suq), up(sup);  // local: no spills of the captured sums
       if (keep) {
-        const A* es = keep->es + off;
-        const A* et = keep->et + off;
-        const A* dz = keep->dz + off;
-        const A* ref = keep->refs + 2 * (off / TILE);
-        const V fs(kept_factor(ref[0], g[ST_MS], its, ls) * wq);
-        const V ft(kept_factor(ref[1], g[ST_MT], itt, lt) * wp);
-        // lq = zs + (ref_s - ms) / Ts - ls and lp alike, so d = lp - lq + logit = dz + cd
-        const V cd(((safe_ref(ref[1]) - mt) * itt - lt) - ((safe_ref(ref[0]) - ms) * its - ls) +
-                   c.logit);
+        const KeptTile<A> k = kept_tile(*keep, off, g, its, itt, c.logit, wq, wp);
         for (int64_t i = 0; i < np; i += W)
-          mix_add<F, U, SD, true>(V(0), V::loadu(dz + i) + cd, c, a, b, uq, up,
-                                  V::loadu(es + i) * fs, V::loadu(et + i) * ft);
+          mix_add<F, U, SD, true>(V(0), k.d(i), c, a, b, uq, up, k.q(i), k.p(i));
       } else {
         load_logp<A>(r.s, r.ss, off, n, zs, ms, its, ls);  // lq
         load_logp<A>(r.t, r.tt, off, n, zt, mt, itt, lt);  // lp
@@ -563,17 +581,9 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g,
     for (int64_t off = 0; off < r.v; off += TILE) {
       const int64_t n = std::min(TILE, r.v - off);
       const int64_t np = round_up<A>(n);
-      const A* es = keep->es + off;
-      const A* et = keep->et + off;
-      const A* dz = keep->dz + off;
-      const A* ref = keep->refs + 2 * (off / TILE);
-      const V fs(kept_factor(ref[0], st[ST_MS], its, ls) * c.one_ma);
-      const V ft(kept_factor(ref[1], st[ST_MT], itt, lt) * c.a);
-      const V cd(((safe_ref(ref[1]) - mt) * itt - lt) - ((safe_ref(ref[0]) - ms) * its - ls) +
-                 c.logit);
+      const KeptTile<A> k = kept_tile(*keep, off, st, its, itt, c.logit, c.one_ma, c.a);
       for (int64_t i = 0; i < np; i += W) {
-        const MixElem<V> e = mix_elem<NT, true, U, SD, LOG, true>(
-            V(0), V::loadu(dz + i) + cd, c, V::loadu(es + i) * fs, V::loadu(et + i) * ft);
+        const MixElem<V> e = mix_elem<NT, true, U, SD, LOG, true>(V(0), k.d(i), c, k.q(i), k.p(i));
         V gsv, gtv;
         mix_grad_fast<NT, U, SD>(e, c, D, B, Uq, Up, gsv, gtv, ks, kt);
         put(nt, gsv, gtv, off, i, n);
