@@ -523,23 +523,17 @@ void backward_row(const Row& r, const Params& pr, const A* st, A g,
   A* const ztb = zt;
   const auto put = [gs_direct, gt_direct, zsb, ztb](auto nt, const V& gsv, const V& gtv,
                                                     int64_t off, int64_t i, int64_t n) {
-    const bool full = i + W <= n;
-    if (gs_direct && full) {
-      store_vec(gsv, gs_direct + off + i);
-    } else if (gs_direct) {
-      gsv.store(gs_direct + off + i, n - i);
-    } else {
-      gsv.store(zsb + i);
-    }
-    if (decltype(nt)::value) {
-      if (gt_direct && full) {
-        store_vec(gtv, gt_direct + off + i);
-      } else if (gt_direct) {
-        gtv.store(gt_direct + off + i, n - i);
+    const auto one = [&](const V& g, A* direct, A* buf) {
+      if (direct && i + W <= n) {
+        store_vec(g, direct + off + i);
+      } else if (direct) {
+        g.store(direct + off + i, n - i);
       } else {
-        gtv.store(ztb + i);
+        g.store(buf + i);
       }
-    }
+    };
+    one(gsv, gs_direct, zsb);
+    if (decltype(nt)::value) one(gtv, gt_direct, ztb);
   };
   const auto flush = [&](auto nt, int64_t off, int64_t n) {
     if (!gs_direct) store_tile<A>(r.gs, r.ss, off, n, zs);
