@@ -14,13 +14,16 @@
 // shifted to log-probabilities lq, lp (load_logp). Every loop over a tile asks for the next
 // tile's lines as it goes (NextTile, kd_cpu_simd.h), so memory and arithmetic overlap.
 //
-// Speed of the mixture's element loops: an element is one long dependency chain (exp(-|d|),
-// log1p, softplus, the sum or the gradient) and the out-of-order window holds only a few
-// vectors' chains, so the chain's depth costs as well as the count of multiply-adds. Hence
-// the Estrin polynomials (kd_math.h log1p_unit_poly, kd_cpu_simd.h kd_exp), the
-// one-instruction -|d| and clamp, and row constants folded before the loop; -log(1 - z)
-// (log1m_half_poly), where fewer operations at a deeper chain measured no slower, is
-// evaluated by its even and odd parts.
+// Speed of the mixture's element loops: they are bound by arithmetic, not memory, and on the
+// AVX-512 machine measured mostly by their count of multiplies and multiply-adds (one 512-bit
+// one a cycle): in cache, pass 2 takes 16 cycles a vector, half of them -log(1 - z)'s
+// polynomial. Hence the weights' exp by a table and 6 multiply-adds (kd_cpu_simd.h
+// kd_exp_nonpos), the larger sigmoid as 1 - z, row constants folded before the loop, and
+// selects on mask registers (kd_nonneg). An element is also one long dependency chain, of
+// which the out-of-order window holds only a few: Estrin's scheme for log1p (kd_math.h
+// log1p_unit_poly) and for the general exp (kd_cpu_simd.h kd_exp); -log(1 - z)
+// (log1m_half_poly), where fewer operations at a deeper chain measured no slower, by its
+// even and odd parts.
 //
 // Passes over memory (N x V each):
 //   forward  forward/reverse KL: 1 read of s and t.  mixture: 1 for whole rows: pass 1
@@ -214,8 +217,8 @@ std::pair<A, A> stats_row(const Row& r, const Params& pr, A* st, Kept<A>* keep =
         // lse_add's terms and the difference of their arguments, stored
         const V zs = (V::loadu(xs + i) - vms) * vits;
         const V zt = (V::loadu(xt + i) - vmt) * vitt;
-        const V e_s = kd_exp(zs);
-        const V e_t = kd_exp(zt);
+        const V e_s = kd_exp_nonpos(zs);
+        const V e_t = kd_exp_nonpos(zt);
         ss = ss + e_s;
         stt = stt + e_t;
         e_s.store(es + i);
@@ -292,8 +295,8 @@ void mix_row(const Row& r, const Params& pr, const A* g, A* out, bool unit_sums,
       if (c.unit_u && unit_sums) {
         // u = 1: sum q u = sum q (padding is exp(-inf) = 0)
         for (int64_t i = 0; i < np; i += W) {
-          uq = uq + kd_exp(V::loadu(zs + i));
-          up = up + kd_exp(V::loadu(zt + i));
+          uq = uq + kd_exp_nonpos(V::loadu(zs + i));
+          up = up + kd_exp_nonpos(V::loadu(zt + i));
         }
       }
       sa = a, sb = b, suq = uq, sup = up;

@@ -39,6 +39,13 @@ inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
   // float64: exp_u20 is the exact exp.
   return x.exp_u20();
 }
+// exp(x) for x <= 0 (an element's weight): a NaN x gives 0, as an argument below the
+// smallest normal's log does, so a lane of padding or of a NaN logit carries no weight. Only
+// the lower end is clamped (kd_max takes a NaN to its second operand).
+template <class T>
+inline Vectorized<T> kd_exp_nonpos(const Vectorized<T>& x) {
+  return kd_exp(Vectorized<T>::blendv(Vectorized<T>(T(-746)), x, x > Vectorized<T>(T(-746))));
+}
 #if defined(CPU_CAPABILITY_AVX512)
 // float32 on AVX-512: the same algorithm and constants as ATen's exp_u20 (exp(x) = 2^n e^r,
 // n = floor(x log2 e + 1/2), r = x - n ln 2, e^r by its degree-5 polynomial, inputs below
@@ -46,13 +53,8 @@ inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
 // (3 dependent steps instead of 5), its factor 2 folded into the coefficients (exact), and
 // 2^(n-1) built beside it. The mixture's element is one long chain (exp, log1p, sums) and
 // the out-of-order window holds only a few of them, so depth is what costs.
-inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
-  const __m512 x = _mm512_max_ps(_mm512_min_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(
-                                                      0x42b17218))),  // ln FLT_MAX
-                                 _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)));
-  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_castsi512_ps(_mm512_set1_epi32(
-                                                    0xc2aeac50)),  // ln FLT_MIN
-                                             _CMP_LT_OS);
+// x already clamped to [ln FLT_MIN, ln FLT_MAX]; lanes outside `keep` give 0.
+inline __m512 exp_avx512(__m512 x, __mmask16 keep) {
   // n = x log2 e rounded to nearest (ATen: floor(x log2 e + 1/2), the same but at ties) by
   // adding 1.5 * 2^23 inside the multiply-add: n sits in the low bits of t, and fx = t - 1.5
   // * 2^23 exactly (|n| <= 128), without a rounding instruction on the chain.
@@ -74,7 +76,53 @@ inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
   // drops (0x4B400000 << 23 = 0 mod 2^32)
   const __m512i e =
       _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(126)), 23);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(e));
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
+}
+inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
+  const __m512 lo = _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50));  // ln FLT_MIN
+  const __m512 hi = _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218));  // ln FLT_MAX
+  // below lo: 0 (NaN is kept, clamped to hi: the callers need no NaN from here)
+  return exp_avx512(_mm512_max_ps(_mm512_min_ps(v, hi), lo),
+                    _mm512_cmp_ps_mask(v, lo, _CMP_NLT_US));
+}
+// 2^(j/32), j = 0..31, rounded to float32: kd_exp_nonpos's table
+alignas(64) inline constexpr float kExp2Frac32[32] = {
+    0x1.000000p+0f, 0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f,
+    0x1.1d4874p+0f, 0x1.2387a6p+0f, 0x1.29e9e0p+0f, 0x1.306fe0p+0f, 0x1.371a74p+0f,
+    0x1.3dea64p+0f, 0x1.44e086p+0f, 0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab07ep+0f,
+    0x1.6247ecp+0f, 0x1.6a09e6p+0f, 0x1.71f75ep+0f, 0x1.7a1148p+0f, 0x1.82589ap+0f,
+    0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f, 0x1.ae89fap+0f,
+    0x1.b7f770p+0f, 0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f,
+    0x1.ea4afap+0f, 0x1.f50766p+0f};
+// exp(x) for the element weights (x <= 0) on AVX-512 float32, with fewer multiplies than the
+// general exp above (the mixture's element is bound by its multiply-adds): exp(x) = 2^n
+// 2^(j/32) e^r, k = 32 n + j = x 32 log2 e rounded (the magic-number add, as above), r = x -
+// k ln2/32 (|r| <= ln2/64, rounding of ln 2 as in the general exp: 2.4e-7 relative at x =
+// -87), 2^(j/32) from the table by one two-register permute (it reads the low 5 bits of t's
+// bits, j), e^r = 1 + r + r^2/2 + r^3/6 (error r^4/24 < 6e-10), and 2^n added to the
+// result's exponent bits. 6 multiply-adds where the general exp takes 8; within 2 ulps plus
+// the reduction's error, where the general exp's polynomial allows 20 ulps.
+// Results must be normal for the exponent add: x < -86.6 (e^x < 2.4e-38) gives 0, as does a
+// NaN x; up to x = 88 the result is exact, above it undefined.
+inline Vectorized<float> kd_exp_nonpos(const Vectorized<float>& v) {
+  const __m512 lo = _mm512_set1_ps(-86.6f);
+  const __m512 x = _mm512_max_ps(v, lo);
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(46.1662413084f), magic);  // 32 log2 e
+  const __m512 r = _mm512_fnmadd_ps(_mm512_sub_ps(t, magic),
+                                    _mm512_set1_ps(0.0216608493924982909f), x);  // ln2 / 32
+  const __m512 tj = _mm512_permutex2var_ps(_mm512_load_ps(kExp2Frac32), _mm512_castps_si512(t),
+                                           _mm512_load_ps(kExp2Frac32 + 16));
+  __m512 q = _mm512_fmadd_ps(r, _mm512_set1_ps(1.f / 6), _mm512_set1_ps(0.5f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
+  // 2^(j/32) e^r = T + (T r) q, q = (e^r - 1) / r
+  const __m512 p = _mm512_fmadd_ps(_mm512_mul_ps(tj, r), q, tj);
+  // n << 23 = bits 5.. of k moved to the exponent: t's bits are 0x4B400000 + k, whose high
+  // part the shift by 18 drops (0x4B400000 << 18 = 0 mod 2^32)
+  const __m512i n = _mm512_and_si512(_mm512_slli_epi32(_mm512_castps_si512(t), 18),
+                                     _mm512_set1_epi32(int(0xff800000u)));
+  return _mm512_castsi512_ps(_mm512_maskz_add_epi32(_mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ),
+                                                    _mm512_castps_si512(p), n));
 }
 #endif
 template <class T>
@@ -174,6 +222,25 @@ inline Vectorized<T> kd_where(const Vectorized<T>& c, const Vectorized<T>& a,
                               const Vectorized<T>& b) {
   return Vectorized<T>::blendv(b, a, c);
 }
+// x >= 0 (false for NaN) as a select mask. AVX-512 float32: the compare's mask register, which
+// the select takes as is (ATen's compares widen a mask to a vector and its blend narrows it
+// back: two instructions a select on the mixture's element).
+template <class T>
+inline Vectorized<T> kd_nonneg(const Vectorized<T>& x) {
+  return x >= Vectorized<T>(T(0));
+}
+#if defined(CPU_CAPABILITY_AVX512)
+struct Mask16 {
+  __mmask16 m;
+};
+inline Mask16 kd_nonneg(const Vectorized<float>& x) {
+  return {_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ)};
+}
+inline Vectorized<float> kd_where(Mask16 c, const Vectorized<float>& a,
+                                  const Vectorized<float>& b) {
+  return _mm512_mask_blend_ps(c.m, b, a);
+}
+#endif
 }  // namespace kd
 
 #include "kd_math.h"

@@ -117,6 +117,13 @@ KD_HD float kd_max(float a, float b) { return a > b ? a : b; }
 KD_HD double kd_max(double a, double b) { return a > b ? a : b; }
 KD_HD float kd_where(bool c, float a, float b) { return c ? a : b; }
 KD_HD double kd_where(bool c, double a, double b) { return c ? a : b; }
+KD_HD bool kd_nonneg(float x) { return x >= 0.f; }  // false for NaN
+KD_HD bool kd_nonneg(double x) { return x >= 0.0; }
+// exp(x) for x <= 0 (an element's weight), a NaN x giving 0: clamped from below only, where
+// exp is 0 in the type (NaN goes to the bound). The CPU's vector overload saves the upper
+// clamp of its general exp.
+KD_HD float kd_exp_nonpos(float x) { return expf(x > -104.f ? x : -104.f); }
+KD_HD double kd_exp_nonpos(double x) { return exp(x > -746.0 ? x : -746.0); }
 // x clamped to [lo, hi]; NaN goes to lo (kd_max(NaN, b) = b likewise)
 KD_HD float kd_clamp(float x, float lo, float hi) {
   x = x > lo ? x : lo;
@@ -241,13 +248,13 @@ KD_HD void lse_rebase(W& sum, RefMove<S> r) {
 // One raw logit x (element or lane) into sum exp((x - m) inv_t); m a safe reference >= x.
 template <class W>
 KD_HD void lse_add(W x, W m, W inv_t, W& sum) {
-  sum = sum + kd_exp((x - m) * inv_t);
+  sum = sum + kd_exp_nonpos((x - m) * inv_t);
 }
 
 // The same at T = 1 (cross-entropy's statistics).
 template <class W>
 KD_HD void lse_add(W x, W m, W& sum) {
-  sum = sum + kd_exp(x - m);
+  sum = sum + kd_exp_nonpos(x - m);
 }
 
 // c * acc for the weighting side's factor c, except that c = 0 (the factor underflowed, or
@@ -280,8 +287,8 @@ template <bool REVERSE, class W>
 KD_HD void kl_add(W xs, W xt, W ms, W mt, W its, W itt, W& ss, W& st, W& acc) {
   W ds = (xs - ms) * its;
   W dt = (xt - mt) * itt;
-  W es = kd_exp(ds);
-  W et = kd_exp(dt);
+  W es = kd_exp_nonpos(ds);
+  W et = kd_exp_nonpos(dt);
   ss = ss + es;
   st = st + et;
   if (REVERSE) {
@@ -349,8 +356,8 @@ KD_HD S kl_value(S ss, S st, S acc) {
 // NEED_T = false skips the teacher's gradient (gt is left 0).
 template <bool REVERSE, bool NEED_T = true, class W>
 KD_HD void kl_grad(W lq, W lp, W d, W& gs, W& gt) {
-  W q = kd_exp(lq);
-  W p = kd_exp(lp);
+  W q = kd_exp_nonpos(lq);
+  W p = kd_exp_nonpos(lp);
   gt = W(0);
   if (REVERSE) {
     gs = kd_where(q > W(0), q * (lq - lp - d), W(0));
@@ -421,8 +428,9 @@ KD_HD MixCoef<S> mix_coef_of(double a, double cp, double cq) {
   return c;
 }
 
-// |d| beyond which the FAST path clamps d: exp(-mix_clamp() + MIX_FAST_LOGIT) is 0 in the
-// lane type even with subnormals (float: below 2^-149 = e^-103.3; double: below e^-744.4).
+// The bound of max(+-d, 0) on the FAST path (mix_relu): exp(-mix_clamp() + MIX_FAST_LOGIT)
+// is 0 in the lane type even with subnormals (float: below 2^-149 = e^-103.3; double: below
+// e^-744.4).
 template <class S>
 KD_HD S mix_clamp() {
   return sizeof(S) == sizeof(float) ? S(200) : S(1000);
@@ -454,6 +462,12 @@ KD_HD S mix_u_unit(const MixCoef<S>& c) {
   return SIDES == MIX_P ? c.kp : (SIDES == MIX_Q ? c.kq : S(1));
 }
 
+// max(x, 0) (NaN -> 0), on the FAST path also clamped to mix_clamp (see mix_elem)
+template <bool FAST, class S, class W>
+KD_HD W mix_relu(W x) {
+  return FAST ? kd_clamp(x, S(0), mix_clamp<S>()) : kd_max(x, W(0));
+}
+
 // Per-element pieces of the mixture: p, q, lp - lm, lq - lm, u (see the header comment).
 // On the FAST one-side paths (MIX_P, MIX_Q) u is the sigmoid alone: its constant kp or kq
 // (mix_u_unit) is the callers', applied once per row or folded into their row constants.
@@ -468,10 +482,11 @@ struct MixElem {
 //  - p and q from one exp: a p / ((1-a) q) = exp(d), so the smaller of the two is the larger
 //    times exp(-|d|) (formed anyway for the log1p) times r_pq or r_qp. That saves one exp of
 //    three (NEED_P = false: only q is needed, p is left unset, and q is exp(lq) as before).
-//  - d clamped to +-C (C = mix_clamp, NaN -> -C): every log-ratio is finite, so no masks are
-//    needed (0 * finite = 0). Where |d| > C the side the clamp changes has weight exactly 0:
-//    if d < -C, p = q exp(d - logit) <= exp(-C + |logit|) = 0, and the same for q if d > C.
-//    Padding (lp = lq = -inf, d = NaN) gives p = q = 0 and finite log-ratios.
+//  - max(+-d, 0) clamped to C (mix_relu; C = mix_clamp): every log-ratio is finite, so no
+//    masks are needed (0 * finite = 0). Where |d| > C the side the clamp changes has weight
+//    exactly 0: if d < -C, p = q exp(d - logit) <= exp(-C + |logit|) = 0, and the same for q
+//    if d > C. Padding (lp = lq = -inf, d = NaN) gives p = q = 0 (NaN d: exp(-|d|) = 0, the
+//    sign test false, max(+-d, 0) = 0) and finite log-ratios.
 //  UNIT = true (needs c.unit_u): u = 1 is known at compile time; with FAST, UNIT must be
 //  c.unit_u (mix_unit).
 //  SIDES (FAST only, needs mix_sides_match): the sides whose pieces are formed; NEED_LOG =
@@ -484,18 +499,10 @@ template <bool NEED_P = true, bool FAST = false, bool UNIT = false, int SIDES = 
           bool NEED_LOG = true, bool GIVEN = false, class W, class S>
 KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W(0)) {
   MixElem<W> e;
-  W d = GIVEN ? lp : lp - lq + W(c.logit);
-  W ex;  // exp(-|d|), except on the FAST GIVEN path, which does without it
-  if (FAST && GIVEN) {
-    d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());
-  } else if (FAST) {
-    // the exp's argument clamped on its own (one step on the chain; NaN -> -C), d beside it
-    ex = kd_exp(kd_max(kd_nabs(d), W(S(0) - mix_clamp<S>())));
-    d = kd_clamp(d, S(0) - mix_clamp<S>(), mix_clamp<S>());
-  } else {
-    ex = kd_exp(kd_nabs(d));  // exp(-|d|) in (0, 1]: no overflow
-  }
-  W pos = d >= W(0);
+  const W d = GIVEN ? lp : lp - lq + W(c.logit);
+  W ex;  // exp(-|d|) in [0, 1] (NaN -> 0), except on the FAST GIVEN path: not needed there
+  if (!(FAST && GIVEN)) ex = kd_exp_nonpos(kd_nabs(d));
+  const auto pos = kd_nonneg(d);  // false for NaN
   W l1, sig_pos, sig_neg;  // log1p(exp(-|d|)), sigmoid(d), sigmoid(-d)
   if (GIVEN) {
     e.q = gq;
@@ -505,20 +512,22 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
       // smaller of the two over the larger (exp(d) is their ratio), so log1p(exp(-|d|)) =
       // -log(1 - z), z = the smaller over m in [0, 1/2]: one reciprocal, no exp. m is kept
       // >= the smallest normal, so two zeros (padding, underflow) give 0 and 1/m is finite.
+      // The larger sigmoid is 1 - z: a subtraction where a product would take a multiply.
       const W ap = gp, bq = gq;
       const W inv = kd_rcp(kd_max(ap + bq, W(kd_tiny<S>())));
-      l1 = kd_log1m_half(kd_where(pos, bq, ap) * inv);
-      sig_pos = ap * inv;
-      sig_neg = bq * inv;
+      const W z = kd_where(pos, bq, ap) * inv;
+      l1 = kd_log1m_half(z);
+      sig_pos = kd_where(pos, W(1) - z, z);
+      sig_neg = kd_where(pos, z, W(1) - z);
     }
   } else if (FAST && NEED_P) {
-    W big = kd_exp(kd_where(pos, lp, lq));
+    W big = kd_exp_nonpos(kd_where(pos, lp, lq));
     W small = big * (ex * kd_where(pos, W(c.r_pq), W(c.r_qp)));
     e.p = kd_where(pos, big, small);
     e.q = kd_where(pos, small, big);
   } else {
-    e.q = kd_exp(lq);
-    if (NEED_P) e.p = kd_exp(lp);
+    e.q = kd_exp_nonpos(lq);
+    if (NEED_P) e.p = kd_exp_nonpos(lp);
   }
   if (FAST && !GIVEN && !UNIT) {
     // sigmoid(+-d) = 1 / (1 + e^-|d|) on the side d points to, z = e^-|d| / (1 + e^-|d|) on
@@ -535,11 +544,11 @@ KD_HD MixElem<W> mix_elem(W lq, W lp, const MixCoef<S>& c, W gq = W(0), W gp = W
   if (!FAST || NEED_LOG) {
     // softplus(-+d) = max(-+d, 0) + log1p(exp(-|d|))
     if (!FAST || SIDES != MIX_Q) {
-      e.sp_neg = kd_max(W(0) - d, W(0)) + l1;
+      e.sp_neg = mix_relu<FAST, S>(W(0) - d) + l1;
       e.lp_lm = W(-c.log_a) - e.sp_neg;
     }
     if (!FAST || SIDES != MIX_P) {
-      e.sp_pos = kd_max(d, W(0)) + l1;
+      e.sp_pos = mix_relu<FAST, S>(d) + l1;
       e.lq_lm = W(-c.log_1ma) - e.sp_pos;
     }
   }
@@ -680,8 +689,8 @@ template <int K, class W>
 KD_HD void kl2_add(W xs, W xt, W ms, W mt, W its, W itt, W& ss, W& st, W& acc, W& accb) {
   W ds = (xs - ms) * its;
   W dt = (xt - mt) * itt;
-  W es = kd_exp(ds);
-  W et = kd_exp(dt);
+  W es = kd_exp_nonpos(ds);
+  W et = kd_exp_nonpos(dt);
   ss = ss + es;
   st = st + et;
   if (K == SOFT_CE) {
@@ -740,8 +749,8 @@ KD_HD S kl2_value(S ss, S st, S acc, S accb, S cf, S cr, S* dv) {
 // d = D (soft CE) or F, d2 = R (FR_KL); unscaled, as kl_grad
 template <int K, bool NEED_T = true, class W, class S>
 KD_HD void kl2_grad(W lq, W lp, S d, S d2, S cf, S cr, W& gs, W& gt) {
-  W q = kd_exp(lq);
-  W p = kd_exp(lp);
+  W q = kd_exp_nonpos(lq);
+  W p = kd_exp_nonpos(lp);
   gt = W(0);
   if (K == SOFT_CE) {
     gs = q - p;
@@ -785,17 +794,17 @@ KD_HD W pw_sign(W x) {
 template <int K, class W, class S>
 KD_HD void pw_add(W lq, W lp, const PwCoef<S>& c, W& sd, W& suq, W& sup) {
   if (K == TVD) {
-    W q = kd_exp(lq);
-    W p = kd_exp(lp);
+    W q = kd_exp_nonpos(lq);
+    W p = kd_exp_nonpos(lp);
     W diff = q - p;
     W g = pw_sign(diff);
     sd = sd - kd_nabs(diff);
     suq = suq + g * q;
     sup = sup + g * p;
   } else {
-    W x = kd_exp(W(c.a) * lp + W(c.b) * lq);
-    W yp = kd_exp(W(c.ab) * lp);
-    W yq = kd_exp(W(c.ab) * lq);
+    W x = kd_exp_nonpos(W(c.a) * lp + W(c.b) * lq);
+    W yp = kd_exp_nonpos(W(c.ab) * lp);
+    W yq = kd_exp_nonpos(W(c.ab) * lq);
     sd = sd + W(c.k) * (x - W(c.wp) * yp - W(c.wq) * yq);
     suq = suq + (x - yq);
     sup = sup + (x - yp);
@@ -804,20 +813,20 @@ KD_HD void pw_add(W lq, W lp, const PwCoef<S>& c, W& sd, W& suq, W& sup) {
 
 template <int K, bool NEED_T = true, class W, class S>
 KD_HD void pw_grad(W lq, W lp, const PwCoef<S>& c, S Uq, S Up, W& gs, W& gt) {
-  W q = kd_exp(lq);
+  W q = kd_exp_nonpos(lq);
   gt = W(0);
   if (K == TVD) {
-    W p = kd_exp(lp);
+    W p = kd_exp_nonpos(lp);
     W g = pw_sign(q - p);
     gs = W(0.5f) * q * (g - W(Uq));
     if (NEED_T) gt = W(-0.5f) * p * (g - W(Up));
   } else {
-    W x = kd_exp(W(c.a) * lp + W(c.b) * lq);
-    W yq = kd_exp(W(c.ab) * lq);
+    W x = kd_exp_nonpos(W(c.a) * lp + W(c.b) * lq);
+    W yq = kd_exp_nonpos(W(c.ab) * lq);
     gs = W(c.ia) * (x - yq - q * W(Uq));
     if (NEED_T) {
-      W p = kd_exp(lp);
-      W yp = kd_exp(W(c.ab) * lp);
+      W p = kd_exp_nonpos(lp);
+      W yp = kd_exp_nonpos(W(c.ab) * lp);
       gt = W(c.ib) * (x - yp - p * W(Up));
     }
   }
@@ -828,7 +837,7 @@ KD_HD void pw_grad(W lq, W lp, const PwCoef<S>& c, S Uq, S Up, W& gs, W& gt) {
 // d CE / d s_k = softmax(s)_k - onehot_k, softmax from the T = 1 statistics (m1, log S1).
 template <class W>
 KD_HD W ce_grad(W s, W m1, W log_s1, W onehot) {
-  return kd_exp((s - m1) - log_s1) - onehot;
+  return kd_exp_nonpos((s - m1) - log_s1) - onehot;
 }
 
 // F.kl_div's term: y (log y - x), or exp(y) (y - x) for log-space targets; 0 log 0 = 0.

@@ -438,6 +438,32 @@ def test_extreme_logits(divergence):
         assert err <= bound, f"{what}: error {err:.2e} > {bound:.2e} (reference {base_err:.2e})"
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "skew_reverse_kl"])
+def test_weights_keep_their_relative_accuracy_down_to_the_smallest_normals(divergence):
+    # The CPU kernel's exp of an element weight (x <= 0, kd_cpu_simd.h kd_exp_nonpos) read out
+    # over its whole range: against a teacher sure of entry 0 at T = 1, the forward KL's
+    # gradient off that entry is q itself, and skew reverse KL's is q times a function of
+    # the log-ratio alone, equal for every entry the teacher gives 0 (one ratio to entry 1).
+    # Relative error: the exp's own (3.5e-7) plus float32's rounding of the argument lq
+    # (|lq| 2^-24). Weights below 2.4e-38 (lq < -86.6) may be flushed to 0.
+    v = 5000
+    s = torch.linspace(0.0, -90.0, v).unsqueeze(0).requires_grad_()
+    t = torch.full((1, v), -math.inf)
+    t[0, 0] = 0.0
+    kd.kd_loss(s, t, divergence=divergence, reduction="sum", impl="ext").backward()
+    lq = torch.log_softmax(s.detach().double(), -1)[0, 1:]
+    q = lq.exp()
+    g = s.grad[0, 1:].double()
+    if divergence != "forward_kl":
+        g = g * (q[0] / g[0])
+    normal = q > 2.5e-38
+    rel = ((g - q).abs() / q)[normal]
+    bound = 5e-7 + lq[normal].abs() * 2.0**-23
+    assert torch.all(rel <= bound), f"max relative error {rel.max():.2e}"
+    assert torch.all((g - q)[~normal].abs() <= 2.5e-38)
+    assert normal.sum() > 0.9 * v
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_padding_is_exact_zero(divergence):
     # vocabulary padding (-inf in both logits) contributes exactly nothing
