@@ -1,9 +1,10 @@
 // kd_cpu_simd.h: the vector lanes and the tile I/O of the CPU kernels (kd_cpu.cpp).
 //
 // 1. at::vec::Vectorized<float|double> overloads of kd_math.h's primitives (kd_exp, kd_log,
-//    kd_log1p_unit, kd_log1m_half, kd_rcp, kd_nabs, kd_max, kd_clamp, kd_where), declared
-//    before kd_math.h is included so its element templates find them. ATen builds Vectorized
-//    for the CPU capability ext_build.py compiles for (AVX512 / AVX2 / none).
+//    kd_log1p_unit, kd_log1m_half, kd_log1p_atanh, kd_rcp, kd_nabs, kd_max, kd_clamp,
+//    kd_where, kd_exp_nonpos, kd_nonneg), declared before kd_math.h is included so its
+//    element templates find them. ATen builds Vectorized for the CPU capability ext_build.py
+//    compiles for (AVX512 / AVX2 / none).
 // 2. Tiles: a row is read in tiles converted from any input dtype to the accumulation type A
 //    (float; double for float64 logits) as raw logits (load_tile) or as log-probabilities
 //    (x - m) / T - l (load_logp), padded with -inf to whole vectors, and written back in the
@@ -144,6 +145,14 @@ inline Vectorized<float> kd_log1m_half(const Vectorized<float>& z) {
 }
 inline Vectorized<double> kd_log1m_half(const Vectorized<double>& z) {
   return Vectorized<double>(0.0) - (Vectorized<double>(1.0) - z).log();  // z in [0, 1/2]
+}
+template <class W>
+inline W log1p_atanh_poly(W s);  // kd_math.h
+inline Vectorized<float> kd_log1p_atanh(const Vectorized<float>& s) {
+  return log1p_atanh_poly(s);
+}
+inline Vectorized<double> kd_log1p_atanh(const Vectorized<double>& s) {
+  return (Vectorized<double>(2.0) * s / (Vectorized<double>(1.0) - s)).log1p();  // s <= 1/3
 }
 // 1 / x for the mixture's sigmoid (x in [1, 2]) and its exp(-|d|) from given p and q (x a
 // normal number <= 1). float32: the hardware's reciprocal estimate (relative error 2^-14 on
