@@ -17,7 +17,8 @@
 // Speed of the mixture's element loops: they are bound by arithmetic, not memory, and on the
 // AVX-512 machine measured mostly by their count of multiplies and multiply-adds (one 512-bit
 // one a cycle): in cache, pass 2 takes 16 cycles a vector, half of them -log(1 - z)'s
-// polynomial. Hence the weights' exp by a table and 6 multiply-adds (kd_cpu_simd.h
+// polynomial (jsd's, which needs no sigmoid, is 2 atanh(s) instead: kd_math.h
+// log1p_atanh_poly). Hence the weights' exp by a table and 6 multiply-adds (kd_cpu_simd.h
 // kd_exp_nonpos), the larger sigmoid as 1 - z, row constants folded before the loop, and
 // selects on mask registers (kd_nonneg). An element is also one long dependency chain, of
 // which the out-of-order window holds only a few: Estrin's scheme for log1p (kd_math.h

@@ -42,7 +42,7 @@ inline Vectorized<T> kd_exp(const Vectorized<T>& x) {
 }
 // exp(x) for x <= 0 (an element's weight): a NaN x gives 0, as an argument below the
 // smallest normal's log does, so a lane of padding or of a NaN logit carries no weight. Only
-// the lower end is clamped (kd_max takes a NaN to its second operand).
+// the lower end is clamped (the compare is false for NaN, which the select sends to it).
 template <class T>
 inline Vectorized<T> kd_exp_nonpos(const Vectorized<T>& x) {
   return kd_exp(Vectorized<T>::blendv(Vectorized<T>(T(-746)), x, x > Vectorized<T>(T(-746))));
@@ -54,8 +54,13 @@ inline Vectorized<T> kd_exp_nonpos(const Vectorized<T>& x) {
 // (3 dependent steps instead of 5), its factor 2 folded into the coefficients (exact), and
 // 2^(n-1) built beside it. The mixture's element is one long chain (exp, log1p, sums) and
 // the out-of-order window holds only a few of them, so depth is what costs.
-// x already clamped to [ln FLT_MIN, ln FLT_MAX]; lanes outside `keep` give 0.
-inline __m512 exp_avx512(__m512 x, __mmask16 keep) {
+inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(
+                                                      0x42b17218))),  // ln FLT_MAX
+                                 _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)));
+  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_castsi512_ps(_mm512_set1_epi32(
+                                                    0xc2aeac50)),  // ln FLT_MIN
+                                             _CMP_LT_OS);
   // n = x log2 e rounded to nearest (ATen: floor(x log2 e + 1/2), the same but at ties) by
   // adding 1.5 * 2^23 inside the multiply-add: n sits in the low bits of t, and fx = t - 1.5
   // * 2^23 exactly (|n| <= 128), without a rounding instruction on the chain.
@@ -77,14 +82,7 @@ inline __m512 exp_avx512(__m512 x, __mmask16 keep) {
   // drops (0x4B400000 << 23 = 0 mod 2^32)
   const __m512i e =
       _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(126)), 23);
-  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
-}
-inline Vectorized<float> kd_exp(const Vectorized<float>& v) {
-  const __m512 lo = _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50));  // ln FLT_MIN
-  const __m512 hi = _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218));  // ln FLT_MAX
-  // below lo: 0 (NaN is kept, clamped to hi: the callers need no NaN from here)
-  return exp_avx512(_mm512_max_ps(_mm512_min_ps(v, hi), lo),
-                    _mm512_cmp_ps_mask(v, lo, _CMP_NLT_US));
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(e));
 }
 // 2^(j/32), j = 0..31, rounded to float32: kd_exp_nonpos's table
 alignas(64) inline constexpr float kExp2Frac32[32] = {

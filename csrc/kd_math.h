@@ -121,8 +121,8 @@ KD_HD double kd_where(bool c, double a, double b) { return c ? a : b; }
 KD_HD bool kd_nonneg(float x) { return x >= 0.f; }  // false for NaN
 KD_HD bool kd_nonneg(double x) { return x >= 0.0; }
 // exp(x) for x <= 0 (an element's weight), a NaN x giving 0: clamped from below only, where
-// exp is 0 in the type (NaN goes to the bound). The CPU's vector overload saves the upper
-// clamp of its general exp.
+// exp is 0 in the type (NaN goes to the bound). The CPU's AVX-512 overload is a cheaper exp
+// made for this range (kd_cpu_simd.h).
 KD_HD float kd_exp_nonpos(float x) { return expf(x > -104.f ? x : -104.f); }
 KD_HD double kd_exp_nonpos(double x) { return exp(x > -746.0 ? x : -746.0); }
 // x clamped to [lo, hi]; NaN goes to lo (kd_max(NaN, b) = b likewise)
