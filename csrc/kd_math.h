@@ -661,6 +661,25 @@ KD_HD void mix_grad_fast(const MixElem<W>& e, const MixCoef<S>& c, S A, S B, S U
   }
 }
 
+// phi(d) = softplus(d) + sigmoid(-d), d's part max(d, 0) clamped as by mix_relu<true>: skew
+// reverse KL's (cp = 0) student gradient takes its softplus(d) = -log(1-a) - (lq - lm) and
+// its u = kq sigmoid(-d) only in this sum, as (1-a) kq = cq gives
+//   dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq) = q (rq - cq phi(d)),
+//   rq = cq (-log(1-a) - B) + (1-a) Uq.
+// By exps here (exp(-|d|), the sigmoid's reciprocal, -log(1 - z) of the smaller sigmoid z, as
+// mix_elem's FAST path forms them); the CPU's AVX-512 float32 overload is a table
+// (kd_cpu_simd.h). A NaN d gives a finite value.
+template <class S, class W>
+KD_HD W softplus_sigm_exps(W d) {
+  const W ex = kd_exp_nonpos(kd_nabs(d));
+  const auto pos = kd_nonneg(d);
+  const W inv = kd_rcp(W(1) + ex);
+  const W z = ex * inv;
+  return mix_relu<true, S>(d) + kd_log1m_half(z) + kd_where(pos, z, inv);
+}
+KD_HD float kd_softplus_sigm(float d) { return softplus_sigm_exps<float>(d); }
+KD_HD double kd_softplus_sigm(double d) { return softplus_sigm_exps<double>(d); }
+
 // The log-ratios a gradient needs: the student's through cq, the teacher's through cp.
 template <bool NEED_T, int SIDES>
 constexpr bool mix_grad_log() {
@@ -674,6 +693,15 @@ template <bool NEED_T = true, bool FAST = false, bool UNIT = false, int SIDES = 
           bool SCALED = false, class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt,
                     S ks = S(1), S kt = S(1)) {
+  if (FAST && SIDES == MIX_Q && !NEED_T) {
+    // one exp (q) and phi (kd_softplus_sigm), where mix_elem forms two exps, a reciprocal
+    // and a log1p
+    const S rq = c.cq * (-c.log_1ma - B) + c.one_ma * Uq;
+    const W phi = kd_softplus_sigm(lp - lq + W(c.logit));
+    gs = kd_exp_nonpos(lq) * (W(ks * rq) - W(ks * c.cq) * phi);
+    gt = W(0);
+    return;
+  }
   constexpr bool LOG = mix_grad_log<NEED_T, SIDES>();
   MixElem<W> e = mix_elem<NEED_T, FAST, UNIT, SIDES, LOG>(lq, lp, c);
   if (FAST) {
