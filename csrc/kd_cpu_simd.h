@@ -248,8 +248,11 @@ inline Vectorized<float> kd_where(Mask16 c, const Vectorized<float>& a,
   return _mm512_mask_blend_ps(c.m, b, a);
 }
 #endif
-// softplus(d) + sigmoid(-d) (kd_math.h), defined below it: float64 and float32 without
-// AVX-512 by exps (softplus_sigm_exps), float32 on AVX-512 by a table
+// softplus(d) and softplus(d) + sigmoid(-d) (kd_math.h), defined below it: float64 and
+// float32 without AVX-512 by exps (softplus_exps, softplus_sigm_exps), float32 on AVX-512 by
+// tables
+inline Vectorized<double> kd_softplus(const Vectorized<double>& d);
+inline Vectorized<float> kd_softplus(const Vectorized<float>& d);
 inline Vectorized<double> kd_softplus_sigm(const Vectorized<double>& d);
 inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d);
 }  // namespace kd
@@ -258,12 +261,68 @@ inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d);
 
 namespace kd {
 
+inline Vectorized<double> kd_softplus(const Vectorized<double>& d) {
+  return softplus_exps<double>(d);
+}
 inline Vectorized<double> kd_softplus_sigm(const Vectorized<double>& d) {
   return softplus_sigm_exps<double>(d);
 }
 #if defined(CPU_CAPABILITY_AVX512)
-// psi's polynomial on [k, k + 1] (degree 6): coefficient i of interval k at
-// [i][k mod 32]; max error in float32 8.73e-08 (softplus_sigm_table.py)
+// psi's polynomial on [k, k + 1]: coefficient i of interval k at [i][k mod 32]; max
+// error in float32 4.42e-08 (softplus_tables.py)
+alignas(64) inline constexpr float kSoftplus[7][32] = {
+    {0x1.e5747p-2f, 0x1.9c7e9p-3f, 0x1.4321e2p-4f, 0x1.e76e4cp-6f, 0x1.6a0334p-7f,
+     0x1.0b48ecp-8f, 0x1.89d254p-10f, 0x1.21e534p-11f, 0x1.aaa924p-13f, 0x1.39f088p-14f,
+     0x1.cdfa86p-16f, 0x1.53e866p-17f, 0x1.f42e96p-19f, 0x1.700386p-20f, 0x1.0ec5p-21f,
+     0x1.8e7136p-23f, 0x1.8e7136p-23f, 0x1.0ec5p-21f, 0x1.700386p-20f, 0x1.f42e96p-19f,
+     0x1.53e866p-17f, 0x1.cdfa86p-16f, 0x1.39f088p-14f, 0x1.aaa924p-13f, 0x1.21e534p-11f,
+     0x1.89d254p-10f, 0x1.0b48ecp-8f, 0x1.6a0334p-7f, 0x1.e76e4cp-6f, 0x1.4321e2p-4f,
+     0x1.9c7e9p-3f, 0x1.e5747p-2f},
+    {-0x1.829a0ep-2f, -0x1.759b84p-3f, -0x1.36b70ap-4f, -0x1.e04064p-6f, -0x1.68052ap-7f,
+     -0x1.0abd98p-8f, -0x1.8986aap-10f, -0x1.21d0b8p-11f, -0x1.aa9e1p-13f, -0x1.39ed8ep-14f,
+     -0x1.cdf8eep-16f, -0x1.53e7fep-17f, -0x1.f42e64p-19f, -0x1.70037ep-20f, -0x1.0ec5p-21f,
+     -0x1.8e713cp-23f, 0x1.8e713cp-23f, 0x1.0ec5p-21f, 0x1.70037ep-20f, 0x1.f42e64p-19f,
+     0x1.53e7fep-17f, 0x1.cdf8eep-16f, 0x1.39ed8ep-14f, 0x1.aa9e1p-13f, 0x1.21d0b8p-11f,
+     0x1.8986aap-10f, 0x1.0abd98p-8f, 0x1.68052ap-7f, 0x1.e04064p-6f, 0x1.36b70ap-4f,
+     0x1.759b84p-3f, 0x1.829a0ep-2f},
+    {0x1.e14998p-4f, 0x1.3173bcp-4f, 0x1.1f250ep-5f, 0x1.d22c9ap-7f, 0x1.64108ap-8f,
+     0x1.09a7a8p-9f, 0x1.88ef6cp-11f, 0x1.21a7b2p-12f, 0x1.aa87d4p-14f, 0x1.39e786p-15f,
+     0x1.cdf5a8p-17f, 0x1.53e718p-18f, 0x1.f42de6p-20f, 0x1.70035ap-21f, 0x1.0ec4f6p-22f,
+     0x1.8e7134p-24f, 0x1.8e7134p-24f, 0x1.0ec4f6p-22f, 0x1.70035ap-21f, 0x1.f42de6p-20f,
+     0x1.53e718p-18f, 0x1.cdf5a8p-17f, 0x1.39e786p-15f, 0x1.aa87d4p-14f, 0x1.21a7b2p-12f,
+     0x1.88ef6cp-11f, 0x1.09a7a8p-9f, 0x1.64108ap-8f, 0x1.d22c9ap-7f, 0x1.1f250ep-5f,
+     0x1.3173bcp-4f, 0x1.e14998p-4f},
+    {-0x1.3a33f8p-7f, -0x1.02accp-6f, -0x1.44cdccp-7f, -0x1.249256p-8f, -0x1.d04f1ep-10f,
+     -0x1.5f4e42p-11f, -0x1.05279cp-12f, -0x1.81c15ap-14f, -0x1.1c3838p-15f, -0x1.a272fep-17f,
+     -0x1.33ef98p-18f, -0x1.c52a2ap-20f, -0x1.4d6dbp-21f, -0x1.eaa68ap-23f, -0x1.690072p-24f,
+     -0x1.099c5p-25f, 0x1.099c5p-25f, 0x1.690072p-24f, 0x1.eaa68ap-23f, 0x1.4d6dbp-21f,
+     0x1.c52a2ap-20f, 0x1.33ef98p-18f, 0x1.a272fep-17f, 0x1.1c3838p-15f, 0x1.81c15ap-14f,
+     0x1.05279cp-12f, 0x1.5f4e42p-11f, 0x1.d04f1ep-10f, 0x1.249256p-8f, 0x1.44cdccp-7f,
+     0x1.02accp-6f, 0x1.3a33f8p-7f},
+    {-0x1.0714c6p-8f, 0x1.561286p-11f, 0x1.bbaf9cp-10f, 0x1.01bf06p-10f, 0x1.bbcdeep-12f,
+     0x1.59955p-13f, 0x1.039746p-14f, 0x1.80e8ep-16f, 0x1.1bfe64p-17f, 0x1.a254fp-19f,
+     0x1.33e864p-20f, 0x1.c527a2p-22f, 0x1.4d6e04p-23f, 0x1.eaa834p-25f, 0x1.6901fep-26f,
+     0x1.099d88p-27f, 0x1.099d88p-27f, 0x1.6901fep-26f, 0x1.eaa834p-25f, 0x1.4d6e04p-23f,
+     0x1.c527a2p-22f, 0x1.33e864p-20f, 0x1.a254fp-19f, 0x1.1bfe64p-17f, 0x1.80e8ep-16f,
+     0x1.039746p-14f, 0x1.59955p-13f, 0x1.bbcdeep-12f, 0x1.01bf06p-10f, 0x1.bbaf9cp-10f,
+     0x1.561286p-11f, -0x1.0714c6p-8f},
+    {0x1.b86582p-11f, 0x1.4672f2p-11f, -0x1.2afc7ap-14f, -0x1.323128p-13f, -0x1.4482e2p-14f,
+     -0x1.0d9ee6p-15f, -0x1.9e5554p-17f, -0x1.35b2dep-18f, -0x1.ca5ed8p-20f, -0x1.51f7acp-21f,
+     -0x1.f1b6bcp-23f, -0x1.6e4d76p-24f, -0x1.0d89f4p-25f, -0x1.8ca58cp-27f, -0x1.23d72ap-28f,
+     -0x1.ad7362p-30f, 0x1.ad7362p-30f, 0x1.23d72ap-28f, 0x1.8ca58cp-27f, 0x1.0d89f4p-25f,
+     0x1.6e4d76p-24f, 0x1.f1b6bcp-23f, 0x1.51f7acp-21f, 0x1.ca5ed8p-20f, 0x1.35b2dep-18f,
+     0x1.9e5554p-17f, 0x1.0d9ee6p-15f, 0x1.4482e2p-14f, 0x1.323128p-13f, 0x1.2afc7ap-14f,
+     -0x1.4672f2p-11f, -0x1.b86582p-11f},
+    {0x1.836feep-13f, -0x1.52b738p-13f, -0x1.aca1b2p-15f, 0x1.32f84ap-17f, 0x1.5ba62cp-17f,
+     0x1.4e59fcp-18f, 0x1.0cf774p-19f, 0x1.989352p-21f, 0x1.301c1ep-22f, 0x1.c16738p-24f,
+     0x1.4b2adep-25f, 0x1.e79904p-27f, 0x1.66d472p-28f, 0x1.08086p-29f, 0x1.848a36p-31f,
+     0x1.1ddfeap-32f, 0x1.1ddfeap-32f, 0x1.848a36p-31f, 0x1.08086p-29f, 0x1.66d472p-28f,
+     0x1.e79904p-27f, 0x1.4b2adep-25f, 0x1.c16738p-24f, 0x1.301c1ep-22f, 0x1.989352p-21f,
+     0x1.0cf774p-19f, 0x1.4e59fcp-18f, 0x1.5ba62cp-17f, 0x1.32f84ap-17f, -0x1.aca1b2p-15f,
+     -0x1.52b738p-13f, 0x1.836feep-13f},
+};
+// psi's polynomial on [k, k + 1]: coefficient i of interval k at [i][k mod 32]; max
+// error in float32 8.73e-08 (softplus_tables.py)
 alignas(64) inline constexpr float kSoftplusSigm[7][32] = {
     {0x1.b4073ap-1f, 0x1.890d0ap-2f, 0x1.3cec7ap-3f, 0x1.e3d75ap-5f, 0x1.69042ep-6f,
      0x1.0b034p-7f, 0x1.89ac7cp-9f, 0x1.21daf4p-10f, 0x1.aaa396p-12f, 0x1.39ef08p-13f,
@@ -315,16 +374,18 @@ alignas(64) inline constexpr float kSoftplusSigm[7][32] = {
      0x1.b48e64p-24f, 0x1.82e78p-21f, 0x1.3ef3f4p-18f, 0x1.ab252ap-16f, 0x1.179dbcp-14f,
      -0x1.779536p-13f, -0x1.58b0dcp-12f},
 };
-// phi(d) = softplus(d) + sigmoid(-d) = base + psi, base = max(d, 0) (clamped as by
-// mix_relu) for d >= 0 and 1 for d < 0, psi by a degree-6 polynomial of each unit interval
-// [k, k + 1] of [-16, 16] in r = d - k - 1/2 (d clamped into it: past +-16 psi is below
-// 2.3e-7, under half an ulp of base), its coefficients picked by two-register permutes at
-// floor(d) mod 32. psi is below log 2 + 1/2 and smooth on each side of 0 (where base has its
-// kink), so the split keeps its bits: within 1.3 ulps of phi against float64 (measured every
-// 1e-5 on [-30, 30]). 7 permutes and 6 multiply-adds where exp(-|d|), the sigmoid's reciprocal
-// and log1p take 21 multiplies (the skew reverse KL gradient's element is bound by them).
-// NaN d gives phi(-16) (finite; its weight is 0), d = +-inf the clamped ends.
-inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& v) {
+// A function of the mixture's log-ratio d as base + psi (softplus_tables.py): base = max(d, 0)
+// (clamped as by mix_relu) for d >= 0 and NEG for d < 0, psi by a degree-6 polynomial of
+// each unit interval [k, k + 1] of [-16, 16] in r = d - k - 1/2, its coefficients picked by
+// two-register permutes at floor(d) mod 32, d clamped into the range: past 16 psi is below
+// 2.3e-7, under half an ulp of base; below -16 softplus + sigmoid(-d) is 1 within 1e-14 and
+// softplus (e^d) is given as 0. psi is small and smooth on each side of 0, where base has its
+// kink, so the split keeps its bits. 7 permutes and 6 multiply-adds, where exp(-|d|)
+// and a log1p take 19 multiplies and permutes (21 with the sigmoid's reciprocal): the
+// mixture's gradient element is bound by them. NaN d gives the value at -16 (finite; its weight is 0), +-inf
+// the clamped ends.
+template <const float (&TABLE)[7][32], int NEG>
+inline Vectorized<float> softplus_table(const Vectorized<float>& v) {
   const __m512 d = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-16.f)),
                                  _mm512_set1_ps(0x1.fffffep+3f));  // below 16
   constexpr int FLOOR = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
@@ -333,17 +394,32 @@ inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& v) {
   const __m512 r = _mm512_sub_ps(_mm512_sub_ps(d, _mm512_roundscale_ps(d, FLOOR)),
                                  _mm512_set1_ps(0.5f));
   auto coef = [&](int i) {
-    return _mm512_permutex2var_ps(_mm512_load_ps(kSoftplusSigm[i]), k,
-                                  _mm512_load_ps(kSoftplusSigm[i] + 16));
+    return _mm512_permutex2var_ps(_mm512_load_ps(TABLE[i]), k, _mm512_load_ps(TABLE[i] + 16));
   };
   __m512 h = _mm512_fmadd_ps(coef(6), r, coef(5));
   for (int i = 4; i >= 0; --i) h = _mm512_fmadd_ps(h, r, coef(i));
+  const __m512 relu =
+      _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(mix_clamp<float>()));
+  // softplus below -16 (e^d, where psi stays at its value at -16): 0, off by e^d <= 1.1e-7
+  // and falling (jsd's gradient there is q (x - softplus) with x near 0 when p and q part)
+  if (NEG == 0)
+    return _mm512_maskz_add_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-16.f), _CMP_GE_OQ), relu, h);
   // d >= 0 exactly where floor(d) >= 0 (a NaN d went to -16 and tests false here too)
   const __mmask16 pos = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GE_OQ);
-  const __m512 relu = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(mix_clamp<float>()));
-  return _mm512_add_ps(_mm512_mask_blend_ps(pos, _mm512_set1_ps(1.f), relu), h);
+  return _mm512_add_ps(_mm512_mask_blend_ps(pos, _mm512_set1_ps(float(NEG)), relu), h);
+}
+// within 2.5 and 1.3 ulps of float64 on [-16, 30] (measured every 3.3e-6 and beside every
+// integer)
+inline Vectorized<float> kd_softplus(const Vectorized<float>& d) {
+  return softplus_table<kSoftplus, 0>(d);
+}
+inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d) {
+  return softplus_table<kSoftplusSigm, 1>(d);
 }
 #else
+inline Vectorized<float> kd_softplus(const Vectorized<float>& d) {
+  return softplus_exps<float>(d);
+}
 inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d) {
   return softplus_sigm_exps<float>(d);
 }

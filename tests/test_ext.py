@@ -464,31 +464,41 @@ def test_weights_keep_their_relative_accuracy_down_to_the_smallest_normals(diver
     assert normal.sum() > 0.9 * v
 
 
-@pytest.mark.parametrize("skew", [0.1, 0.5])
-def test_skew_reverse_kl_gradient_reads_its_log_ratio_function_everywhere(skew):
-    # Skew reverse KL's student gradient is q (R - C phi(d)), phi = softplus + sigmoid(-d) of
-    # the log-ratio d = lp - lq + logit, R and C row constants (kd_math.h kd_softplus_sigm;
-    # on AVX-512 a table of unit intervals on [-16, 16], clamped past them). s = -x/2 and
-    # t = x/2 give d = x + logit, here over [-40, 40] in steps of 1/150, which hits every
-    # interval, both sides of each boundary and both clamped ends. Bound of each entry's
-    # error in g / q: a few ulps of phi and of R, the rounding of lp and lq (in d and, through
-    # q, in the whole bracket) and the weight's exp.
+@pytest.mark.parametrize(
+    "divergence, mix",
+    [("jsd", 0.5), ("jsd", 0.1), ("skew_reverse_kl", 0.1), ("skew_reverse_kl", 0.5)],
+)
+def test_mixture_gradient_reads_its_log_ratio_function_everywhere(divergence, mix):
+    # jsd's and skew reverse KL's student gradients are q (R - C f(d)), R and C row constants
+    # and f a function of the log-ratio d = lp - lq + logit of m's parts: softplus(d) for
+    # jsd, softplus(d) + sigmoid(-d) for skew reverse KL (kd_math.h kd_softplus; on AVX-512
+    # tables of unit intervals on [-16, 16], clamped past them). s = -x/2 and t = x/2 give
+    # d = x + logit, here over [-40, 40] in steps of 1/150: every interval, both sides of each
+    # boundary and both clamped ends. Bound of each entry's error in g / q: a few ulps of f
+    # and of R, the rounding of lp and lq (in d and, through q, in the whole bracket) and the
+    # weight's exp.
     x = torch.linspace(-40.0, 40.0, 12001, dtype=torch.float64)
     s, t = (-x / 2).float().unsqueeze(0).requires_grad_(), (x / 2).float().unsqueeze(0)
-    kw = dict(divergence="skew_reverse_kl", skew=skew, reduction="sum")
+    if divergence == "jsd":
+        kw, a = dict(beta=mix), mix  # m = beta p + (1 - beta) q
+    else:
+        kw, a = dict(skew=mix), 1 - mix  # m = skew q + (1 - skew) p
+    kw.update(divergence=divergence, reduction="sum")
     kd.kd_loss(s, t, impl="ext", **kw).backward()
     s64 = s.detach().double().requires_grad_()
     kd.kd_loss(s64, t.double(), impl="torch", **kw).backward()
     lq = torch.log_softmax(s64.detach(), -1)[0]
     lp = torch.log_softmax(t.double(), -1)[0]
-    d = lp - lq + math.log((1 - skew) / skew)  # m = skew q + (1 - skew) p
-    phi = torch.nn.functional.softplus(d) + torch.sigmoid(-d)
+    d = lp - lq + math.log(a / (1 - a))
+    f = torch.nn.functional.softplus(d)
+    if divergence != "jsd":
+        f = f + torch.sigmoid(-d)
     g, truth = s.grad[0].double() / lq.exp(), s64.grad[0] / lq.exp()
-    a = torch.stack([torch.ones_like(phi), -phi], 1)
-    r, c = torch.linalg.lstsq(a, truth.unsqueeze(1)).solution[:, 0].tolist()
-    assert (r - c * phi - truth).abs().max() < 1e-6 * c  # the form above holds
+    fit = torch.stack([torch.ones_like(f), -f], 1)
+    r, c = torch.linalg.lstsq(fit, truth.unsqueeze(1)).solution[:, 0].tolist()
+    assert (r - c * f - truth).abs().max() < 1e-6 * c  # the form above holds
     assert d.min() < -17 and d.max() > 17
-    ulp = 2.0 ** (torch.floor(torch.log2(phi)) - 23)
+    ulp = 2.0 ** (torch.floor(torch.log2(f.clamp_min(2.0**-126))) - 23)
     bound = (
         c * (2 * ulp + (lp.abs() + lq.abs()) * 2.0**-24)
         + abs(r) * 2.0**-22
