@@ -248,26 +248,21 @@ inline Vectorized<float> kd_where(Mask16 c, const Vectorized<float>& a,
   return _mm512_mask_blend_ps(c.m, b, a);
 }
 #endif
-// softplus(d) and softplus(d) + sigmoid(-d) (kd_math.h), defined below it: float64 and
-// float32 without AVX-512 by exps (softplus_exps, softplus_sigm_exps), float32 on AVX-512 by
-// tables
-inline Vectorized<double> kd_softplus(const Vectorized<double>& d);
+#if defined(CPU_CAPABILITY_AVX512)
+// softplus(d) and softplus(d) + sigmoid(-d) by tables (kd_math.h kd_has_softplus_tables),
+// defined below it
 inline Vectorized<float> kd_softplus(const Vectorized<float>& d);
-inline Vectorized<double> kd_softplus_sigm(const Vectorized<double>& d);
 inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d);
+#endif
 }  // namespace kd
 
 #include "kd_math.h"
 
 namespace kd {
 
-inline Vectorized<double> kd_softplus(const Vectorized<double>& d) {
-  return softplus_exps<double>(d);
-}
-inline Vectorized<double> kd_softplus_sigm(const Vectorized<double>& d) {
-  return softplus_sigm_exps<double>(d);
-}
 #if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline constexpr bool kd_has_softplus_tables<Vectorized<float>> = true;
 // psi's polynomial on [k, k + 1]: coefficient i of interval k at [i][k mod 32]; max
 // error in float32 4.42e-08 (softplus_tables.py)
 alignas(64) inline constexpr float kSoftplus[7][32] = {
@@ -415,13 +410,6 @@ inline Vectorized<float> kd_softplus(const Vectorized<float>& d) {
 }
 inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d) {
   return softplus_table<kSoftplusSigm, 1>(d);
-}
-#else
-inline Vectorized<float> kd_softplus(const Vectorized<float>& d) {
-  return softplus_exps<float>(d);
-}
-inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d) {
-  return softplus_sigm_exps<float>(d);
 }
 #endif
 

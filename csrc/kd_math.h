@@ -661,32 +661,12 @@ KD_HD void mix_grad_fast(const MixElem<W>& e, const MixCoef<S>& c, S A, S B, S U
   }
 }
 
-// Two functions of the log-ratio d that the FAST path's student gradients take whole, their
-// max(d, 0) clamped as by mix_relu<true>:
-//  softplus(d) = -log(1-a) - (lq - lm), jsd's (u = 1):  dD/dzs = q (rq - cq softplus(d));
-//  softplus(d) + sigmoid(-d), skew reverse KL's (cp = 0), whose u = kq sigmoid(-d) enters
-//  only in this sum since (1-a) kq = cq:
-//    dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq) = q (rq - cq (softplus(d) + sigmoid(-d))),
-//  with rq = cq (-log(1-a) - B) + (1-a) Uq (Uq = 0 for jsd: its u term vanishes).
-// By exps here (exp(-|d|), and for the sigmoid its reciprocal and -log(1 - z) of the smaller
-// sigmoid z, as mix_elem's FAST path forms them); the CPU's AVX-512 float32 overloads are
-// tables (kd_cpu_simd.h). A NaN d gives a finite value.
-template <class S, class W>
-KD_HD W softplus_exps(W d) {
-  return mix_relu<true, S>(d) + kd_log1p_unit(kd_exp_nonpos(kd_nabs(d)));
-}
-template <class S, class W>
-KD_HD W softplus_sigm_exps(W d) {
-  const W ex = kd_exp_nonpos(kd_nabs(d));
-  const auto pos = kd_nonneg(d);
-  const W inv = kd_rcp(W(1) + ex);
-  const W z = ex * inv;
-  return mix_relu<true, S>(d) + kd_log1m_half(z) + kd_where(pos, z, inv);
-}
-KD_HD float kd_softplus(float d) { return softplus_exps<float>(d); }
-KD_HD double kd_softplus(double d) { return softplus_exps<double>(d); }
-KD_HD float kd_softplus_sigm(float d) { return softplus_sigm_exps<float>(d); }
-KD_HD double kd_softplus_sigm(double d) { return softplus_sigm_exps<double>(d); }
+// Lane types with tables of two functions of the log-ratio d (kd_softplus(d), and
+// kd_softplus_sigm(d) = softplus(d) + sigmoid(-d)): the CPU's AVX-512 float32 lanes
+// (kd_cpu_simd.h specializes this). mix_grad's FAST path takes jsd's and skew reverse KL's
+// student gradients from them (see there); other lane types form the pieces by exps.
+template <class W>
+constexpr bool kd_has_softplus_tables = false;
 
 // The log-ratios a gradient needs: the student's through cq, the teacher's through cp.
 template <bool NEED_T, int SIDES>
@@ -701,14 +681,22 @@ template <bool NEED_T = true, bool FAST = false, bool UNIT = false, int SIDES = 
           bool SCALED = false, class W, class S>
 KD_HD void mix_grad(W lq, W lp, const MixCoef<S>& c, S A, S B, S Uq, S Up, W& gs, W& gt,
                     S ks = S(1), S kt = S(1)) {
-  if (FAST && !NEED_T && (UNIT || SIDES == MIX_Q)) {
-    // jsd and skew reverse KL: one exp (q) and one function of d (kd_softplus,
-    // kd_softplus_sigm), where mix_elem forms two exps and a log1p (and a reciprocal)
-    // as (cq q)(rq / cq - f): f's subtraction first, where the two may cancel
-    const S x = -c.log_1ma - B + (UNIT ? S(0) : c.one_ma * Uq / c.cq);
+  if constexpr (FAST && !NEED_T && (UNIT || SIDES == MIX_Q) && kd_has_softplus_tables<W>) {
+    // jsd's and skew reverse KL's student gradients take a function f of d whole (the lane
+    // type's tables: one exp, for q, and a table where mix_elem forms two exps, a log1p and,
+    // for skew, a reciprocal): softplus(d) = -log(1-a) - (lq - lm) for jsd (u = 1), and
+    // softplus(d) + sigmoid(-d) for skew reverse KL (cp = 0), whose u = kq sigmoid(-d) enters
+    // only in this sum since (1-a) kq = cq:
+    //   dD/dzs = cq q (lq - lm - B) - (1-a) q (u - Uq) = q (rq - cq f(d)),
+    //   rq = cq (-log(1-a) - B) + (1-a) Uq  (no u term for jsd).
+    // ks rq is rounded once (a row constant), so where rq and cq f cancel the multiply-add
+    // holds the only rounding.
+    const double rq = double(c.cq) * (double(-c.log_1ma) - double(B)) +
+                      (UNIT ? 0.0 : double(c.one_ma) * double(Uq));
+    const W q = kd_exp_nonpos(lq);
     const W d = lp - lq + W(c.logit);
     const W f = UNIT ? kd_softplus(d) : kd_softplus_sigm(d);
-    gs = (W(ks * c.cq) * kd_exp_nonpos(lq)) * (W(x) - f);
+    gs = q * (W(S(double(ks) * rq)) - W(ks * c.cq) * f);
     gt = W(0);
     return;
   }
