@@ -20,11 +20,12 @@
 // polynomial (jsd's, which needs no sigmoid, is 2 atanh(s) instead: kd_math.h
 // log1p_atanh_poly). Hence the weights' exp by a table and 6 multiply-adds (kd_cpu_simd.h
 // kd_exp_nonpos), the larger sigmoid as 1 - z, row constants folded before the loop, and
-// selects on mask registers (kd_nonneg). jsd's and skew reverse KL's student gradients take
-// their function of the log-ratio whole, from a table of polynomials picked by permutes
-// (kd_cpu_simd.h softplus_table: 13 multiplies and permutes where exp(-|d|), log1p and the
-// sigmoid took 19 to 21); in cache skew reverse KL's gradient element went from 10.6 to 7.9
-// ns a vector. An element is also one long dependency chain, of
+// selects on mask registers (kd_nonneg). On AVX-512, jsd's and skew reverse KL's student
+// gradients take their function of the log-ratio whole, from a table of polynomials picked
+// by permutes (kd_cpu_simd.h softplus_table: 13 multiplies and permutes where exp(-|d|),
+// log1p and the sigmoid take 19 to 21); in cache skew reverse KL's gradient element went
+// from 10.6 to 8.0-8.7 ns a vector. A permute takes the multiply unit too: a table pays
+// only where it replaces more than its permutes. An element is also one long dependency chain, of
 // which the out-of-order window holds only a few: Estrin's scheme for log1p (kd_math.h
 // log1p_unit_poly) and for the general exp (kd_cpu_simd.h kd_exp); -log(1 - z)
 // (log1m_half_poly), where fewer operations at a deeper chain measured no slower, by its
