@@ -247,8 +247,6 @@ inline Vectorized<float> kd_where(Mask16 c, const Vectorized<float>& a,
                                   const Vectorized<float>& b) {
   return _mm512_mask_blend_ps(c.m, b, a);
 }
-#endif
-#if defined(CPU_CAPABILITY_AVX512)
 // softplus(d) and softplus(d) + sigmoid(-d) by tables (kd_math.h kd_has_softplus_tables),
 // defined below it
 inline Vectorized<float> kd_softplus(const Vectorized<float>& d);
@@ -370,7 +368,7 @@ alignas(64) inline constexpr float kSoftplusSigm[7][32] = {
      -0x1.779536p-13f, -0x1.58b0dcp-12f},
 };
 // A function of the mixture's log-ratio d as base + psi (softplus_tables.py): base = max(d, 0)
-// (clamped as by mix_relu) for d >= 0 and NEG for d < 0, psi by a degree-6 polynomial of
+// (mix_relu's, clamped) for d >= 0 and NEG for d < 0, psi by a degree-6 polynomial of
 // each unit interval [k, k + 1] of [-16, 16] in r = d - k - 1/2, its coefficients picked by
 // two-register permutes at floor(d) mod 32, d clamped into the range: past 16 psi is below
 // 2.3e-7, under half an ulp of base; below -16 softplus + sigmoid(-d) is 1 within 1e-14 and
@@ -381,8 +379,7 @@ alignas(64) inline constexpr float kSoftplusSigm[7][32] = {
 // the clamped ends.
 template <const float (&TABLE)[7][32], int NEG>
 inline Vectorized<float> softplus_table(const Vectorized<float>& v) {
-  const __m512 d = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-16.f)),
-                                 _mm512_set1_ps(0x1.fffffep+3f));  // below 16
+  const __m512 d = kd_clamp(v, -16.f, 0x1.fffffep+3f);  // below 16; NaN -> -16
   constexpr int FLOOR = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
   const __m512i k = _mm512_cvt_roundps_epi32(d, FLOOR);  // its low 5 bits index the table
   // d - floor(d) is exact but on [-1, 0), where it rounds by at most 2^-25
@@ -393,8 +390,7 @@ inline Vectorized<float> softplus_table(const Vectorized<float>& v) {
   };
   __m512 h = _mm512_fmadd_ps(coef(6), r, coef(5));
   for (int i = 4; i >= 0; --i) h = _mm512_fmadd_ps(h, r, coef(i));
-  const __m512 relu =
-      _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(mix_clamp<float>()));
+  const __m512 relu = mix_relu<true, float>(v);
   // softplus below -16 (e^d, where psi stays at its value at -16): 0, off by e^d <= 1.1e-7
   // and falling (jsd's gradient there is q (x - softplus) with x near 0 when p and q part)
   if (NEG == 0)
@@ -412,7 +408,6 @@ inline Vectorized<float> kd_softplus_sigm(const Vectorized<float>& d) {
   return softplus_table<kSoftplusSigm, 1>(d);
 }
 #endif
-
 
 // The sum of a vector's lanes.
 template <class A>
